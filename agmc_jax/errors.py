@@ -1,0 +1,39 @@
+"""Typed errors: every user mistake raises a subclass of `AgmcError` with a one-line message."""
+
+
+class AgmcError(Exception):
+    """Base class: the command line prints the message and exits with status 2."""
+
+
+class UnknownModelError(AgmcError, KeyError):
+    """A model name that the zoo does not know."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownDatasetError(AgmcError, KeyError):
+    """A dataset name that the data module does not know."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class DataNotFoundError(AgmcError, FileNotFoundError):
+    """The files a dataset is read from are missing."""
+
+
+class CheckpointError(AgmcError):
+    """A checkpoint that is missing, corrupt, or belongs to another network."""
+
+
+class InputShapeError(AgmcError, ValueError):
+    """An input shape the network cannot take."""
+
+
+class TraceError(AgmcError, ValueError):
+    """A module whose `apply` cannot be traced or analysed."""
+
+
+class MaskError(AgmcError, ValueError):
+    """A keep ratio or mask that does not fit the traced network."""
