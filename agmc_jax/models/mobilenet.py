@@ -31,17 +31,20 @@ class MobileNetV1(nn.Module):
 
 
 class InvertedResidual(nn.Module):
+    """Expand 1x1, depthwise 3x3, project 1x1; residual when `in_features == features`, stride 1."""
+
+    in_features: int
     features: int
     stride: int
     expansion: int
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        hidden = x.shape[-1] * self.expansion
+        hidden = self.in_features * self.expansion
         y = ConvBN(hidden, 1, activation=nn.relu6)(x, train) if self.expansion != 1 else x
-        y = ConvBN(hidden, 3, self.stride, groups=hidden, activation=nn.relu6)(y, train)
+        y = ConvBN(hidden, 3, self.stride, groups=y.shape[-1], activation=nn.relu6)(y, train)
         y = ConvBN(self.features, 1, activation=None)(y, train)
-        return x + y if self.stride == 1 and x.shape[-1] == self.features else y
+        return x + y if self.stride == 1 and self.in_features == self.features else y
 
 
 class MobileNetV2(nn.Module):
@@ -50,11 +53,13 @@ class MobileNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = ConvBN(scaled(32, self.width), 3, 2, activation=nn.relu6)(x, train)
+        features = scaled(32, self.width)
+        x = ConvBN(features, 3, 2, activation=nn.relu6)(x, train)
         for expansion, channels, repeats, stride in V2_PLAN:
             for index in range(repeats):
-                x = InvertedResidual(scaled(channels, self.width), stride if index == 0 else 1,
-                                     expansion)(x, train)
+                out = scaled(channels, self.width)
+                x = InvertedResidual(features, out, stride if index == 0 else 1, expansion)(x, train)
+                features = out
         last = scaled(1280, max(1.0, self.width))
         x = ConvBN(last, 1, activation=nn.relu6)(x, train)
         return nn.Dense(self.num_classes)(global_avg_pool(x))

@@ -1,7 +1,8 @@
 """ResNets: the CIFAR family (He et al. 2016, three stages of 16/32/64) and ImageNet ResNet-18/50.
 
 Shortcuts that change shape are 1x1 convolutions with BatchNorm (option B), so every residual
-stage is a channel group that the tracer can prune as a whole.
+stage is a channel group that the tracer can prune as a whole. Whether a block has a projection
+is configuration, never read off the input's width: a slimmed network keeps its structure.
 """
 from typing import Sequence
 
@@ -13,12 +14,13 @@ from agmc_jax.models.layers import BatchNorm, ConvBN, global_avg_pool
 class BasicBlock(nn.Module):
     features: int
     stride: int = 1
+    projection: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         y = ConvBN(self.features, 3, self.stride)(x, train)
         y = ConvBN(self.features, 3, 1, activation=None)(y, train)
-        if self.stride != 1 or x.shape[-1] != self.features:
+        if self.projection:
             x = ConvBN(self.features, 1, self.stride, activation=None)(x, train)
         return nn.relu(x + y)
 
@@ -26,6 +28,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     features: int
     stride: int = 1
+    projection: bool = False
     expansion: int = 4
 
     @nn.compact
@@ -34,7 +37,7 @@ class Bottleneck(nn.Module):
         y = ConvBN(self.features, 1)(x, train)
         y = ConvBN(self.features, 3, self.stride)(y, train)
         y = ConvBN(out, 1, activation=None)(y, train)
-        if self.stride != 1 or x.shape[-1] != out:
+        if self.projection:
             x = ConvBN(out, 1, self.stride, activation=None)(x, train)
         return nn.relu(x + y)
 
@@ -52,8 +55,8 @@ class ResNetCifar(nn.Module):
         x = ConvBN(self.widths[0], 3)(x, train)
         for stage, width in enumerate(self.widths):
             for block in range(blocks):
-                stride = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(width, stride)(x, train)
+                first = stage > 0 and block == 0
+                x = BasicBlock(width, 2 if first else 1, projection=first)(x, train)
         return nn.Dense(self.num_classes)(global_avg_pool(x))
 
 
@@ -72,5 +75,6 @@ class ResNetImageNet(nn.Module):
         for stage, size in enumerate(self.stage_sizes):
             for index in range(size):
                 stride = 2 if stage > 0 and index == 0 else 1
-                x = block(64 * 2**stage, stride)(x, train)
+                projection = index == 0 and (stage > 0 or self.bottleneck)
+                x = block(64 * 2**stage, stride, projection)(x, train)
         return nn.Dense(self.num_classes)(global_avg_pool(x))
