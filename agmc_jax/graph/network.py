@@ -23,7 +23,7 @@ class Network:
         self.treedef, self.paths, self.shapes = treedef, paths, shapes
         self.program, self.analysis = program, analysis
         layer_ops = analysis.layers
-        self.group_sizes, self.axis_maps = build_groups(analysis, program, paths, layer_ops)
+        self.group_sizes, self.axis_maps, self._root_group = build_groups(analysis, program, paths, layer_ops)
         self.warnings = frozen_reasons(analysis, layer_ops, program)
         self.is_param = np.array([p[0] == "params" for p in paths])
         self.layers = tuple(self._layer(op) for op in layer_ops)
@@ -60,6 +60,14 @@ class Network:
         consumers = tuple(l.name for l in self.layers if l.in_group == g and l.name not in producers)
         return ChannelGroup(g, self.group_sizes[g], producers, consumers,
                             int(self.macs - self.cost(counts)[0]))
+
+    def value_group(self, value: int) -> int:
+        """Channel group of the last axis of program value `value` (-1: none or not prunable)."""
+        slots = self.analysis.axes.get(value)
+        if not slots or slots[-1] is None:
+            return -1
+        groups = {self._root_group.get(r, -1) for r in self.analysis.uf.roots(slots[-1]).tolist()}
+        return groups.pop() if len(groups) == 1 else -1
 
     # ----- exact cost model --------------------------------------------------------------
     def _cost_tables(self):

@@ -135,7 +135,7 @@ def build_groups(analysis, program, paths, layer_ops):
             maps.append(AxisMap(pairs[:, 0], pairs[:, 1]))
         axis_maps.append(tuple(maps))
     sizes = [len(units) for units in members]
-    return sizes, axis_maps
+    return sizes, axis_maps, {root: g for root, (g, _) in unit_of.items()}
 
 
 def frozen_reasons(analysis, layer_ops, program):
