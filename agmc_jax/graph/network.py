@@ -124,6 +124,12 @@ class Network:
         from agmc_jax.prune.masks import apply_masks
         return apply_masks(self, variables, masks)
 
+    def reconstruct(self, variables, masks, images, positions=10, seed=0):
+        """Variables whose layers that lost input channels are refitted by least squares (AMC)."""
+        from agmc_jax.prune.lstsq import reconstruct
+        from agmc_jax.prune.masks import vectors_from_masks
+        return reconstruct(self, variables, vectors_from_masks(self, masks), images, positions, seed)
+
     def weight_masks(self, variables, keep):
         """Fine-grained masks: per layer, keep the largest-magnitude fraction `keep[name]` of weights."""
         from agmc_jax.prune.masks import weight_masks

@@ -1,0 +1,185 @@
+"""The `agmc` command: summary, train, evaluate, prune, search, finetune, compress.
+
+Every user mistake is an `AgmcError`: one line on stderr and exit status 2.
+"""
+import argparse
+import json
+import sys
+
+from agmc_jax.errors import AgmcError, InputShapeError
+
+
+def _shape(text):
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W,C (e.g. 32,32,3), got {text!r}") from None
+    if len(shape) != 3:
+        raise argparse.ArgumentTypeError(f"expected H,W,C (e.g. 32,32,3), got {text!r}")
+    return shape
+
+
+def cmd_summary(args):
+    from agmc_jax.graph import trace
+    from agmc_jax.models import check_input_shape, create_model, init_model, model_spec
+    from agmc_jax.report import layer_table
+
+    shape = check_input_shape(args.model, args.input or model_spec(args.model).input_shape)
+    module = create_model(args.model, args.classes, **({"width": args.width} if args.width else {}))
+    variables = _abstract_variables(module, shape)
+    net = trace(module, variables, shape)
+    summary = net.summary()
+    summary["model"] = args.model
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(layer_table(net))
+
+
+def _abstract_variables(module, shape):
+    import jax
+    import numpy as np
+
+    try:
+        return jax.eval_shape(lambda: module.init(jax.random.key(0), np.zeros((1, *shape), np.float32)))
+    except (TypeError, ValueError) as error:
+        raise InputShapeError(f"the network cannot take inputs of shape {shape}: {str(error).splitlines()[0]}") from error
+
+
+def cmd_train(args):
+    from agmc_jax.train import TrainConfig, train
+
+    config = TrainConfig(model=args.model, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                         learning_rate=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                         warmup_epochs=args.warmup_epochs, seed=args.seed, data_dir=args.data_dir,
+                         input_shape=args.input, num_classes=args.classes,
+                         model_kwargs={"width": args.width} if args.width else {})
+    print(json.dumps(train(config, args.workdir), indent=1))
+
+
+def cmd_evaluate(args):
+    from agmc_jax.networks import evaluate_network
+
+    print(json.dumps(evaluate_network(args.workdir, args.split, args.data_dir), indent=1))
+
+
+def cmd_prune(args):
+    from agmc_jax.networks import prune_uniform
+
+    print(json.dumps(prune_uniform(args.workdir, args.keep, args.criterion, args.out, args.data_dir), indent=1))
+
+
+def cmd_search(args):
+    from agmc_jax.pipeline import run_search
+
+    result = run_search(args.workdir, args.out, method=args.method, target_macs=args.target_macs,
+                        target_params=args.target_params, episodes=args.episodes, seed=args.seed,
+                        resume=args.resume, reward_images=args.reward_images, data_dir=args.data_dir,
+                        reward=args.reward, lbound=args.lbound, round_to=args.round_to)
+    print(json.dumps({k: v for k, v in result.policy().items() if k not in ("groups", "layers")}, indent=1))
+
+
+def cmd_finetune(args):
+    from agmc_jax.pipeline import finetune
+
+    print(json.dumps(finetune(args.search_dir, epochs=args.epochs, learning_rate=args.lr), indent=1))
+
+
+def cmd_compress(args):
+    from agmc_jax.pipeline import compress
+
+    compress(args)
+
+
+def _search_arguments(parser):
+    parser.add_argument("--method", default="agmc", help="agmc | amc | random | uniform")
+    parser.add_argument("--target-macs", type=float, default=None, help="MACs budget as a fraction (0, 1)")
+    parser.add_argument("--target-params", type=float, default=None, help="parameter budget as a fraction (0, 1)")
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reward", default="acc", help="acc | acc_flops")
+    parser.add_argument("--reward-images", type=int, default=1000, help="validation images scoring each policy")
+    parser.add_argument("--lbound", type=float, default=0.2, help="smallest keep ratio per group")
+    parser.add_argument("--round-to", type=int, default=1, help="round channel counts to multiples of this")
+
+
+def parser():
+    top = argparse.ArgumentParser(prog="agmc", description="Automatic graph-based compression of CNNs in JAX.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("summary", help="per-layer table, parameters and MACs, traced from the program")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", type=_shape, help="H,W,C (default: the model's standard input)")
+    p.add_argument("--classes", type=int)
+    p.add_argument("--width", type=float, help="width multiplier (MobileNets)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_summary)
+
+    p = sub.add_parser("train", help="train a zoo network on a dataset")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", default="cosine", help="cosine | onecycle")
+    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input", type=_shape)
+    p.add_argument("--classes", type=int)
+    p.add_argument("--width", type=float)
+    p.add_argument("--data-dir")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("evaluate", help="loss and accuracy of a trained or pruned network")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--split", default="test", help="train | validation | test")
+    p.add_argument("--data-dir")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("prune", help="one keep ratio for every channel group (the handcrafted baseline)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--keep", type=float, required=True)
+    p.add_argument("--criterion", default="l2", help="l1 | l2 | lstsq")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-dir")
+    p.set_defaults(run=cmd_prune)
+
+    p = sub.add_parser("search", help="search per-group keep ratios under a budget")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data-dir")
+    _search_arguments(p)
+    p.set_defaults(run=cmd_search)
+
+    p = sub.add_parser("finetune", help="train the slimmed network of a search directory")
+    p.add_argument("search_dir")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("compress", help="baseline -> search -> slim -> fine-tune -> report")
+    p.add_argument("--workdir", required=True, help="a trained network (see `agmc train`)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data-dir")
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.02)
+    _search_arguments(p)
+    p.set_defaults(run=cmd_compress)
+    return top
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except AgmcError as error:
+        print(f"agmc {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

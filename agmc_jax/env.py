@@ -1,0 +1,209 @@
+"""The compression environment: step through channel groups, restrict actions to the budget, score.
+
+One episode visits the prunable groups in network order. An action is a keep ratio in
+[lbound, rbound]; AMC's "action wall" caps it so that, with every later group at lbound, the
+budget stays reachable, so every finished policy meets it. Rewards come from one jit-compiled,
+vmapped evaluation of the masked network on a held-out validation subset.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from agmc_jax.errors import AgmcError
+from agmc_jax.prune.masks import channel_importance
+
+REWARDS = ("acc", "acc_flops")
+
+
+class BudgetError(AgmcError, ValueError):
+    """A budget outside (0, 1) or below what the smallest allowed policy reaches."""
+
+
+class EnvConfig(NamedTuple):
+    """Budget and action space; defaults from AMC."""
+
+    target_macs: float | None = 0.5  # fraction of the original MACs
+    target_params: float | None = None  # fraction of the original parameters
+    lbound: float = 0.2
+    rbound: float = 1.0
+    round_to: int = 1  # channel counts rounded down to a multiple of this (8 for accelerators)
+    reward: str = "acc"  # acc | acc_flops
+    criterion: str = "l2"  # l1 | l2 (which channels a count keeps)
+    eval_batch: int = 500
+
+
+def _check(config):
+    for name in ("target_macs", "target_params"):
+        value = getattr(config, name)
+        if value is not None and not 0 < value < 1:
+            raise BudgetError(f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
+    if config.target_macs is None and config.target_params is None:
+        raise BudgetError("give a budget: --target-macs or --target-params")
+    if not 0 < config.lbound <= config.rbound <= 1:
+        raise BudgetError(f"need 0 < lbound <= rbound <= 1, got {config.lbound}, {config.rbound}")
+    if config.reward not in REWARDS:
+        raise BudgetError(f"unknown reward {config.reward!r}; choose one of: {', '.join(REWARDS)}")
+
+
+class Environment:
+    """Budget bookkeeping and reward evaluation for one traced network and one validation set."""
+
+    def __init__(self, net, variables, images, labels, config: EnvConfig = EnvConfig()):
+        _check(config)
+        self.net, self.config = net, config
+        self.sizes = np.array(net.group_sizes)
+        self.steps = len(self.sizes)
+        if self.steps == 0:
+            raise BudgetError(f"{type(net.module).__name__} has no prunable channel group")
+        self.min_counts = np.array([self._floor(max(1, int(np.ceil(config.lbound * s))), s) for s in self.sizes])
+        self.targets = {}
+        if config.target_macs is not None:
+            self.targets["macs"] = config.target_macs * net.macs
+        if config.target_params is not None:
+            self.targets["params"] = config.target_params * net.params
+        if not self.feasible(self.min_counts):
+            smallest = net.cost(self.min_counts)
+            raise BudgetError(
+                f"the budget is below what lbound={config.lbound} allows: every group at lbound keeps "
+                f"{smallest[0] / net.macs:.3f} of the MACs and {smallest[1] / net.params:.3f} of the parameters")
+        self.variables, self.images, self.labels = variables, images, labels
+        self._rank_tables(variables)
+        self._evaluate = jax.jit(lambda counts, x, y: jax.lax.map(lambda c: self._accuracy(c, x, y), counts))
+
+    # ----- budget -------------------------------------------------------------------------
+    def _floor(self, count, size):
+        step = self.config.round_to
+        return int(min(size, max(step, count // step * step))) if step > 1 else int(count)
+
+    def cost(self, counts):
+        macs, params = self.net.cost(counts)
+        return {"macs": macs, "params": params}
+
+    def feasible(self, counts) -> bool:
+        cost = self.cost(counts)
+        return all(cost[k] <= v * (1 + 1e-9) for k, v in self.targets.items())
+
+    def max_count(self, t, counts) -> int:
+        """The largest count for step t that keeps the budget reachable with later steps at lbound."""
+        trial = np.array(counts, copy=True)
+        trial[t + 1:] = self.min_counts[t + 1:]
+        low, high = int(self.min_counts[t]), int(self.sizes[t])
+        while low < high:
+            middle = (low + high + 1) // 2
+            trial[t] = middle
+            if self.feasible(trial):
+                low = middle
+            else:
+                high = middle - 1
+        return max(self._floor(low, self.sizes[t]), int(self.min_counts[t]))
+
+    def ratio_to_count(self, t, ratio, counts) -> int:
+        """The count that a keep ratio becomes at step t once rounded and walled."""
+        wanted = self._floor(int(np.floor(ratio * self.sizes[t] + 1e-9)), self.sizes[t])
+        return int(np.clip(wanted, self.min_counts[t], self.max_count(t, counts)))
+
+    def action_to_ratio(self, action):
+        """Agent actions in [0, 1] to keep ratios in [lbound, rbound]."""
+        return self.config.lbound + np.clip(action, 0.0, 1.0) * (self.config.rbound - self.config.lbound)
+
+    def ratio_to_action(self, ratio):
+        span = max(self.config.rbound - self.config.lbound, 1e-12)
+        return float(np.clip((ratio - self.config.lbound) / span, 0.0, 1.0))
+
+    def policy_counts(self, ratios):
+        """Counts of a whole policy of keep ratios, walled step by step."""
+        counts = np.array(self.sizes, copy=True)
+        for t, ratio in enumerate(ratios):
+            counts[t] = self.ratio_to_count(t, ratio, counts)
+        return counts
+
+    def uniform_counts(self):
+        """The largest single keep ratio that meets the budget (the handcrafted baseline)."""
+        low, high = self.config.lbound, self.config.rbound
+        for _ in range(40):
+            middle = (low + high) / 2
+            counts = np.array([self._floor(max(1, int(round(middle * s))), s) for s in self.sizes])
+            low, high = (middle, high) if self.feasible(np.maximum(counts, self.min_counts)) else (low, middle)
+        counts = np.array([self._floor(max(1, int(round(low * s))), s) for s in self.sizes])
+        return np.maximum(counts, self.min_counts)
+
+    # ----- states -------------------------------------------------------------------------
+    def amc_features(self):
+        """AMC's static per-step features, min-max normalised: index, type, c_in, c_out, stride,
+        kernel, #weights, MACs of the step's group."""
+        rows = []
+        for t, group in enumerate(self.net.groups):
+            layer = next(l for l in self.net.layers if l.name == group.producers[0])
+            kind = {"conv": 0.0, "grouped_conv": 0.0, "depthwise": 1.0, "dense": 2.0}[layer.kind]
+            weights = sum(l.params for l in self.net.layers if l.name in group.producers)
+            rows.append([t, kind, layer.in_channels, group.size, max(layer.stride or (1,)),
+                         max(layer.kernel_size or (1,)), weights, group.macs])
+        rows = np.array(rows, dtype=np.float64)
+        span = rows.max(axis=0) - rows.min(axis=0)
+        return ((rows - rows.min(axis=0)) / np.where(span > 0, span, 1)).astype(np.float32)
+
+    def amc_state(self, static, t, counts, previous_action):
+        """AMC's state at step t: static features, MACs reduced so far, MACs still to come, previous action."""
+        decided = np.array(self.sizes, copy=True)
+        decided[:t] = counts[:t]
+        reduced = (self.net.macs - self.net.cost(decided)[0]) / self.net.macs
+        rest = sum(g.macs for g in self.net.groups[t + 1:]) / self.net.macs
+        return np.concatenate([static[t], [reduced, rest, previous_action]]).astype(np.float32)
+
+    # ----- reward -------------------------------------------------------------------------
+    def _rank_tables(self, variables):
+        """Per variable axis: the group of each index and its importance rank within the group."""
+        scores = channel_importance(self.net, variables, self.config.criterion)
+        ranks = [np.argsort(np.argsort(-s, kind="stable"), kind="stable") for s in scores]
+        self._tables = []
+        for leaf, maps in enumerate(self.net.axis_maps):
+            if not self.net.is_param[leaf]:
+                self._tables.append(())
+                continue
+            axes = []
+            for axis, m in enumerate(maps):
+                if (m.group >= 0).any():
+                    rank = np.array([ranks[g][u] if g >= 0 else 0 for g, u in zip(m.group, m.unit)])
+                    axes.append((axis, jnp.asarray(np.maximum(m.group, 0)), jnp.asarray(rank),
+                                 jnp.asarray(m.group < 0)))
+            self._tables.append(tuple(axes))
+
+    def masked_variables(self, counts):
+        """Variables masked for per-group counts (pure, traceable: counts may be a tracer)."""
+        leaves = jax.tree.leaves(self.variables)
+        out = []
+        for leaf, tables in zip(leaves, self._tables):
+            for axis, group, rank, fixed in tables:
+                keep = (fixed | (rank < counts[group])).astype(leaf.dtype)
+                view = [1] * leaf.ndim
+                view[axis] = leaf.shape[axis]
+                leaf = leaf * keep.reshape(view)
+            out.append(leaf)
+        return jax.tree.unflatten(self.net.treedef, out)
+
+    def _accuracy(self, counts, images, labels):
+        variables = self.masked_variables(counts)
+        batch = self.config.eval_batch
+        usable = images.shape[0] // batch * batch
+        chunks = images[:usable].reshape(-1, batch, *images.shape[1:])
+        logits = jax.lax.map(lambda x: self.net.module.apply(variables, x, **self.net.call_kwargs), chunks)
+        correct = jnp.sum(jnp.argmax(logits, -1).reshape(-1) == labels[:usable])
+        if usable < images.shape[0]:
+            rest = self.net.module.apply(variables, images[usable:], **self.net.call_kwargs)
+            correct = correct + jnp.sum(jnp.argmax(rest, -1) == labels[usable:])
+        return correct / images.shape[0]
+
+    def accuracy(self, counts_batch) -> np.ndarray:
+        """Top-1 validation accuracy of each policy in a batch of per-group counts [P, T].
+
+        One compiled call evaluates the whole batch (compiled once per batch size P).
+        """
+        return np.asarray(self._evaluate(jnp.asarray(counts_batch, jnp.int32), self.images, self.labels))
+
+    def reward(self, accuracy, counts):
+        """`acc`, or `acc_flops` = -error * log(MACs) (AMC)."""
+        if self.config.reward == "acc":
+            return float(accuracy)
+        return float(-(1.0 - accuracy) * np.log(self.net.cost(counts)[0]))

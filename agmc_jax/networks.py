@@ -1,0 +1,81 @@
+"""Network directories: a trained workdir, or a pruned network saved with its zoo configuration.
+
+A pruned directory holds `network.json` (the training config it came from, whether it is `slim`
+or `masked`, its counts) and `variables/` (an orbax checkpoint). A slim network reloads as
+`Slimmed(zoo module)` with the smaller arrays, with no masks and no reference to the original.
+"""
+import json
+from pathlib import Path
+
+import jax
+
+from agmc_jax import checkpoint, data
+from agmc_jax.errors import CheckpointError
+from agmc_jax.prune.slim import Slimmed
+from agmc_jax.train import (build_module, config_from_dict, data_mesh, evaluate_source, load_trained,
+                            make_eval_step)
+
+
+def save_network(out, kind, config_dict, variables, info):
+    """Write a pruned network to the new directory `out` (never over an existing one)."""
+    out = Path(out)
+    if (out / "network.json").exists():
+        raise CheckpointError(f"{out} already holds a network; choose a new --out")
+    checkpoint.save(out / "variables", 0, variables)
+    (out / "network.json").write_text(json.dumps({"kind": kind, "config": config_dict, **info}, indent=1) + "\n")
+
+
+def load_network(path):
+    """(module, variables, config dict) of a trained workdir or a pruned network directory."""
+    path = Path(path)
+    description = path / "network.json"
+    if not description.exists():
+        return load_trained(path)
+    try:
+        values = json.loads(description.read_text())
+        config = config_from_dict(values["config"], str(description))
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{description} is corrupt ({error}); prune or search again") from error
+    module = build_module(config)
+    variables = checkpoint.restore(path / "variables")
+    return (Slimmed(module) if values["kind"] == "slim" else module), variables, values["config"]
+
+
+def evaluate_variables(module, variables, config_dict, split="test", data_dir=None, source=None, batch_size=256):
+    """Loss and accuracy of (module, variables) on a split of the network's dataset."""
+    config = config_from_dict(config_dict)
+    source = source if source is not None else data.load(config.dataset, split, data_dir or config.data_dir)
+    mesh = data_mesh()
+    variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return evaluate_source(variables, make_eval_step(mesh, module), source, config, mesh, batch_size)
+
+
+def evaluate_network(path, split="test", data_dir=None):
+    """Loss, accuracy and count of the network stored at `path`."""
+    module, variables, config = load_network(path)
+    return evaluate_variables(module, variables, config, split, data_dir)
+
+
+def calibration_images(config_dict, count=256, data_dir=None):
+    """Validation images for least-squares reconstruction (never the test split)."""
+    config = config_from_dict(config_dict)
+    return data.load_arrays(config.dataset, "validation", data_dir or config.data_dir, limit=count)[0]
+
+
+def prune_uniform(workdir, keep, criterion, out, data_dir=None):
+    """Apply one keep ratio to every channel group, slim, save to `out`; returns the counts and accuracy."""
+    from agmc_jax.graph import trace
+
+    module, variables, config = load_network(workdir)
+    net = trace(module, variables, tuple(config["input_shape"]))
+    masks = net.masks(variables, keep, criterion)
+    if criterion == "lstsq":
+        variables = net.reconstruct(variables, masks, calibration_images(config, data_dir=data_dir))
+    slim_module, slim_variables = net.slim(variables, masks)
+    macs, params = net.cost(net.keep_counts(keep))
+    info = {"source": str(workdir), "keep": keep, "criterion": criterion, "macs": int(macs), "params": int(params),
+            "macs_ratio": macs / net.macs, "params_ratio": params / net.params}
+    save_network(out, "slim", config, slim_variables, info)
+    validation = evaluate_variables(slim_module, slim_variables, config, "validation", data_dir)
+    return {**info, "validation_accuracy": validation["accuracy"]}
+

@@ -1,0 +1,51 @@
+"""Human-readable output: per-layer tables and PNG plots of a search."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+def layer_table(net) -> str:
+    """A fixed-width table of every layer with its channels, MACs and parameters, and the totals."""
+    rows = [f"{'layer':<44} {'kind':<10} {'in':>6} {'out':>6} {'kernel':>7} {'stride':>6} {'MACs':>14} "
+            f"{'params':>11} {'group':>5}"]
+    for l in net.layers:
+        kernel = "x".join(map(str, l.kernel_size)) or "-"
+        stride = "x".join(map(str, l.stride)) or "-"
+        rows.append(f"{l.name[-44:]:<44} {l.kind:<10} {l.in_channels:>6} {l.out_channels:>6} {kernel:>7} "
+                    f"{stride:>6} {l.macs:>14,} {l.params:>11,} {l.out_group:>5}")
+    rows.append(f"total: {net.params:,} parameters, {net.macs:,} MACs per example "
+                f"({net.macs / 1e6:.2f}M; MACs = multiply-accumulates of conv and dense layers), "
+                f"{len(net.group_sizes)} prunable channel groups")
+    rows.extend(f"warning: {w}" for w in net.warnings)
+    return "\n".join(rows)
+
+
+def plot_rewards(history, path):
+    """Reward per episode and the best so far."""
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    episodes = [h["episode"] for h in history]
+    axis.plot(episodes, [h["reward"] for h in history], ".", alpha=0.5, label="episode")
+    axis.plot(episodes, [h["best_reward"] for h in history], "-", label="best so far")
+    axis.set_xlabel("episode")
+    axis.set_ylabel("reward")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_keep(policy, path):
+    """Kept channels per layer against the original widths."""
+    layers = policy["layers"]
+    figure, axis = plt.subplots(figsize=(max(6, len(layers) * 0.25), 3.5))
+    positions = range(len(layers))
+    axis.bar(positions, [l["out"] for l in layers], color="lightgray", label="original")
+    axis.bar(positions, [l["kept"] for l in layers], color="tab:blue", label="kept")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("output channels")
+    axis.set_title(f"MACs {policy['macs_ratio']:.1%} of the original, parameters {policy['params_ratio']:.1%}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

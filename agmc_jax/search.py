@@ -1,0 +1,250 @@
+"""The search: episodes of an agent (or a rule) choosing keep ratios, with logging and resume.
+
+Methods: `agmc` (GNN encoder-decoder states + DDPG), `amc` (rule-based states + DDPG), `random`
+(random policies through the same action wall) and `uniform` (one ratio everywhere). The reward
+evaluation is compiled once per search; the whole search state is checkpointed with orbax after
+every episode, so `resume=True` after a kill loses no finished episode.
+"""
+import dataclasses
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from agmc_jax import checkpoint
+from agmc_jax.agents import DDPGConfig, ddpg, random_agent
+from agmc_jax.embed import AMCActor, AMCCritic, make_agmc_networks
+from agmc_jax.env import EnvConfig, Environment
+from agmc_jax.errors import AgmcError, CheckpointError
+from agmc_jax.graph import trace
+
+METHODS = ("agmc", "amc", "random", "uniform")
+
+
+class UnknownMethodError(AgmcError, ValueError):
+    """A search method that does not exist."""
+
+
+class SearchConfig(NamedTuple):
+    """What to search and how long; `env` holds the budget, `ddpg` the agent's settings."""
+
+    method: str = "agmc"
+    episodes: int = 100
+    seed: int = 0
+    env: EnvConfig = EnvConfig()
+    ddpg: DDPGConfig = DDPGConfig()
+    gnn_hidden: int = 64
+    checkpoint_every: int = 1
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """The best policy found: keep ratio and channels per group, its cost and reward."""
+
+    net: object
+    variables: dict
+    counts: np.ndarray
+    reward: float
+    accuracy: float
+    history: list
+
+    @property
+    def keep(self):
+        return self.counts / np.array(self.net.group_sizes)
+
+    @property
+    def macs(self):
+        return int(round(self.net.cost(self.counts)[0]))
+
+    @property
+    def params(self):
+        return int(round(self.net.cost(self.counts)[1]))
+
+    def masks(self, criterion="l2"):
+        return self.net.masks(self.variables, {g: int(c) if c > 1 else 1.0 / s for g, (c, s) in
+                                               enumerate(zip(self.counts, self.net.group_sizes))}, criterion)
+
+    def slim(self, criterion="l2"):
+        """(module, variables) of the physically smaller network."""
+        return self.net.slim(self.variables, self.masks(criterion))
+
+    def policy(self):
+        """A JSON-ready description of the policy, per group and per layer."""
+        sizes = self.net.group_sizes
+        return {
+            "macs": self.macs, "params": self.params, "macs_ratio": self.macs / self.net.macs,
+            "params_ratio": self.params / self.net.params, "reward": self.reward, "accuracy": self.accuracy,
+            "groups": [{"index": g, "channels": int(sizes[g]), "kept": int(c), "keep": float(c / sizes[g]),
+                        "producers": list(self.net.groups[g].producers)} for g, c in enumerate(self.counts)],
+            "layers": [{"name": l.name, "out": l.out_channels,
+                        "kept": int(self.counts[l.out_group]) if l.out_group >= 0 else l.out_channels}
+                       for l in self.net.layers],
+        }
+
+
+def _agent(method, env, net, config):
+    """The agent and a function mapping (step, counts, applied actions) to its observation."""
+    if method == "random":
+        return random_agent(), lambda t, counts, actions: np.zeros((), np.float32)
+    if method == "agmc":
+        actor, critic, _ = make_agmc_networks(net, hidden=config.gnn_hidden)
+
+        def observe(t, counts, actions):
+            return {"t": np.int32(t), "actions": np.where(np.arange(env.steps) < t, actions, 0).astype(np.float32)}
+
+        return ddpg(actor, critic, config.ddpg), observe
+    static = env.amc_features()
+
+    def observe(t, counts, actions):
+        return env.amc_state(static, t, counts, actions[t - 1] if t > 0 else 1.0)
+
+    return ddpg(AMCActor(), AMCCritic(), config.ddpg), observe
+
+
+class _Run:
+    """The mutable loop state of a search, checkpointed as one pytree."""
+
+    def __init__(self, agent_state, key, steps, episodes):
+        self.agent_state, self.key, self.episode = agent_state, key, 0
+        self.counts = np.zeros((episodes, steps), np.int32)
+        self.rewards = np.full(episodes, -np.inf, np.float32)
+        self.accuracies = np.zeros(episodes, np.float32)
+
+    def tree(self):
+        return {"agent": self.agent_state, "key": jax.random.key_data(self.key), "episode": np.int32(self.episode),
+                "counts": self.counts, "rewards": self.rewards, "accuracies": self.accuracies}
+
+    def load(self, tree):
+        self.agent_state, self.key = tree["agent"], jax.random.wrap_key_data(tree["key"])
+        self.episode = int(tree["episode"])
+        self.counts, self.rewards = np.asarray(tree["counts"]), np.asarray(tree["rewards"])
+        self.accuracies = np.asarray(tree["accuracies"])
+
+
+def _fingerprint(net, config):
+    return {"model": type(net.module).__name__, "group_sizes": [int(s) for s in net.group_sizes],
+            "macs": int(net.macs), "method": config.method, "episodes": config.episodes, "seed": config.seed,
+            "env": config.env._asdict(), "ddpg": config.ddpg._asdict()}
+
+
+def _check_resume(directory, fingerprint):
+    saved = checkpoint.metadata(directory)
+    changed = [k for k in fingerprint if k != "episodes" and saved.get(k) != json.loads(json.dumps(fingerprint[k]))]
+    if changed:
+        raise CheckpointError(f"{directory} holds a search of another network or setting ({', '.join(changed)} "
+                              "differ); choose a new --out directory")
+
+
+def run_episode(env, agent, agent_state, observe, key, explore=True):
+    """One episode: the agent acts step by step through the action wall; returns what it saw and did."""
+    counts = np.array(env.sizes, copy=True)
+    actions = np.zeros(env.steps, np.float32)
+    observations = []
+    for t in range(env.steps):
+        obs = observe(t, counts, actions)
+        key, step_key = jax.random.split(key)
+        action = float(agent.act(agent_state, obs, step_key, explore))
+        counts[t] = env.ratio_to_count(t, float(env.action_to_ratio(action)), counts)
+        actions[t] = env.ratio_to_action(counts[t] / env.sizes[t])
+        observations.append(obs)
+    return counts, actions, jax.tree.map(lambda *x: np.stack(x), *observations)
+
+
+def search(module, variables, data, method="agmc", target_macs=0.5, target_params=None, episodes=100, seed=0,
+           out=None, resume=False, progress=True, config: SearchConfig | None = None, **env_options):
+    """Search per-group keep ratios for `module` on labelled arrays `data = (x_val, y_val)`.
+
+    Works for any network `agmc_jax.trace` handles. With `out`, writes a checkpoint per episode,
+    `episodes.jsonl` and the best policy; `resume=True` continues a killed search there.
+    """
+    if method not in METHODS:
+        raise UnknownMethodError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if config is None:
+        config = SearchConfig(method=method, episodes=episodes, seed=seed,
+                              env=EnvConfig(target_macs=target_macs, target_params=target_params, **env_options))
+    images, labels = (np.asarray(a) for a in data)
+    net = trace(module, variables, images[:1])
+    env = Environment(net, variables, jnp.asarray(images), jnp.asarray(labels), config.env)
+    if config.method == "uniform":
+        counts = env.uniform_counts()
+        accuracy = float(env.accuracy(counts[None])[0])
+        reward = env.reward(accuracy, counts)
+        history = [{"episode": 0, "reward": reward, "accuracy": accuracy, "macs_ratio": env.cost(counts)["macs"] / net.macs}]
+        return _finish(SearchResult(net, variables, counts, reward, accuracy, history), out)
+    agent, observe = _agent(config.method, env, net, config)
+    key = jax.random.key(config.seed)
+    key, init_key = jax.random.split(key)
+    run = _Run(agent.init(init_key, observe(0, env.sizes, np.zeros(env.steps, np.float32))), key, env.steps,
+               config.episodes)
+    directory = None if out is None else Path(out).absolute() / "search_state"
+    fingerprint = _fingerprint(net, config)
+    if directory is not None and checkpoint.latest_step(directory) is not None:
+        if not resume:
+            raise CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose a new --out")
+        _check_resume(directory, fingerprint)
+        run.load(checkpoint.restore(directory, target=run.tree()))
+    update = _updates(agent, env.steps if config.ddpg.updates_per_episode is None else config.ddpg.updates_per_episode)
+    log = None if out is None else _open_log(Path(out), env, run)
+    bar = tqdm(range(run.episode, config.episodes), initial=run.episode, total=config.episodes,
+               disable=not progress, desc=config.method)
+    for episode in bar:
+        run.key, act_key, update_key = jax.random.split(run.key, 3)
+        counts, actions, observations = run_episode(env, agent, run.agent_state, observe, act_key)
+        accuracy = float(env.accuracy(counts[None])[0])
+        reward = env.reward(accuracy, counts)
+        run.agent_state = agent.observe(run.agent_state, observations, jnp.asarray(actions), jnp.float32(reward))
+        run.agent_state, _ = update(run.agent_state, update_key)
+        run.counts[episode], run.rewards[episode], run.accuracies[episode] = counts, reward, accuracy
+        run.episode = episode + 1
+        record = _record(env, run, episode)
+        bar.set_postfix(best=f"{record['best_reward']:.4f}", macs=f"{record['macs_ratio']:.3f}")
+        if directory is not None and (run.episode % config.checkpoint_every == 0 or run.episode == config.episodes):
+            checkpoint.save(directory, run.episode, run.tree(), fingerprint, keep=2)
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    if log is not None:
+        log.close()
+    best = int(np.argmax(run.rewards[:run.episode]))
+    history = [_record(env, run, e) for e in range(run.episode)]
+    result = SearchResult(net, variables, run.counts[best].copy(), float(run.rewards[best]),
+                          float(run.accuracies[best]), history)
+    return _finish(result, out)
+
+
+def _updates(agent, count):
+    """`count` agent updates as one compiled call."""
+    def many(state, key):
+        def body(state, key):
+            return agent.update(state, key)
+        return jax.lax.scan(body, state, jax.random.split(key, count))
+    return jax.jit(many)
+
+
+def _record(env, run, episode):
+    """The log line of a finished episode, derived from the checkpointed arrays."""
+    counts = run.counts[episode]
+    cost = env.cost(counts)
+    return {"episode": episode, "reward": float(run.rewards[episode]), "accuracy": float(run.accuracies[episode]),
+            "macs_ratio": cost["macs"] / env.net.macs, "params_ratio": cost["params"] / env.net.params,
+            "best_reward": float(run.rewards[:episode + 1].max()), "keep": (counts / env.sizes).round(4).tolist()}
+
+
+def _open_log(out, env, run):
+    """episodes.jsonl rewritten from the checkpoint's finished episodes, open for appending."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "episodes.jsonl"
+    path.write_text("".join(json.dumps(_record(env, run, e)) + "\n" for e in range(run.episode)))
+    return open(path, "a")
+
+
+def _finish(result, out):
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "policy.json").write_text(json.dumps(result.policy(), indent=1))
+    return result
