@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (set up, then compress the shipped baseline) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench
+
+$(BIN)/agmc: pyproject.toml
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or pass --data-dir DIR holding the IDX files"; fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/agmc
+
+demo: setup
+	$(BIN)/agmc compress --workdir agmc_jax/baselines/resnet20_fashion_mnist --out runs/demo --method agmc \
+	  --target-macs 0.5 --episodes 60 --reward-images 500 --finetune-epochs 1
+
+test: setup
+	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+bench: setup
+	$(BIN)/python experiments/bench_train.py
+	$(BIN)/python experiments/bench_slim.py
+	$(BIN)/python experiments/bench_search.py

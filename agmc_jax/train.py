@@ -1,0 +1,485 @@
+"""Supervised training of zoo networks: pure jit-compiled steps, data parallel over every device, resumable.
+
+The state is replicated and each global batch is split over a one-axis `Mesh` ('data') of all
+devices, so XLA (GSPMD) computes gradients and BatchNorm statistics over the global batch. Weight
+decay (coupled L2, as in PyTorch's SGD) applies to kernels only, not to biases or BatchNorm.
+
+A workdir holds `config.json`, `checkpoints/<step>/` (orbax), `metrics.jsonl`, `tb/` and, once
+training is complete, `summary.json`.
+"""
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from functools import partial
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from agmc_jax import checkpoint, data
+from agmc_jax.errors import AgmcError, CheckpointError, InputShapeError
+from agmc_jax.models import check_input_shape, create_model, init_model
+
+SCHEDULES = ("cosine", "onecycle")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that fixes a training run; `input_shape`/`num_classes` default to the dataset's."""
+
+    model: str
+    dataset: str
+    epochs: int = 200
+    batch_size: int = 128  # global, over all devices and processes
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # kernels only
+    schedule: str = "cosine"  # 'cosine' (linear warmup, then cosine to 0) or 'onecycle'
+    warmup_epochs: int = 0  # 'cosine' only
+    seed: int = 0
+    data_dir: str | None = None
+    input_shape: tuple | None = None
+    num_classes: int | None = None
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    keep: int = 3  # checkpoints kept
+
+
+# Fields that may change when a run resumes: they do not change what the run computes.
+RUN_FIELDS = frozenset({"data_dir", "eval_every", "checkpoint_every", "keep"})
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training; `batch_stats` is {} for networks without BatchNorm."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+class OptimizerSpec(NamedTuple):
+    """The optimizer's hyperparameters; hashable, so compiled steps take it as a static argument."""
+
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    schedule: str
+    warmup_steps: int
+    total_steps: int
+
+
+def _check(condition: bool, message: str) -> None:
+    """Raise an `AgmcError` with `message` unless `condition` holds."""
+    if not condition:
+        raise AgmcError(message)
+
+
+def _frozen(value):
+    """`value` with lists turned into tuples, so module attributes read back from JSON are hashable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _frozen(item) for key, item in value.items()}
+    return value
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """`config` validated, with the input shape and number of classes filled in from the dataset spec."""
+    spec = data.dataset_spec(config.dataset)
+    _check(config.schedule in SCHEDULES, f"unknown schedule {config.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    _check(config.epochs >= 1 and config.batch_size >= 1, "epochs and batch_size must be at least 1")
+    _check(0 <= config.warmup_epochs < config.epochs, "warmup_epochs must be at least 0 and less than epochs")
+    _check(min(config.eval_every, config.checkpoint_every, config.keep) >= 1,
+           "eval_every, checkpoint_every and keep must be at least 1")
+    return dataclasses.replace(config, input_shape=check_input_shape(config.model, config.input_shape or spec.input_shape),
+                               num_classes=config.num_classes or spec.num_classes,
+                               model_kwargs=_frozen(dict(config.model_kwargs)))
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """The JSON form of `config` (tuples become lists), as written to `config.json`."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_dict(values: Mapping, source: str = "config") -> TrainConfig:
+    """A `TrainConfig` from its JSON form; unknown or missing fields are a `CheckpointError`."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CheckpointError(f"{source} has unknown fields {', '.join(unknown)}: it was written by another version")
+    try:
+        config = TrainConfig(**values)
+    except TypeError as error:
+        raise CheckpointError(f"{source} is incomplete ({error}): it was not written by agmc_jax.train") from error
+    return dataclasses.replace(config, input_shape=_frozen(config.input_shape),
+                               model_kwargs=_frozen(dict(config.model_kwargs)))
+
+
+def build_module(config: TrainConfig):
+    """The Linen module that `config` trains."""
+    return create_model(config.model, config.num_classes, **config.model_kwargs)
+
+
+def optimizer_spec(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
+    """The optimizer hyperparameters of `config` for epochs of `steps_per_epoch` steps."""
+    return OptimizerSpec(config.learning_rate, config.momentum, config.weight_decay, config.schedule,
+                         config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch)
+
+
+def learning_rate_schedule(spec: OptimizerSpec) -> optax.Schedule:
+    """The learning rate as a function of the optimizer step: warmup + cosine decay to 0, or one-cycle."""
+    if spec.schedule == "onecycle":
+        return optax.cosine_onecycle_schedule(spec.total_steps, spec.learning_rate)
+    return optax.warmup_cosine_decay_schedule(0.0, spec.learning_rate, spec.warmup_steps, spec.total_steps)
+
+
+def make_optimizer(spec: OptimizerSpec) -> optax.GradientTransformation:
+    """SGD with momentum on the schedule, plus coupled L2 weight decay on kernels (arrays of rank > 1)."""
+    kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    return optax.chain(optax.add_decayed_weights(spec.weight_decay, mask=kernels),
+                       optax.sgd(learning_rate_schedule(spec), momentum=spec.momentum))
+
+
+# Compiled once per (module, input shape): repeated runs in one process reuse the executable.
+_init_variables = jax.jit(init_model, static_argnums=(0, 1))
+
+
+def create_train_state(module, input_shape, config: TrainConfig) -> TrainState:
+    """A fresh train state: variables initialised from `config.seed`, optimizer state, step 0.
+
+    The optimizer state's structure and initial values do not depend on the schedule's length.
+    """
+    variables = _init_variables(module, tuple(input_shape), config.seed)
+    opt_state = make_optimizer(optimizer_spec(config, 1)).init(variables["params"])
+    return TrainState(jnp.zeros((), jnp.int32), variables["params"], variables.get("batch_stats", {}), opt_state)
+
+
+def _variables(state: TrainState) -> dict:
+    """The Linen variables of a train state."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _sums(logits, labels, mask):
+    """Summed cross-entropy, correct predictions and example count, so that batches of any size average exactly."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32)
+    return {"loss": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask.astype(jnp.int32)),
+            "count": jnp.sum(mask.astype(jnp.int32))}
+
+
+def train_step(module, optimizer: OptimizerSpec, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """One SGD step on a batch of images and integer labels; returns the new state and metric sums."""
+    def loss_fn(params):
+        logits, updates = module.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                       train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss, (logits, updates.get("batch_stats", state.batch_stats))
+
+    (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = make_optimizer(optimizer).update(grads, state.opt_state, state.params)
+    state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), batch_stats, opt_state)
+    return state, _sums(logits, batch["label"], jnp.ones(batch["label"].shape, jnp.float32))
+
+
+def eval_step(module, variables, batch) -> dict:
+    """Metric sums of the network in inference mode over the examples where `batch['mask']` is 1."""
+    logits = module.apply(variables, batch["image"], train=False)
+    return _sums(logits, batch["label"], batch["mask"])
+
+
+def data_mesh() -> Mesh:
+    """A one-axis mesh ('data') over every device of every process."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def make_train_step(mesh: Mesh, module, optimizer: OptimizerSpec):
+    """`train_step(state, batch)` compiled for a replicated state and a batch split over the mesh; donates the state."""
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = jax.jit(train_step, static_argnums=(0, 1), in_shardings=(replicated, split),
+                   out_shardings=(replicated, replicated), donate_argnums=2)
+    return partial(step, module, optimizer)
+
+
+def make_eval_step(mesh: Mesh, module):
+    """`eval_step(variables, batch)` compiled for replicated variables and a batch split over the mesh."""
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return partial(jax.jit(eval_step, static_argnums=0, in_shardings=(replicated, split), out_shardings=replicated),
+                   module)
+
+
+def global_batch(batch: Mapping, mesh: Mesh) -> dict:
+    """This process's slice of a batch as global arrays split over the mesh's 'data' axis."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
+
+
+def _padded(batch: Mapping, size: int) -> dict:
+    """`batch` padded with zeros to `size` examples, with a 'mask' that is 1 on the real ones."""
+    count = len(batch["label"])
+    padded = {key: np.concatenate([value, np.zeros((size - count, *value.shape[1:]), value.dtype)])
+              for key, value in batch.items()}
+    return {**padded, "mask": (np.arange(size) < count).astype(np.float32)}
+
+
+def _check_batch_size(batch_size: int) -> int:
+    """This process's share of a global batch, which must split evenly over processes and devices."""
+    _check(batch_size % jax.device_count() == 0,
+           f"batch size {batch_size} must be a multiple of the number of devices ({jax.device_count()})")
+    return batch_size // jax.process_count()
+
+
+def _check_shape(batch: Mapping, input_shape) -> None:
+    """Raise `InputShapeError` when the data's images do not have the network's input shape."""
+    if tuple(batch["image"].shape[1:]) != tuple(input_shape):
+        raise InputShapeError(f"the data's images are {tuple(batch['image'].shape[1:])} but the network was "
+                              f"configured for {tuple(input_shape)}; set input_shape to match")
+
+
+def _batches(source, config: TrainConfig, batch_size: int, train: bool, epoch: int = 0):
+    """This process's batches of `source`, in an order fixed by (seed, epoch)."""
+    return data.batches(source, config.dataset, batch_size, train=train, seed=config.seed, epoch=epoch,
+                        drop_remainder=train, process_index=jax.process_index(),
+                        process_count=jax.process_count())
+
+
+def _total(metrics: list) -> dict:
+    """The sum of a list of metric-sum dicts, on the host in float64."""
+    values = jax.device_get(metrics)
+    return {key: float(sum(np.float64(m[key]) for m in values)) for key in ("loss", "correct", "count")}
+
+
+def _rates(total: Mapping) -> dict:
+    """Mean loss and accuracy from metric sums."""
+    count = max(total["count"], 1.0)
+    return {"loss": total["loss"] / count, "accuracy": total["correct"] / count, "count": int(total["count"])}
+
+
+def evaluate_source(variables, step_fn, source, config: TrainConfig, mesh: Mesh, batch_size: int) -> dict:
+    """Loss, accuracy and count of the network on all of `source` (the last batch padded and masked)."""
+    local = _check_batch_size(batch_size)
+    metrics = []
+    for batch in _batches(source, config, batch_size, train=False):
+        _check_shape(batch, config.input_shape)
+        metrics.append(step_fn(variables, global_batch(_padded(batch, local), mesh)))
+    return _rates(_total(metrics))
+
+
+def _train_epoch(state, step_fn, source, config: TrainConfig, mesh: Mesh, epoch: int, steps: int):
+    """One pass over the training source; returns the new state and the epoch's metric sums."""
+    metrics = []
+    hidden = jax.process_index() != 0 or not sys.stderr.isatty()
+    with tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=hidden) as bar:
+        for batch in _batches(source, config, config.batch_size, train=True, epoch=epoch):
+            _check_shape(batch, config.input_shape)
+            state, step_metrics = step_fn(state, global_batch(batch, mesh))
+            metrics.append(step_metrics)
+            bar.update()
+            if len(metrics) % 10 == 0:
+                rates = _rates(_total(metrics[-10:]))
+                bar.set_postfix(loss=f"{rates['loss']:.3f}", acc=f"{rates['accuracy']:.3f}")
+    return state, _total(metrics)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file of a workdir, or a `CheckpointError` saying which file is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path} not found: not a training workdir (run training first)") from error
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is unreadable ({error}); restore it or use another workdir") from error
+
+
+def _differences(saved: Mapping, current: Mapping) -> list:
+    """The fields, other than `RUN_FIELDS`, in which two config dicts differ."""
+    return sorted(key for key in set(saved) | set(current)
+                  if key not in RUN_FIELDS and saved.get(key) != current.get(key))
+
+
+def _check_same_run(saved: Mapping, current: Mapping, where: str) -> None:
+    """Raise a `CheckpointError` unless `saved` (read from `where`) describes the same run as `current`."""
+    changed = _differences(saved, current)
+    if changed:
+        detail = ", ".join(f"{key}: {saved.get(key)!r} != {current.get(key)!r}" for key in changed)
+        raise CheckpointError(f"{where} belongs to a different run ({detail}); use a new workdir or the same config")
+
+
+def _check_workdir(workdir: Path, config: TrainConfig) -> None:
+    """Refuse a workdir whose config or checkpoints belong to a different run; touches no file."""
+    path = workdir / "config.json"
+    if path.exists():
+        _check_same_run(_read_json(path), config_to_dict(config), str(path))
+    elif checkpoint.latest_step(workdir / "checkpoints") is not None:
+        raise CheckpointError(f"{workdir / 'checkpoints'} holds checkpoints but {path} is missing; use a new workdir")
+
+
+def _run_metadata(directory: Path, step: int | None = None) -> dict:
+    """The epoch and config saved with a training checkpoint (default: the latest)."""
+    meta = checkpoint.metadata(directory, step)
+    if not {"epoch", "config"} <= set(meta):
+        where = directory / str(checkpoint.latest_step(directory) if step is None else step)
+        raise CheckpointError(f"checkpoint {where} has no training metadata: it is corrupt or was not written by "
+                              "agmc_jax.train; delete it or restore another step")
+    return meta
+
+
+def abstract_train_state(module, config: TrainConfig, sharding=None) -> TrainState:
+    """The shapes and dtypes of `config`'s train state (placed with `sharding`), computed without running anything."""
+    shapes = jax.eval_shape(lambda: create_train_state(module, config.input_shape, config))
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
+
+
+def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh) -> tuple[TrainState, int]:
+    """The latest checkpoint's state and epoch when there is one, else a fresh state and epoch 0 (replicated)."""
+    directory, replicated = workdir / "checkpoints", NamedSharding(mesh, P())
+    if checkpoint.latest_step(directory) is None:
+        return jax.device_put(create_train_state(module, config.input_shape, config), replicated), 0
+    meta = _run_metadata(directory)
+    _check_same_run(meta["config"], config_to_dict(config), f"the latest checkpoint in {directory}")
+    return checkpoint.restore(directory, target=abstract_train_state(module, config, replicated)), int(meta["epoch"])
+
+
+def _trim_metrics(path: Path, epoch: int) -> None:
+    """Drop lines for epochs after `epoch` (written after the checkpoint a run resumes from)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _log(workdir: Path, writer, record: Mapping) -> None:
+    """Append an epoch's record to metrics.jsonl, TensorBoard and stdout (process 0 only)."""
+    if writer is None:
+        return
+    with open(workdir / "metrics.jsonl", "a") as file:
+        file.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+        if key not in ("epoch", "step") and value is not None:
+            writer.add_scalar(key, value, record["step"])
+    writer.flush()
+    shown = " ".join(f"{key} {value:.4g}" for key, value in record.items()
+                     if key not in ("epoch", "step", "seconds") and value is not None)
+    print(f"epoch {record['epoch']} step {record['step']} {shown} ({record['seconds']:.1f}s)", flush=True)
+
+
+def _open_workdir(workdir: Path, config: TrainConfig, epoch: int):
+    """On process 0: write config.json, drop metric lines after `epoch`, return a TensorBoard writer (else None)."""
+    if jax.process_index() != 0:
+        return None
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    _trim_metrics(workdir / "metrics.jsonl", epoch)
+    return SummaryWriter(str(workdir / "tb"))
+
+
+def _source(sources: Mapping | None, config: TrainConfig, split: str):
+    """The injected source for `split`, else the dataset's split read from `config.data_dir`."""
+    if sources is not None and split in sources:
+        return sources[split]
+    return data.load(config.dataset, split, config.data_dir)
+
+
+class _Run(NamedTuple):
+    """What every epoch of one `train` call shares."""
+
+    config: TrainConfig
+    mesh: Mesh
+    steps: int  # per epoch
+    last: int  # the epoch this call stops after
+    train_fn: Any
+    eval_fn: Any
+    schedule: optax.Schedule
+    train_source: Any
+    validation: Any
+
+
+def _epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict]:
+    """Train epoch `epoch` (from 0), validate when due; returns the new state and the epoch's record."""
+    began, done, config = time.perf_counter(), epoch + 1, run.config
+    state, totals = _train_epoch(state, run.train_fn, run.train_source, config, run.mesh, epoch, run.steps)
+    due = len(run.validation) and (done % config.eval_every == 0 or done == run.last)
+    val = evaluate_source(_variables(state), run.eval_fn, run.validation, config, run.mesh, config.batch_size) \
+        if due else {"loss": None, "accuracy": None}
+    rates, step = _rates(totals), int(state.step)
+    return state, {"epoch": done, "step": step, "train_loss": rates["loss"], "train_acc": rates["accuracy"],
+                   "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": float(run.schedule(step - 1)),
+                   "seconds": time.perf_counter() - began}
+
+
+def _last_record(workdir: Path) -> dict:
+    """The last line of metrics.jsonl ({} when there is none): the record of a run that resumes complete."""
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_after: int | None = None) -> dict:
+    """Train (or resume) the run `config` in `workdir`; returns the last epoch's metrics, plus test metrics at the end.
+
+    `sources` maps 'train'/'validation'/'test' to data sources that replace the dataset's splits.
+    `stop_after` ends this call after that many epochs in total (the schedule still spans `config.epochs`).
+    """
+    config, workdir = resolve_config(config), Path(workdir)
+    _check_workdir(workdir, config)
+    _check_batch_size(config.batch_size)
+    train_source = _source(sources, config, "train")
+    steps = data.steps_per_epoch(train_source, config.batch_size)
+    _check(steps >= 1, f"batch size {config.batch_size} exceeds the {len(train_source)} training examples")
+    mesh, module, optimizer = data_mesh(), build_module(config), optimizer_spec(config, steps)
+    run = _Run(config, mesh, steps, config.epochs if stop_after is None else min(stop_after, config.epochs),
+               make_train_step(mesh, module, optimizer), make_eval_step(mesh, module),
+               learning_rate_schedule(optimizer), train_source, _source(sources, config, "validation"))
+    state, start = _restore_or_init(workdir, module, config, mesh)
+    writer = _open_workdir(workdir, config, start)
+    record = _last_record(workdir)
+    try:
+        for epoch in range(start, run.last):
+            state, record = _epoch(run, state, epoch)
+            if record["epoch"] % config.checkpoint_every == 0 or record["epoch"] == run.last:
+                checkpoint.save(workdir / "checkpoints", record["step"], state,
+                                {"epoch": record["epoch"], "config": config_to_dict(config)}, keep=config.keep)
+            _log(workdir, writer, record)
+        if run.last < config.epochs:
+            return record
+        test = evaluate_source(_variables(state), run.eval_fn, _source(sources, config, "test"), config, mesh,
+                               config.batch_size)
+        summary = {**record, "test_loss": test["loss"], "test_acc": test["accuracy"], "test_count": test["count"]}
+        if writer is not None:
+            writer.add_scalar("test_acc", test["accuracy"], int(state.step))
+            (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def load_trained(workdir, step: int | None = None) -> tuple[Any, dict, dict]:
+    """The module, variables ('params', 'batch_stats') and config dict of a trained workdir's checkpoint."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise CheckpointError(f"workdir {workdir} does not exist: train first or fix the path")
+    values = _read_json(workdir / "config.json")
+    config = config_from_dict(values, str(workdir / "config.json"))
+    module, directory = build_module(config), workdir / "checkpoints"
+    where = f"checkpoint {'latest' if step is None else step} in {directory}"
+    _check_same_run(_run_metadata(directory, step)["config"], values, where)
+    state = checkpoint.restore(directory, step, abstract_train_state(module, config))
+    return module, _variables(state), values
+
+
+def evaluate(workdir, split: str = "test", data_dir: str | None = None, batch_size: int = 256,
+             step: int | None = None, source=None) -> dict:
+    """Loss, accuracy and count of a trained workdir's network on a dataset split (or an injected source)."""
+    module, variables, values = load_trained(workdir, step)
+    config = config_from_dict(values)
+    source = source if source is not None else data.load(config.dataset, split, data_dir or config.data_dir)
+    mesh = data_mesh()
+    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    return evaluate_source(variables, make_eval_step(mesh, module), source, config, mesh, batch_size)
