@@ -47,10 +47,10 @@ def _check(config):
         raise BudgetError(f"unknown reward {config.reward!r}; choose one of: {', '.join(REWARDS)}")
 
 
-class Environment:
-    """Budget bookkeeping and reward evaluation for one traced network and one validation set."""
+class Budget:
+    """Budget bookkeeping for one traced network: costs, the action wall, rounding, AMC states."""
 
-    def __init__(self, net, variables, images, labels, config: EnvConfig = EnvConfig()):
+    def __init__(self, net, config: EnvConfig = EnvConfig()):
         _check(config)
         self.net, self.config = net, config
         self.sizes = np.array(net.group_sizes)
@@ -68,9 +68,7 @@ class Environment:
             raise BudgetError(
                 f"the budget is below what lbound={config.lbound} allows: every group at lbound keeps "
                 f"{smallest[0] / net.macs:.3f} of the MACs and {smallest[1] / net.params:.3f} of the parameters")
-        self.variables, self.images, self.labels = variables, images, labels
-        self._rank_tables(variables)
-        self._evaluate = jax.jit(lambda counts, x, y: jax.lax.map(lambda c: self._accuracy(c, x, y), counts))
+
 
     # ----- budget -------------------------------------------------------------------------
     def _floor(self, count, size):
@@ -152,7 +150,17 @@ class Environment:
         rest = sum(g.macs for g in self.net.groups[t + 1:]) / self.net.macs
         return np.concatenate([static[t], [reduced, rest, previous_action]]).astype(np.float32)
 
-    # ----- reward -------------------------------------------------------------------------
+
+
+class Environment(Budget):
+    """A budget plus the reward: the masked network's accuracy on a held-out validation set."""
+
+    def __init__(self, net, variables, images, labels, config: EnvConfig = EnvConfig()):
+        super().__init__(net, config)
+        self.variables, self.images, self.labels = variables, images, labels
+        self._rank_tables(variables)
+        self._evaluate = jax.jit(lambda counts, x, y: jax.lax.map(lambda c: self._accuracy(c, x, y), counts))
+
     def _rank_tables(self, variables):
         """Per variable axis: the group of each index and its importance rank within the group."""
         scores = channel_importance(self.net, variables, self.config.criterion)

@@ -25,6 +25,12 @@ def save_network(out, kind, config_dict, variables, info):
     (out / "network.json").write_text(json.dumps({"kind": kind, "config": config_dict, **info}, indent=1) + "\n")
 
 
+def mark_trained_slim(workdir, config_dict):
+    """Mark a training workdir as holding a slimmed network (its shapes come from the checkpoint)."""
+    (Path(workdir) / "network.json").write_text(json.dumps({"kind": "slim", "trained": True, "config": config_dict},
+                                                           indent=1) + "\n")
+
+
 def load_network(path):
     """(module, variables, config dict) of a trained workdir or a pruned network directory."""
     path = Path(path)
@@ -37,7 +43,11 @@ def load_network(path):
     except (ValueError, KeyError) as error:
         raise CheckpointError(f"{description} is corrupt ({error}); prune or search again") from error
     module = build_module(config)
-    variables = checkpoint.restore(path / "variables")
+    if values.get("trained"):
+        state = checkpoint.restore(path / "checkpoints")
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    else:
+        variables = checkpoint.restore(path / "variables")
     return (Slimmed(module) if values["kind"] == "slim" else module), variables, values["config"]
 
 

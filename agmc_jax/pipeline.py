@@ -9,10 +9,10 @@ import numpy as np
 
 from agmc_jax import data
 from agmc_jax.errors import CheckpointError
-from agmc_jax.networks import evaluate_variables, load_network, save_network
+from agmc_jax.networks import evaluate_variables, load_network, mark_trained_slim, save_network
 from agmc_jax.report import plot_keep, plot_rewards
 from agmc_jax.search import search
-from agmc_jax.train import TrainConfig, config_from_dict, train
+from agmc_jax.train import config_from_dict, config_to_dict, train
 
 
 def run_search(workdir, out, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
@@ -49,7 +49,10 @@ def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None):
     base = config_from_dict(config)
     tuned = dataclasses.replace(base, epochs=epochs, learning_rate=learning_rate, warmup_epochs=0,
                                 data_dir=data_dir or base.data_dir)
-    return train(tuned, Path(search_dir) / "finetune", module=module, init_variables=variables)
+    workdir = Path(search_dir) / "finetune"
+    summary = train(tuned, workdir, module=module, variables=variables)
+    mark_trained_slim(workdir, config_to_dict(tuned))
+    return summary
 
 
 def latency_ms(module, variables, input_shape, batch, repeats=5):

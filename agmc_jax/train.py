@@ -148,18 +148,12 @@ def make_optimizer(spec: OptimizerSpec) -> optax.GradientTransformation:
                        optax.sgd(learning_rate_schedule(spec), momentum=spec.momentum))
 
 
-# Compiled once per (module, input shape): repeated runs in one process reuse the executable.
-_init_variables = jax.jit(init_model, static_argnums=(0, 1))
-
-
 def create_train_state(module, input_shape, config: TrainConfig) -> TrainState:
     """A fresh train state: variables initialised from `config.seed`, optimizer state, step 0.
 
     The optimizer state's structure and initial values do not depend on the schedule's length.
     """
-    variables = _init_variables(module, tuple(input_shape), config.seed)
-    opt_state = make_optimizer(optimizer_spec(config, 1)).init(variables["params"])
-    return TrainState(jnp.zeros((), jnp.int32), variables["params"], variables.get("batch_stats", {}), opt_state)
+    return state_from_variables(init_model(module, input_shape, config.seed), config)
 
 
 def _variables(state: TrainState) -> dict:
@@ -331,20 +325,30 @@ def _run_metadata(directory: Path, step: int | None = None) -> dict:
     return meta
 
 
-def abstract_train_state(module, config: TrainConfig, sharding=None) -> TrainState:
+def state_from_variables(variables, config: TrainConfig) -> TrainState:
+    """A train state at step 0 that starts from given variables (e.g. a slimmed network's)."""
+    opt_state = make_optimizer(optimizer_spec(config, 1)).init(variables["params"])
+    return TrainState(jnp.zeros((), jnp.int32), variables["params"], variables.get("batch_stats", {}), opt_state)
+
+
+def abstract_train_state(module, config: TrainConfig, sharding=None, variables=None) -> TrainState:
     """The shapes and dtypes of `config`'s train state (placed with `sharding`), computed without running anything."""
-    shapes = jax.eval_shape(lambda: create_train_state(module, config.input_shape, config))
+    shapes = jax.eval_shape(lambda: create_train_state(module, config.input_shape, config) if variables is None
+                            else state_from_variables(variables, config))
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
 
 
-def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh) -> tuple[TrainState, int]:
+def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, variables=None) -> tuple[TrainState, int]:
     """The latest checkpoint's state and epoch when there is one, else a fresh state and epoch 0 (replicated)."""
     directory, replicated = workdir / "checkpoints", NamedSharding(mesh, P())
     if checkpoint.latest_step(directory) is None:
-        return jax.device_put(create_train_state(module, config.input_shape, config), replicated), 0
+        fresh = (create_train_state(module, config.input_shape, config) if variables is None
+                 else state_from_variables(variables, config))
+        return jax.device_put(fresh, replicated), 0
     meta = _run_metadata(directory)
     _check_same_run(meta["config"], config_to_dict(config), f"the latest checkpoint in {directory}")
-    return checkpoint.restore(directory, target=abstract_train_state(module, config, replicated)), int(meta["epoch"])
+    target = abstract_train_state(module, config, replicated, variables)
+    return checkpoint.restore(directory, target=target), int(meta["epoch"])
 
 
 def _trim_metrics(path: Path, epoch: int) -> None:
@@ -420,11 +424,13 @@ def _last_record(workdir: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_after: int | None = None) -> dict:
+def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_after: int | None = None,
+          module=None, variables=None) -> dict:
     """Train (or resume) the run `config` in `workdir`; returns the last epoch's metrics, plus test metrics at the end.
 
     `sources` maps 'train'/'validation'/'test' to data sources that replace the dataset's splits.
     `stop_after` ends this call after that many epochs in total (the schedule still spans `config.epochs`).
+    `module` and `variables` replace the zoo module and its random initialisation (fine-tuning).
     """
     config, workdir = resolve_config(config), Path(workdir)
     _check_workdir(workdir, config)
@@ -432,11 +438,12 @@ def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_aft
     train_source = _source(sources, config, "train")
     steps = data.steps_per_epoch(train_source, config.batch_size)
     _check(steps >= 1, f"batch size {config.batch_size} exceeds the {len(train_source)} training examples")
-    mesh, module, optimizer = data_mesh(), build_module(config), optimizer_spec(config, steps)
+    mesh, optimizer = data_mesh(), optimizer_spec(config, steps)
+    module = build_module(config) if module is None else module
     run = _Run(config, mesh, steps, config.epochs if stop_after is None else min(stop_after, config.epochs),
                make_train_step(mesh, module, optimizer), make_eval_step(mesh, module),
                learning_rate_schedule(optimizer), train_source, _source(sources, config, "validation"))
-    state, start = _restore_or_init(workdir, module, config, mesh)
+    state, start = _restore_or_init(workdir, module, config, mesh, variables)
     writer = _open_workdir(workdir, config, start)
     record = _last_record(workdir)
     try:

@@ -1,4 +1,5 @@
 """The model zoo: a registry from names to Linen modules, their standard input and smallest input."""
+from functools import partial
 from typing import NamedTuple, Sequence
 
 import jax
@@ -60,10 +61,14 @@ def check_input_shape(name: str, input_shape: Sequence[int]) -> tuple:
     return shape
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _init(module, input_shape, seed):
+    return module.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32), train=False)
+
+
 def init_model(module, input_shape: Sequence[int], seed: int = 0):
-    """Variables (`params`, `batch_stats`) of `module` for one NHWC input of `input_shape`."""
-    x = jnp.zeros((1, *input_shape), jnp.float32)
-    return jax.jit(lambda key: module.init(key, x, train=False))(jax.random.key(seed))
+    """Variables (`params`, `batch_stats`) of `module` for one NHWC input of `input_shape` (compiled once)."""
+    return _init(module, tuple(int(s) for s in input_shape), int(seed))
 
 
 __all__ = ["MODELS", "ModelSpec", "model_spec", "create_model", "check_input_shape", "init_model",

@@ -1,0 +1,35 @@
+"""The random-search baseline: uniform keep ratios, no learning (the environment keeps them within budget)."""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from agmc_jax.agents.ddpg import Agent
+
+
+class RandomState(NamedTuple):
+    """Only the number of episodes observed."""
+
+    episode: jax.Array
+
+
+def random_agent() -> Agent:
+    """An agent whose every action is uniform on [0, 1], exploring or not."""
+
+    def init(key, example_obs):
+        """A zero episode counter."""
+        return RandomState(jnp.zeros((), jnp.int32))
+
+    def act(state, obs, key, explore):
+        """A uniform action on [0, 1]."""
+        return jax.random.uniform(key, (), jnp.float32)
+
+    def observe(state, episode_obs, episode_actions, reward):
+        """Count the episode."""
+        return RandomState(state.episode + 1)
+
+    def update(state, key):
+        """Nothing to learn."""
+        return state, {}
+
+    return Agent(init, act, observe, update)
