@@ -51,6 +51,7 @@ class SearchResult:
     reward: float
     accuracy: float
     history: list
+    agent_state: object = None
 
     @property
     def keep(self):
@@ -121,8 +122,8 @@ class _Run:
     def load(self, tree):
         self.agent_state, self.key = tree["agent"], jax.random.wrap_key_data(tree["key"])
         self.episode = int(tree["episode"])
-        self.counts, self.rewards = np.asarray(tree["counts"]), np.asarray(tree["rewards"])
-        self.accuracies = np.asarray(tree["accuracies"])
+        self.counts, self.rewards = np.array(tree["counts"]), np.array(tree["rewards"])
+        self.accuracies = np.array(tree["accuracies"])
 
 
 def _fingerprint(net, config):
@@ -212,7 +213,7 @@ def search(module, variables, data, method="agmc", target_macs=0.5, target_param
     best = int(np.argmax(run.rewards[:run.episode]))
     history = [_record(env, run, e) for e in range(run.episode)]
     result = SearchResult(net, variables, run.counts[best].copy(), float(run.rewards[best]),
-                          float(run.accuracies[best]), history)
+                          float(run.accuracies[best]), history, run.agent_state)
     return _finish(result, out)
 
 
