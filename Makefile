@@ -18,7 +18,7 @@ $(BIN)/agmc: pyproject.toml
 setup: $(BIN)/agmc
 
 demo: setup
-	$(BIN)/agmc compress --workdir agmc_jax/baselines/resnet20_fashion_mnist --out runs/demo --method agmc \
+	$(BIN)/agmc compress --workdir agmc_jax/baselines/lenet5_fashion_mnist --out runs/demo --resume --method agmc \
 	  --target-macs 0.5 --episodes 60 --reward-images 500 --finetune-epochs 1
 
 test: setup
