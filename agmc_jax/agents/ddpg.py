@@ -22,7 +22,7 @@ class Agent(NamedTuple):
     init(key, example_obs) -> state
     act(state, obs, key, explore) -> float32 action in [0, 1]
     observe(state, episode_obs, episode_actions, reward) -> state   (obs with a leading time axis)
-    update(state, key) -> (state, metrics)                           (call once per episode, after observe)
+    update(state, key) -> (state, metrics)                           (one training step)
     """
 
     init: Callable
@@ -44,7 +44,7 @@ class DDPGConfig(NamedTuple):
     sigma: float = 0.5  # AMC --init_delta: scale of the truncated normal
     sigma_decay: float = 0.95  # AMC --delta_decay: per episode after warm-up
     baseline_alpha: float = 0.5  # AMC moving_alpha
-    updates_per_episode: int | None = None  # None: one per stored transition (T), as AMC
+    updates_per_episode: int | None = None  # update calls per episode (search loop); None: T, as AMC
     weight_decay: float = 0.0  # AMC uses plain Adam; >0 is decoupled (AdamW)
 
 
@@ -71,7 +71,6 @@ class DDPGState(NamedTuple):
     sigma: jax.Array
     baseline: jax.Array  # moving average of episode rewards
     episode: jax.Array  # episodes observed so far
-    episode_length: jax.Array  # T of the last observed episode
 
 
 METRICS = ("critic_loss", "actor_loss", "q")
@@ -118,7 +117,7 @@ def ddpg(actor: nn.Module, critic: nn.Module, config: DDPGConfig = DDPGConfig())
         buffer = init_buffer(Transition(example_obs, zero, zero, example_obs, zero), config.replay_size)
         return DDPGState(actor_params, critic_params, actor_params, critic_params, actor_opt.init(actor_params),
                          critic_opt.init(critic_params), buffer, jnp.float32(config.sigma), zero,
-                         jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+                         jnp.zeros((), jnp.int32))
 
     def act(state, obs, key, explore):
         """The actor's action mu; exploring: uniform during warm-up, then truncnorm(mu, sigma) on [0, 1]."""
@@ -142,7 +141,7 @@ def ddpg(actor: nn.Module, critic: nn.Module, config: DDPGConfig = DDPGConfig())
         transitions = Transition(episode_obs, actions, jnp.full(steps, reward), next_obs, done)
         decay = jnp.where(state.episode >= config.warmup_episodes, config.sigma_decay, 1.0)
         return state._replace(buffer=add_batch(state.buffer, transitions), sigma=state.sigma * decay,
-                              baseline=baseline, episode=state.episode + 1, episode_length=jnp.int32(steps))
+                              baseline=baseline, episode=state.episode + 1)
 
     def critic_loss(critic_params, state, batch):
         """Mean squared TD error of baseline-subtracted rewards against the target networks."""
@@ -173,20 +172,9 @@ def ddpg(actor: nn.Module, critic: nn.Module, config: DDPGConfig = DDPGConfig())
         return state, {"critic_loss": c_loss, "actor_loss": a_loss, "q": jnp.mean(q)}
 
     def update(state, key):
-        """The episode's training steps (metrics averaged); a no-op in warm-up or with too few transitions."""
-        steps = state.episode_length if config.updates_per_episode is None else config.updates_per_episode
-        zeros = {name: jnp.zeros((), jnp.float32) for name in METRICS}
-
-        def train(state):
-            def body(i, carry):
-                state, totals = carry
-                state, metrics = step(state, jax.random.fold_in(key, i))
-                return state, jax.tree.map(jnp.add, totals, metrics)
-
-            state, totals = jax.lax.fori_loop(0, steps, body, (state, zeros))
-            return state, jax.tree.map(lambda total: total / jnp.maximum(steps, 1), totals)
-
+        """One training step on a sampled batch; a no-op in warm-up or with fewer than batch_size transitions."""
         ready = (state.episode >= config.warmup_episodes) & (state.buffer.size >= config.batch_size)
-        return jax.lax.cond(ready, train, lambda state: (state, zeros), state)
+        zeros = {name: jnp.zeros((), jnp.float32) for name in METRICS}
+        return jax.lax.cond(ready, step, lambda state, key: (state, zeros), state, key)
 
     return Agent(init, act, observe, update)
