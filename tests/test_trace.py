@@ -258,8 +258,6 @@ def test_toy_groups(toy):
     assert net.warnings == ()
 
 
-@pytest.mark.xfail(strict=True, reason="Network._group lists a layer as consumer only of max(in groups): "
-                   "the concatenation's consumer 'merge' is missing from branch_a's group")
 def test_toy_concat_consumer_listed_in_both_groups(toy):
     _, _, net = toy
     _, ga, gb, _, _ = toy_order(net)
@@ -407,8 +405,6 @@ def test_grouped_convolution_frozen_and_reported():
     assert any("g/Conv_0" in w and "grouped" in w for w in net.warnings)
 
 
-@pytest.mark.xfail(strict=True, reason="channels.analyse ignores closed-over constants with a channel axis "
-                   "(Constant operands have slots None): c0 is prunable; slim then fails or is silently wrong")
 @pytest.mark.parametrize("kind", ["constant_scale", "constant_from_shape", "constant_mix"])
 def test_channel_constants_are_not_pruned(kind):
     check_unfollowable(kind, None)
@@ -472,16 +468,12 @@ def test_masks_from_another_network_raise_mask_error(resnet20_pair):
         net.apply_masks(variables, jax.tree.map(lambda m: m[..., :1], net.masks(variables, 0.5)))
 
 
-@pytest.mark.xfail(strict=True, reason="prune.slim.slim maps over variables and masks before checking the "
-                   "variables: a jax ValueError instead of MaskError")
 def test_slim_with_variables_of_another_network_raises_mask_error(resnet20_pair):
     net, variables, _, other_vars = resnet20_pair
     with pytest.raises(MaskError):
         net.slim(other_vars, net.masks(variables, 0.5))
 
 
-@pytest.mark.xfail(strict=True, reason="prune.masks.keep_counts: a 0-d array ratio (e.g. an agent's jnp action) "
-                   "is not a numbers.Number and is iterated: TypeError")
 @pytest.mark.parametrize("ratio", [np.array(0.5), jnp.float32(0.5)])
 def test_keep_ratio_as_0d_array(resnet20_pair, ratio):
     net, _, _, _ = resnet20_pair

@@ -99,8 +99,9 @@ def analyse(program: Program, param_inputs, data_input: int) -> Analysis:
     axes[data_input] = (None,) * (len(data_shape) - 1) + (input_slots,)
 
     def slots_of(x):
-        if isinstance(x, Constant):
-            return (None,) * np.ndim(x.value)
+        if isinstance(x, Constant):  # a closed-over array: its entries differ per index, so never prune through it
+            return tuple(_frozen_fresh(uf, n, "a constant array along a channel axis") if n > 1 else None
+                         for n in np.shape(x.value))
         return axes[x]
 
     def shape_of(x):
@@ -180,6 +181,12 @@ def analyse(program: Program, param_inputs, data_input: int) -> Analysis:
             if s is not None:
                 uf.freeze(s, "the network's output")
     return Analysis(axes, uf, tuple(layers), tuple(unknown), origin)
+
+
+def _frozen_fresh(uf, size, reason):
+    slots = uf.fresh(size)
+    uf.freeze(slots, reason)
+    return slots
 
 
 class _Unsupported(Exception):

@@ -12,6 +12,12 @@ def _module_prefix(path):
     return tuple(path[1:-1])
 
 
+def _single_group(groups: np.ndarray) -> int:
+    """The one channel group an axis belongs to; -1 when it has none or several (after a concatenation)."""
+    found = set(groups[groups >= 0].tolist())
+    return found.pop() if len(found) == 1 else -1
+
+
 class Network:
     """Layers, channel groups, exact cost model and graph of one traced module.
 
@@ -42,7 +48,7 @@ class Network:
         params = sum(int(np.prod(s)) for p, s in zip(self.paths, self.shapes)
                      if p[0] == "params" and _module_prefix(p) == prefix)
         groups = params_op.get("feature_group_count", 1)
-        in_maps = self.axis_maps[op.leaf][op.in_axis].group
+        in_maps = self.axis_maps[op.leaf][op.out_axis if op.kind == "depthwise" else op.in_axis].group
         out_maps = self.axis_maps[op.leaf][op.out_axis].group
         return Layer(
             name="/".join(str(k) for k in prefix), kind=op.kind, kernel_path=path,
@@ -50,14 +56,14 @@ class Network:
             kernel_size=tuple(shape[a] for a in spatial_axes),
             stride=tuple(params_op.get("window_strides", ())), groups=groups,
             out_spatial=tuple(out_shape[1:-1]), macs=op.macs, params=params,
-            in_group=int(in_maps.max(initial=-1)) if op.kind != "depthwise" else int(out_maps.max(initial=-1)),
-            out_group=int(out_maps.max(initial=-1)), op_index=op.op_index)
+            in_group=_single_group(in_maps), out_group=_single_group(out_maps),
+            in_groups=tuple(sorted(set(in_maps[in_maps >= 0].tolist()))), op_index=op.op_index)
 
     def _group(self, g):
         counts = np.array(self.group_sizes)
         counts[g] = 0
         producers = tuple(l.name for l in self.layers if l.out_group == g)
-        consumers = tuple(l.name for l in self.layers if l.in_group == g and l.name not in producers)
+        consumers = tuple(l.name for l in self.layers if g in l.in_groups and l.name not in producers)
         return ChannelGroup(g, self.group_sizes[g], producers, consumers,
                             int(self.macs - self.cost(counts)[0]))
 

@@ -30,8 +30,9 @@ class Layer:
     out_spatial: tuple
     macs: int  # multiply-accumulates per example
     params: int  # parameters of its module (kernel and bias)
-    in_group: int  # channel group of its input features, -1 if not prunable
-    out_group: int  # channel group of its output features, -1 if not prunable
+    in_group: int  # channel group of its input features, -1 if none or several
+    out_group: int  # channel group of its output features, -1 if none or several
+    in_groups: tuple  # every channel group among its input features
     op_index: int
 
 

@@ -16,10 +16,15 @@ def _ratio_count(ratio, size, what):
     return max(1, int(round(ratio * size)))
 
 
+def _scalar(keep) -> bool:
+    return isinstance(keep, Number) or getattr(keep, "ndim", None) == 0
+
+
 def keep_counts(net, keep) -> np.ndarray:
     """Channels kept per group from a ratio, per-group ratios/counts, boolean vectors or a dict."""
     sizes = net.group_sizes
-    if isinstance(keep, Number):
+    if _scalar(keep):
+        keep = float(keep)
         return np.array([_ratio_count(float(keep), s, f"group {g}") for g, s in enumerate(sizes)])
     items = dict(keep) if isinstance(keep, dict) else dict(enumerate(keep))
     if set(items) - set(range(len(sizes))) or (not isinstance(keep, dict) and len(items) != len(sizes)):
@@ -60,7 +65,7 @@ def channel_importance(net, variables, criterion="l2"):
 def keep_vectors(net, variables, keep, criterion="l2"):
     """Boolean keep vector per group: given vectors as they are, else the top-scoring channels."""
     counts = keep_counts(net, keep)
-    given = dict(keep) if isinstance(keep, dict) else (dict(enumerate(keep)) if not isinstance(keep, Number) else {})
+    given = dict(keep) if isinstance(keep, dict) else (dict(enumerate(keep)) if not _scalar(keep) else {})
     scores = channel_importance(net, variables, criterion)
     vectors = []
     for g, (count, score) in enumerate(zip(counts, scores)):
@@ -87,14 +92,14 @@ def masks_from_vectors(net, vectors):
     for leaf, maps in enumerate(net.axis_maps):
         shape = net.shapes[leaf]
         if not net.is_param[leaf]:
-            leaves.append(jnp.ones(shape, jnp.float32))
+            leaves.append(np.ones(shape, np.float32))
             continue
         mask = np.ones(shape, np.float32)
         for axis, axis_map in enumerate(maps):
             view = [1] * len(shape)
             view[axis] = shape[axis]
             mask = mask * _axis_keep(axis_map, vectors).reshape(view)
-        leaves.append(jnp.asarray(mask))
+        leaves.append(mask)
     return jax.tree.unflatten(net.treedef, leaves)
 
 

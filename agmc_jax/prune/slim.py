@@ -56,12 +56,13 @@ def slim_variables(net, variables, vectors):
         array = np.asarray(leaf)
         for axis, axis_map in enumerate(maps):
             array = np.compress(_axis_keep(axis_map, vectors), array, axis=axis)
-        slimmed.append(jax.numpy.asarray(array))
+        slimmed.append(array)
     return jax.tree.unflatten(net.treedef, slimmed)
 
 
 def slim(net, variables, masks):
     """(Slimmed module, smaller variables) computing what `apply_masks(variables, masks)` does."""
+    net.check_variables(variables)
     vectors = vectors_from_masks(net, masks)
     masked = jax.tree.map(lambda v, m: v * m.astype(v.dtype), variables, masks)
     return Slimmed(net.module), slim_variables(net, masked, vectors)
