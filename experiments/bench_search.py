@@ -1,0 +1,79 @@
+"""Search speed: episodes per second, and one episode's wall time over one dense evaluation.
+
+Both are measured side by side in one run on the same 1000 validation images, after compilation.
+Target: episode / dense evaluation <= 1.2 (agent, GNN and masking cost at most 20% extra).
+
+    python experiments/bench_search.py [--model resnet20] [--images 1000] [--episodes 6] [--method agmc]
+"""
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from agmc_jax.agents import DDPGConfig
+from agmc_jax.data import dataset_spec, load_arrays
+from agmc_jax.env import EnvConfig, Environment
+from agmc_jax.graph import trace
+from agmc_jax.models import create_model, init_model
+from agmc_jax.search import SearchConfig, _agent, _updates, run_episode
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--episodes", type=int, default=6)
+    parser.add_argument("--method", default="agmc")
+    args = parser.parse_args()
+
+    spec = dataset_spec(args.dataset)
+    images, labels = load_arrays(args.dataset, "validation", limit=args.images)
+    module = create_model(args.model, spec.num_classes)
+    variables = init_model(module, spec.input_shape)
+    net = trace(module, variables, spec.input_shape)
+    env_config = EnvConfig(target_macs=0.5)
+    config = SearchConfig(method=args.method, episodes=args.episodes, env=env_config,
+                          ddpg=DDPGConfig(warmup_episodes=1))
+    env = Environment(net, variables, jax.numpy.asarray(images), jax.numpy.asarray(labels), env_config)
+    agent, observe = _agent(args.method, env, net, config)
+    key = jax.random.key(0)
+    state = agent.init(key, observe(0, env.sizes, np.zeros(env.steps, np.float32)))
+    update = _updates(agent, env.steps)
+
+    batch = env_config.eval_batch
+    chunks = jax.numpy.asarray(images[: len(images) // batch * batch]).reshape(-1, batch, *images.shape[1:])
+    dense = jax.jit(lambda v, x: jax.lax.map(lambda c: module.apply(v, c, train=False), x))
+
+    def dense_eval():
+        jax.block_until_ready(dense(variables, chunks))
+
+    def episode(state, key):
+        act_key, update_key = jax.random.split(key)
+        counts, actions, observations = run_episode(env, agent, state, observe, act_key)
+        accuracy = float(env.accuracy(counts[None])[0])
+        state = agent.observe(state, observations, jax.numpy.asarray(actions), env.reward(accuracy, counts))
+        state, _ = update(state, update_key)
+        return jax.block_until_ready(state)
+
+    dense_eval()
+    for warm in range(2):  # compile, and leave warm-up so that updates run
+        state = episode(state, jax.random.key(100 + warm))
+    episode_times, dense_times = [], []
+    for index in range(args.episodes):
+        start = time.perf_counter()
+        state = episode(state, jax.random.key(index))
+        episode_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        dense_eval()
+        dense_times.append(time.perf_counter() - start)
+    episode_s, dense_s = float(np.median(episode_times)), float(np.median(dense_times))
+    print(f"{args.model} on {args.dataset} {spec.input_shape}, {args.method}, {len(chunks) * batch} reward images, "
+          f"{env.steps} steps per episode, median of {args.episodes}")
+    print(f"episode: {episode_s:.3f} s ({1 / episode_s:.2f} episodes/s); dense evaluation: {dense_s:.3f} s")
+    print(f"episode / dense evaluation: {episode_s / dense_s:.2f} (target <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()
