@@ -21,6 +21,7 @@ from agmc_jax.embed import AMCActor, AMCCritic, make_agmc_networks
 from agmc_jax.env import EnvConfig, Environment
 from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.graph import trace
+from agmc_jax.prune.masks import masks_from_vectors, top_channels
 
 METHODS = ("agmc", "amc", "random", "uniform")
 
@@ -66,8 +67,8 @@ class SearchResult:
         return int(round(self.net.cost(self.counts)[1]))
 
     def masks(self, criterion="l2"):
-        return self.net.masks(self.variables, {g: int(c) if c > 1 else 1.0 / s for g, (c, s) in
-                                               enumerate(zip(self.counts, self.net.group_sizes))}, criterion)
+        """The channel masks of the best policy (the highest-scoring channels of each group)."""
+        return masks_from_vectors(self.net, top_channels(self.net, self.variables, self.counts, criterion))
 
     def slim(self, criterion="l2"):
         """(module, variables) of the physically smaller network."""

@@ -62,20 +62,23 @@ def channel_importance(net, variables, criterion="l2"):
     return [s if power == 1 else np.sqrt(s) for s in scores]
 
 
+def top_channels(net, variables, counts, criterion="l2"):
+    """Boolean keep vector per group holding its `counts[g]` highest-scoring channels."""
+    vectors = []
+    for count, score in zip(counts, channel_importance(net, variables, criterion)):
+        chosen = np.zeros(len(score), bool)
+        chosen[np.argsort(-score, kind="stable")[:int(count)]] = True
+        vectors.append(chosen)
+    return vectors
+
+
 def keep_vectors(net, variables, keep, criterion="l2"):
     """Boolean keep vector per group: given vectors as they are, else the top-scoring channels."""
-    counts = keep_counts(net, keep)
+    vectors = top_channels(net, variables, keep_counts(net, keep), criterion)
     given = dict(keep) if isinstance(keep, dict) else (dict(enumerate(keep)) if not _scalar(keep) else {})
-    scores = channel_importance(net, variables, criterion)
-    vectors = []
-    for g, (count, score) in enumerate(zip(counts, scores)):
-        value = np.asarray(given.get(g, 0.0))
-        if value.dtype == bool:
-            vectors.append(value.copy())
-            continue
-        chosen = np.zeros(len(score), bool)
-        chosen[np.argsort(-score, kind="stable")[:count]] = True
-        vectors.append(chosen)
+    for g, value in given.items():
+        if np.asarray(value).dtype == bool:
+            vectors[g] = np.asarray(value).copy()
     return vectors
 
 
