@@ -149,7 +149,7 @@ def run_episode(env, agent, agent_state, observe, key, explore=True):
     for t in range(env.steps):
         obs = observe(t, counts, actions)
         key, step_key = jax.random.split(key)
-        action = float(agent.act(agent_state, obs, step_key, explore))
+        action = float(agent.act(agent_state, obs, step_key, jnp.asarray(explore)))
         counts[t] = env.ratio_to_count(t, float(env.action_to_ratio(action)), counts)
         actions[t] = env.ratio_to_action(counts[t] / env.sizes[t])
         observations.append(obs)
@@ -189,7 +189,7 @@ def search(module, variables, data, method="agmc", target_macs=0.5, target_param
             raise CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose a new --out")
         _check_resume(directory, fingerprint)
         run.load(checkpoint.restore(directory, target=run.tree()))
-    update = _updates(agent, env.steps if config.ddpg.updates_per_episode is None else config.ddpg.updates_per_episode)
+    agent = compiled(agent, config.ddpg.updates_per_episode or env.steps)
     log = None if out is None else _open_log(Path(out), env, run)
     bar = tqdm(range(run.episode, config.episodes), initial=run.episode, total=config.episodes,
                disable=not progress, desc=config.method)
@@ -199,7 +199,7 @@ def search(module, variables, data, method="agmc", target_macs=0.5, target_param
         accuracy = float(env.accuracy(counts[None])[0])
         reward = env.reward(accuracy, counts)
         run.agent_state = agent.observe(run.agent_state, observations, jnp.asarray(actions), jnp.float32(reward))
-        run.agent_state, _ = update(run.agent_state, update_key)
+        run.agent_state, _ = agent.update(run.agent_state, update_key)
         run.counts[episode], run.rewards[episode], run.accuracies[episode] = counts, reward, accuracy
         run.episode = episode + 1
         record = _record(env, run, episode)
@@ -218,13 +218,11 @@ def search(module, variables, data, method="agmc", target_macs=0.5, target_param
     return _finish(result, out)
 
 
-def _updates(agent, count):
-    """`count` agent updates as one compiled call."""
+def compiled(agent, updates_per_episode):
+    """The agent with `act` and `observe` jit-compiled and `update` doing one episode's updates in one call."""
     def many(state, key):
-        def body(state, key):
-            return agent.update(state, key)
-        return jax.lax.scan(body, state, jax.random.split(key, count))
-    return jax.jit(many)
+        return jax.lax.scan(agent.update, state, jax.random.split(key, updates_per_episode))
+    return agent._replace(act=jax.jit(agent.act), observe=jax.jit(agent.observe), update=jax.jit(many))
 
 
 def _record(env, run, episode):

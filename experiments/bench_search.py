@@ -16,7 +16,7 @@ from agmc_jax.data import dataset_spec, load_arrays
 from agmc_jax.env import EnvConfig, Environment
 from agmc_jax.graph import trace
 from agmc_jax.models import create_model, init_model
-from agmc_jax.search import SearchConfig, _agent, _updates, run_episode
+from agmc_jax.search import SearchConfig, _agent, compiled, run_episode
 
 
 def main():
@@ -40,7 +40,7 @@ def main():
     agent, observe = _agent(args.method, env, net, config)
     key = jax.random.key(0)
     state = agent.init(key, observe(0, env.sizes, np.zeros(env.steps, np.float32)))
-    update = _updates(agent, env.steps)
+    agent = compiled(agent, env.steps)
 
     batch = env_config.eval_batch
     chunks = jax.numpy.asarray(images[: len(images) // batch * batch]).reshape(-1, batch, *images.shape[1:])
@@ -54,11 +54,12 @@ def main():
         counts, actions, observations = run_episode(env, agent, state, observe, act_key)
         accuracy = float(env.accuracy(counts[None])[0])
         state = agent.observe(state, observations, jax.numpy.asarray(actions), env.reward(accuracy, counts))
-        state, _ = update(state, update_key)
+        state, _ = agent.update(state, update_key)
         return jax.block_until_ready(state)
 
     dense_eval()
-    for warm in range(2):  # compile, and leave warm-up so that updates run
+    warm_episodes = max(2, -(-config.ddpg.batch_size // env.steps) + 1)  # compile, fill a batch: updates run
+    for warm in range(warm_episodes):
         state = episode(state, jax.random.key(100 + warm))
     episode_times, dense_times = [], []
     for index in range(args.episodes):
