@@ -19,7 +19,7 @@ setup: $(BIN)/agmc
 
 demo: setup
 	$(BIN)/agmc compress --workdir agmc_jax/baselines/lenet5_fashion_mnist --out runs/demo --resume --method agmc \
-	  --target-macs 0.5 --episodes 60 --reward-images 500 --finetune-epochs 1
+	  --target-macs 0.5 --episodes 100 --reward-images 1000 --finetune-epochs 1
 
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile

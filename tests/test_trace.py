@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from realistic import realistic as realistic_variables
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,22 +33,8 @@ def zoo(name, input_shape=(32, 32, 3), **kwargs):
 
 
 def realistic(module, input_shape, seed=0):
-    """Numpy variables shaped like `module.init`: LeCun-normal kernels (Flax's default), random
-    biases, BatchNorm scale ~N(1, .1), shift ~N(0, .1), mean ~N(0, .1), variance ~U(.5, 1.5)."""
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
-    rng = np.random.default_rng(seed)
-
-    def make(path, leaf):
-        name, shape = path[-1].key, leaf.shape
-        if name == "kernel":
-            return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
-        if name == "scale":
-            return rng.normal(1.0, 0.1, shape).astype(np.float32)
-        if name == "var":
-            return rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        return rng.normal(0.0, 0.1, shape).astype(np.float32)  # bias, BatchNorm shift and mean
-
-    return jax.tree_util.tree_map_with_path(make, abstract)
+    """Realistic numpy variables shaped like `module.init` (see tests/realistic.py)."""
+    return realistic_variables(abstract_variables(module, input_shape), seed)
 
 
 def masked_and_slimmed(net, variables, keep, x):
