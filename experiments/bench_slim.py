@@ -15,8 +15,10 @@ import time
 import jax
 import numpy as np
 
+from agmc_jax.env import Budget, EnvConfig
 from agmc_jax.graph import trace
 from agmc_jax.models import MODELS, create_model, init_model
+from agmc_jax.prune import masks_from_vectors, top_channels
 
 DEFAULT_MODELS = "resnet20,resnet56,mobilenet_v1"
 
@@ -82,6 +84,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per network and batch (median)")
     parser.add_argument("--batches", default="1,256", help="comma-separated batch sizes")
     parser.add_argument("--target", type=float, default=0.5, help="fraction of the MACs the slimmed network keeps")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="keep channel counts in multiples of this (the largest uniform policy within the target)")
     parser.add_argument("--large-batch-size", type=int, default=None,
                         help="input H=W for ImageNet models at batches > 1 (default: their standard 224)")
     args = parser.parse_args()
@@ -96,11 +100,16 @@ def main():
         module = create_model(name)
         variables = random_variables(module, spec.input_shape)
         net = trace(module, variables, spec.input_shape)
-        ratio, fraction = ratio_for_macs(net, args.target)
-        masks = net.masks(variables, ratio)
-        slim_module, slim_vars = net.slim(variables, jax.tree.map(np.asarray, masks))
+        if args.round_to > 1:
+            counts = Budget(net, EnvConfig(target_macs=args.target, round_to=args.round_to)).uniform_counts()
+            ratio, fraction = float(np.mean(counts / np.array(net.group_sizes))), net.cost(counts)[0] / net.macs
+        else:
+            ratio, fraction = ratio_for_macs(net, args.target)
+            counts = net.keep_counts(ratio)
+        masks = masks_from_vectors(net, top_channels(net, variables, counts))
+        slim_module, slim_vars = net.slim(variables, masks)
         slim_net = trace(slim_module, slim_vars, spec.input_shape)
-        assert slim_net.macs == net.cost(net.keep_counts(ratio))[0]
+        assert slim_net.macs == net.cost(counts)[0]
         dense = jax.jit(lambda v, x: module.apply(v, x, train=False))
         slim = jax.jit(slim_module.apply)
         variables, slim_vars = jax.device_put(variables), jax.device_put(slim_vars)
