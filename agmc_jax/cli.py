@@ -47,6 +47,7 @@ def _abstract_variables(module, shape):
 
 
 def cmd_train(args):
+    from agmc_jax.networks import load_network
     from agmc_jax.train import TrainConfig, train
 
     config = TrainConfig(model=args.model, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
@@ -54,7 +55,8 @@ def cmd_train(args):
                          warmup_epochs=args.warmup_epochs, seed=args.seed, data_dir=args.data_dir,
                          input_shape=args.input, num_classes=args.classes,
                          model_kwargs={"width": args.width} if args.width else {})
-    print(json.dumps(train(config, args.workdir), indent=1))
+    variables = load_network(args.init_from)[1] if args.init_from else None
+    print(json.dumps(train(config, args.workdir, variables=variables), indent=1))
 
 
 def cmd_evaluate(args):
@@ -130,6 +132,7 @@ def parser():
     p.add_argument("--classes", type=int)
     p.add_argument("--width", type=float)
     p.add_argument("--data-dir")
+    p.add_argument("--init-from", help="start from the variables of this trained workdir (same model)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="loss and accuracy of a trained or pruned network")
