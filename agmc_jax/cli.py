@@ -21,7 +21,7 @@ def _shape(text):
 
 def cmd_summary(args):
     from agmc_jax.graph import trace
-    from agmc_jax.models import check_input_shape, create_model, init_model, model_spec
+    from agmc_jax.models import check_input_shape, create_model, model_spec
     from agmc_jax.report import layer_table
 
     shape = check_input_shape(args.model, args.input or model_spec(args.model).input_shape)

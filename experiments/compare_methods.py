@@ -59,7 +59,7 @@ def main():
                             "best": {m: best_after(history, m) for m in marks},
                             "test_acc": tuned["test_acc"]})
             (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"| method | " + " | ".join(f"best reward @{m}" for m in marks) + " | test acc after fine-tune |")
+    print("| method | " + " | ".join(f"best reward @{m}" for m in marks) + " | test acc after fine-tune |")
     print("|---" * (len(marks) + 2) + "|")
     for method in args.methods.split(","):
         rows = [r for r in results if r["method"] == method]

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from agmc_jax.models.layers import BatchNorm, ConvBN, global_avg_pool
+from agmc_jax.models.layers import ConvBN, global_avg_pool
 
 
 class BasicBlock(nn.Module):
