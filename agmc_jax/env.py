@@ -117,15 +117,17 @@ class Budget:
             counts[t] = self.ratio_to_count(t, ratio, counts)
         return counts
 
+    def _uniform(self, ratio):
+        counts = np.array([self._floor(max(1, int(round(ratio * s))), s) for s in self.sizes])
+        return np.maximum(counts, self.min_counts)
+
     def uniform_counts(self):
         """The largest single keep ratio that meets the budget (the handcrafted baseline)."""
         low, high = self.config.lbound, self.config.rbound
         for _ in range(40):
             middle = (low + high) / 2
-            counts = np.array([self._floor(max(1, int(round(middle * s))), s) for s in self.sizes])
-            low, high = (middle, high) if self.feasible(np.maximum(counts, self.min_counts)) else (low, middle)
-        counts = np.array([self._floor(max(1, int(round(low * s))), s) for s in self.sizes])
-        return np.maximum(counts, self.min_counts)
+            low, high = (middle, high) if self.feasible(self._uniform(middle)) else (low, middle)
+        return self._uniform(low)
 
     # ----- states -------------------------------------------------------------------------
     def amc_features(self):
