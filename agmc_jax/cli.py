@@ -72,12 +72,9 @@ def cmd_prune(args):
 
 
 def cmd_search(args):
-    from agmc_jax.pipeline import run_search
+    from agmc_jax.pipeline import run_search, search_options
 
-    result = run_search(args.workdir, args.out, method=args.method, target_macs=args.target_macs,
-                        target_params=args.target_params, episodes=args.episodes, seed=args.seed,
-                        resume=args.resume, reward_images=args.reward_images, data_dir=args.data_dir,
-                        reward=args.reward, lbound=args.lbound, round_to=args.round_to)
+    result = run_search(args.workdir, args.out, **search_options(args))
     print(json.dumps({k: v for k, v in result.policy().items() if k not in ("groups", "layers")}, indent=1))
 
 
@@ -103,6 +100,8 @@ def _search_arguments(parser):
     parser.add_argument("--reward-images", type=int, default=1000, help="validation images scoring each policy")
     parser.add_argument("--lbound", type=float, default=0.2, help="smallest keep ratio per group")
     parser.add_argument("--round-to", type=int, default=1, help="round channel counts to multiples of this")
+    parser.add_argument("--criterion", default="l2",
+                        help="which channels a count keeps: l1 | l2 | lstsq (l2, then least-squares refit)")
 
 
 def parser():

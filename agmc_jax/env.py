@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.errors import AgmcError
-from agmc_jax.prune.masks import channel_importance
+from agmc_jax.prune.lstsq import prune_counts
+from agmc_jax.prune.masks import CRITERIA, channel_ranks
 
 REWARDS = ("acc", "acc_flops")
 
@@ -30,7 +31,8 @@ class EnvConfig(NamedTuple):
     rbound: float = 1.0
     round_to: int = 1  # channel counts rounded down to a multiple of this (8 for accelerators)
     reward: str = "acc"  # acc | acc_flops
-    criterion: str = "l2"  # l1 | l2 (which channels a count keeps)
+    criterion: str = "l2"  # l1 | l2 | lstsq (L2 choice, then AMC's least-squares refit of the next layers)
+    refit_images: int = 100  # lstsq: reward images whose features the refit matches (outputs, not labels)
     eval_batch: int = 500
 
 
@@ -45,6 +47,8 @@ def _check(config):
         raise BudgetError(f"need 0 < lbound <= rbound <= 1, got {config.lbound}, {config.rbound}")
     if config.reward not in REWARDS:
         raise BudgetError(f"unknown reward {config.reward!r}; choose one of: {', '.join(REWARDS)}")
+    if config.criterion not in CRITERIA:
+        raise BudgetError(f"unknown criterion {config.criterion!r}; choose one of: {', '.join(CRITERIA)}")
 
 
 class Budget:
@@ -155,18 +159,20 @@ class Budget:
 
 
 class Environment(Budget):
-    """A budget plus the reward: the masked network's accuracy on a held-out validation set."""
+    """A budget plus the reward: the pruned network's accuracy on a held-out validation set."""
 
     def __init__(self, net, variables, images, labels, config: EnvConfig = EnvConfig()):
         super().__init__(net, config)
         self.variables, self.images, self.labels = variables, images, labels
+        self.calibration = images[:config.refit_images] if config.criterion == "lstsq" else None
         self._rank_tables(variables)
-        self._evaluate = jax.jit(lambda counts, x, y: jax.lax.map(lambda c: self._accuracy(c, x, y), counts))
+        self._score = jax.jit(self._accuracy)
+        self._evaluate = jax.jit(
+            lambda counts, x, y: jax.lax.map(lambda c: self._accuracy(self.masked_variables(c), x, y), counts))
 
     def _rank_tables(self, variables):
         """Per variable axis: the group of each index and its importance rank within the group."""
-        scores = channel_importance(self.net, variables, self.config.criterion)
-        ranks = [np.argsort(np.argsort(-s, kind="stable"), kind="stable") for s in scores]
+        ranks = channel_ranks(self.net, variables, self.config.criterion)
         self._tables = []
         for leaf, maps in enumerate(self.net.axis_maps):
             if not self.net.is_param[leaf]:
@@ -179,6 +185,10 @@ class Environment(Budget):
                     axes.append((axis, jnp.asarray(np.maximum(m.group, 0)), jnp.asarray(rank),
                                  jnp.asarray(m.group < 0)))
             self._tables.append(tuple(axes))
+
+    def pruned(self, counts):
+        """(variables, masks) of the policy as exported: masked, and refitted when the criterion is lstsq."""
+        return prune_counts(self.net, self.variables, counts, self.config.criterion, self.calibration)
 
     def masked_variables(self, counts):
         """Variables masked for per-group counts (pure, traceable: counts may be a tracer)."""
@@ -193,8 +203,7 @@ class Environment(Budget):
             out.append(leaf)
         return jax.tree.unflatten(self.net.treedef, out)
 
-    def _accuracy(self, counts, images, labels):
-        variables = self.masked_variables(counts)
+    def _accuracy(self, variables, images, labels):
         batch = self.config.eval_batch
         usable = images.shape[0] // batch * batch
         chunks = images[:usable].reshape(-1, batch, *images.shape[1:])
@@ -208,8 +217,12 @@ class Environment(Budget):
     def accuracy(self, counts_batch) -> np.ndarray:
         """Top-1 validation accuracy of each policy in a batch of per-group counts [P, T].
 
-        One compiled call evaluates the whole batch (compiled once per batch size P).
+        One compiled call evaluates the whole batch (compiled once per batch size P); with the
+        lstsq criterion each policy is refitted on the host first, then scored by one compiled call.
         """
+        if self.config.criterion == "lstsq":
+            return np.array([float(self._score(self.pruned(counts)[0], self.images, self.labels))
+                             for counts in counts_batch])
         return np.asarray(self._evaluate(jnp.asarray(counts_batch, jnp.int32), self.images, self.labels))
 
     def reward(self, accuracy, counts):

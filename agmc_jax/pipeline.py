@@ -36,11 +36,18 @@ def run_search(workdir, out, method="agmc", target_macs=None, target_params=None
     info = {"source": str(workdir), "method": method, "macs": policy["macs"], "params": policy["params"],
             "macs_ratio": policy["macs_ratio"], "params_ratio": policy["params_ratio"],
             "keep": [g["keep"] for g in policy["groups"]]}
-    masks = result.masks()
     if not (out / "slim" / "network.json").exists():
-        save_network(out / "masked", "masked", config, result.net.apply_masks(variables, masks), info)
-        save_network(out / "slim", "slim", config, result.net.slim(variables, masks)[1], info)
+        pruned, masks = result.pruned()
+        save_network(out / "masked", "masked", config, pruned, info)
+        save_network(out / "slim", "slim", config, result.net.slim(pruned, masks)[1], info)
     return result
+
+
+def search_options(args):
+    """`run_search` keyword arguments from the search options of `agmc search` and `agmc compress`."""
+    names = ("method", "target_macs", "target_params", "episodes", "seed", "resume", "reward_images", "data_dir",
+             "reward", "lbound", "round_to", "criterion")
+    return {name: getattr(args, name) for name in names}
 
 
 def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None):
@@ -77,10 +84,7 @@ def compress(args):
     dense = {split: evaluate_variables(module, variables, config, split, args.data_dir)["accuracy"]
              for split in ("validation", "test")}
     print(f"[2/4] search: {args.method}, {args.episodes} episodes", flush=True)
-    result = run_search(args.workdir, out / "search", method=args.method, target_macs=args.target_macs,
-                        target_params=args.target_params, episodes=args.episodes, seed=args.seed,
-                        resume=args.resume, reward_images=args.reward_images, data_dir=args.data_dir,
-                        reward=args.reward, lbound=args.lbound, round_to=args.round_to)
+    result = run_search(args.workdir, out / "search", **search_options(args))
     slim_module, slim_variables, _ = load_network(out / "search" / "slim")
     pruned = {split: evaluate_variables(slim_module, slim_variables, config, split, args.data_dir)["accuracy"]
               for split in ("validation", "test")}

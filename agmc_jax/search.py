@@ -21,7 +21,7 @@ from agmc_jax.embed import AMCActor, AMCCritic, make_agmc_networks
 from agmc_jax.env import EnvConfig, Environment
 from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.graph import trace
-from agmc_jax.prune.masks import masks_from_vectors, top_channels
+from agmc_jax.prune.lstsq import prune_counts
 
 METHODS = ("agmc", "amc", "random", "uniform")
 
@@ -40,6 +40,7 @@ class SearchConfig(NamedTuple):
     ddpg: DDPGConfig = DDPGConfig()
     gnn_hidden: int = 64
     checkpoint_every: int = 1
+    candidates: int = 4  # random search: policies scored per compiled call (DDPG methods learn from each one)
 
 
 @dataclasses.dataclass
@@ -53,6 +54,8 @@ class SearchResult:
     accuracy: float
     history: list
     agent_state: object = None
+    criterion: str = "l2"
+    calibration: object = None  # lstsq: the images the refit matches
 
     @property
     def keep(self):
@@ -66,13 +69,17 @@ class SearchResult:
     def params(self):
         return int(round(self.net.cost(self.counts)[1]))
 
-    def masks(self, criterion="l2"):
-        """The channel masks of the best policy (the highest-scoring channels of each group)."""
-        return masks_from_vectors(self.net, top_channels(self.net, self.variables, self.counts, criterion))
+    def pruned(self):
+        """(variables, masks) of the best policy: the network the search scored, at full size."""
+        return prune_counts(self.net, self.variables, self.counts, self.criterion, self.calibration)
 
-    def slim(self, criterion="l2"):
+    def masks(self):
+        """The channel masks of the best policy (the highest-scoring channels of each group)."""
+        return self.pruned()[1]
+
+    def slim(self):
         """(module, variables) of the physically smaller network."""
-        return self.net.slim(self.variables, self.masks(criterion))
+        return self.net.slim(*self.pruned())
 
     def policy(self):
         """A JSON-ready description of the policy, per group and per layer."""
@@ -177,7 +184,8 @@ def search(module, variables, data, method="agmc", target_macs=0.5, target_param
         accuracy = float(env.accuracy(counts[None])[0])
         reward = env.reward(accuracy, counts)
         history = [{"episode": 0, "reward": reward, "accuracy": accuracy, "macs_ratio": env.cost(counts)["macs"] / net.macs}]
-        return _finish(SearchResult(net, variables, counts, reward, accuracy, history), out)
+        return _finish(SearchResult(net, variables, counts, reward, accuracy, history, None,
+                                    env.config.criterion, env.calibration), out)
     agent, observe = _agent(config.method, env, net, config)
     key = jax.random.key(config.seed)
     key, init_key = jax.random.split(key)
@@ -192,30 +200,39 @@ def search(module, variables, data, method="agmc", target_macs=0.5, target_param
         run.load(checkpoint.restore(directory, target=run.tree()))
     agent = compiled(agent, config.ddpg.updates_per_episode or env.steps)
     log = None if out is None else _open_log(Path(out), env, run)
-    bar = tqdm(range(run.episode, config.episodes), initial=run.episode, total=config.episodes,
-               disable=not progress, desc=config.method)
-    for episode in bar:
-        run.key, act_key, update_key = jax.random.split(run.key, 3)
-        counts, actions, observations = run_episode(env, agent, run.agent_state, observe, act_key)
-        accuracy = float(env.accuracy(counts[None])[0])
-        reward = env.reward(accuracy, counts)
-        run.agent_state = agent.observe(run.agent_state, observations, jnp.asarray(actions), jnp.float32(reward))
-        run.agent_state, _ = agent.update(run.agent_state, update_key)
-        run.counts[episode], run.rewards[episode], run.accuracies[episode] = counts, reward, accuracy
-        run.episode = episode + 1
-        record = _record(env, run, episode)
-        bar.set_postfix(best=f"{record['best_reward']:.4f}", macs=f"{record['macs_ratio']:.3f}")
-        if directory is not None and (run.episode % config.checkpoint_every == 0 or run.episode == config.episodes):
+    bar = tqdm(initial=run.episode, total=config.episodes, disable=not progress, desc=config.method)
+    width = config.candidates if config.method == "random" else 1
+    for first in range(run.episode, config.episodes, width):
+        episodes = range(first, min(first + width, config.episodes))
+        played = []
+        for _ in episodes:
+            run.key, act_key, update_key = jax.random.split(run.key, 3)
+            played.append((*run_episode(env, agent, run.agent_state, observe, act_key), update_key))
+        batch = np.stack([counts for counts, *_ in played])
+        padded = np.concatenate([batch, np.repeat(batch[-1:], width - len(batch), axis=0)])
+        accuracies = env.accuracy(padded)[:len(batch)]  # one batch size: compiled once
+        for episode, (counts, actions, observations, update_key), accuracy in zip(episodes, played, accuracies):
+            reward = env.reward(accuracy, counts)
+            run.agent_state = agent.observe(run.agent_state, observations, jnp.asarray(actions), jnp.float32(reward))
+            run.agent_state, _ = agent.update(run.agent_state, update_key)
+            run.counts[episode], run.rewards[episode], run.accuracies[episode] = counts, reward, accuracy
+            run.episode = episode + 1
+            record = _record(env, run, episode)
+            bar.update()
+            bar.set_postfix(best=f"{record['best_reward']:.4f}", macs=f"{record['macs_ratio']:.3f}")
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+        if directory is not None and (run.episode % config.checkpoint_every < width or run.episode == config.episodes):
             checkpoint.save(directory, run.episode, run.tree(), fingerprint, keep=2)
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+    bar.close()
     if log is not None:
         log.close()
     best = int(np.argmax(run.rewards[:run.episode]))
     history = [_record(env, run, e) for e in range(run.episode)]
     result = SearchResult(net, variables, run.counts[best].copy(), float(run.rewards[best]),
-                          float(run.accuracies[best]), history, run.agent_state)
+                          float(run.accuracies[best]), history, run.agent_state, env.config.criterion,
+                          env.calibration)
     return _finish(result, out)
 
 

@@ -7,6 +7,7 @@ from agmc_jax.agents import DDPGConfig
 from agmc_jax.env import BudgetError, EnvConfig, Environment
 from agmc_jax.errors import CheckpointError
 from agmc_jax.models import create_model, init_model
+from agmc_jax.prune import prune_counts
 from agmc_jax.search import SearchConfig, UnknownMethodError, search
 
 MODULE = create_model("lenet5", 10)
@@ -49,6 +50,27 @@ def test_policies_meet_the_budget_and_best_is_reported():
     assert result.reward == max(h["reward"] for h in result.history)
     module, variables = result.slim()
     assert module.apply(variables, DATA[0][:2]).shape == (2, 10)
+
+
+def test_random_candidates_scored_together_equal_one_at_a_time():
+    together = search(MODULE, VARIABLES, DATA, config=config("random", 6)._replace(candidates=4), progress=False)
+    alone = search(MODULE, VARIABLES, DATA, config=config("random", 6)._replace(candidates=1), progress=False)
+    assert [h["keep"] for h in together.history] == [h["keep"] for h in alone.history]
+    np.testing.assert_allclose([h["reward"] for h in together.history], [h["reward"] for h in alone.history],
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", ["l2", "lstsq"])
+def test_the_reward_scores_the_exported_network(criterion):
+    """With lstsq the reward refits the next layers; the slimmed network is that refitted network."""
+    env = EnvConfig(target_macs=0.5, eval_batch=32, criterion=criterion, refit_images=16)
+    result = search(MODULE, VARIABLES, DATA, config=config("random", 2)._replace(env=env), progress=False)
+    module, variables = result.slim()
+    predictions = np.argmax(np.asarray(module.apply(variables, DATA[0])), -1)
+    assert result.accuracy == pytest.approx(np.mean(predictions == DATA[1]), abs=1e-6)
+    plain = result.net.slim(*prune_counts(result.net, VARIABLES, result.counts, "l2"))[1]
+    differs = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), variables, plain))
+    assert any(differs) == (criterion == "lstsq")
 
 
 def test_same_seed_same_search():

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.graph.ir import evaluate, flatten
-from agmc_jax.prune.masks import _axis_keep
+from agmc_jax.prune.masks import _axis_keep, apply_masks, masks_from_vectors, top_channels
 
 NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
@@ -79,3 +79,16 @@ def reconstruct(net, variables, vectors, images, positions=10, seed=0):
             solved = solved.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
         leaves[layer.leaf] = jnp.asarray(solved, kernel.dtype)
     return jax.tree.unflatten(net.treedef, leaves)
+
+
+def prune_counts(net, variables, counts, criterion="l2", calibration=None):
+    """(masked variables, masks) keeping `counts[g]` channels per group, chosen by `criterion`.
+
+    With `lstsq` the channels are chosen by L2 and the layers that lose inputs are refitted on the
+    `calibration` images, as AMC does, so a search scores exactly the network it exports.
+    """
+    vectors = top_channels(net, variables, counts, criterion)
+    masks = masks_from_vectors(net, vectors)
+    if criterion == "lstsq":
+        variables = reconstruct(net, variables, vectors, calibration)
+    return apply_masks(net, variables, masks), masks

@@ -62,14 +62,15 @@ def channel_importance(net, variables, criterion="l2"):
     return [s if power == 1 else np.sqrt(s) for s in scores]
 
 
+def channel_ranks(net, variables, criterion="l2"):
+    """Per group, each channel's rank by importance (0 = most important, ties broken by index)."""
+    return [np.argsort(np.argsort(-score, kind="stable"), kind="stable")
+            for score in channel_importance(net, variables, criterion)]
+
+
 def top_channels(net, variables, counts, criterion="l2"):
     """Boolean keep vector per group holding its `counts[g]` highest-scoring channels."""
-    vectors = []
-    for count, score in zip(counts, channel_importance(net, variables, criterion)):
-        chosen = np.zeros(len(score), bool)
-        chosen[np.argsort(-score, kind="stable")[:int(count)]] = True
-        vectors.append(chosen)
-    return vectors
+    return [rank < int(count) for count, rank in zip(counts, channel_ranks(net, variables, criterion))]
 
 
 def keep_vectors(net, variables, keep, criterion="l2"):
