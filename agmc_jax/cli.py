@@ -75,7 +75,7 @@ def cmd_search(args):
     from agmc_jax.pipeline import run_search, search_options
 
     result = run_search(args.workdir, args.out, **search_options(args))
-    print(json.dumps({k: v for k, v in result.policy().items() if k not in ("groups", "layers")}, indent=1))
+    print(json.dumps({k: v for k, v in result.policy().items() if k not in ("steps", "layers")}, indent=1))
 
 
 def cmd_finetune(args):

@@ -54,13 +54,16 @@ def _check(config):
 class Budget:
     """Budget bookkeeping for one traced network: costs, the action wall, rounding, AMC states."""
 
+    unit = "channels"
+
     def __init__(self, net, config: EnvConfig = EnvConfig()):
         _check(config)
         self.net, self.config = net, config
-        self.sizes = np.array(net.group_sizes)
+        self.step_layers = self._step_layers()
+        self.sizes = np.array([self._step_size(t) for t in range(len(self.step_layers))])
         self.steps = len(self.sizes)
         if self.steps == 0:
-            raise BudgetError(f"{type(net.module).__name__} has no prunable channel group")
+            raise BudgetError(f"{type(net.module).__name__} has no prunable {self.unit}")
         self.min_counts = np.array([self._floor(max(1, int(np.ceil(config.lbound * s))), s) for s in self.sizes])
         self.targets = {}
         if config.target_macs is not None:
@@ -68,11 +71,28 @@ class Budget:
         if config.target_params is not None:
             self.targets["params"] = config.target_params * net.params
         if not self.feasible(self.min_counts):
-            smallest = net.cost(self.min_counts)
+            smallest = self.cost(self.min_counts)
             raise BudgetError(
-                f"the budget is below what lbound={config.lbound} allows: every group at lbound keeps "
-                f"{smallest[0] / net.macs:.3f} of the MACs and {smallest[1] / net.params:.3f} of the parameters")
+                f"the budget is below what lbound={config.lbound} allows: every step at lbound keeps "
+                f"{smallest['macs'] / net.macs:.3f} of the MACs and {smallest['params'] / net.params:.3f} of the "
+                "parameters; raise the budget or lower --lbound")
 
+    # ----- steps: one channel group each ----------------------------------------------------
+    def _step_layers(self):
+        """Per step, the layers it prunes (a group's producers)."""
+        return [[l for l in self.net.layers if l.name in g.producers] for g in self.net.groups]
+
+    def _step_size(self, t):
+        return self.net.group_sizes[t]
+
+    def _step_macs(self, t):
+        """MACs that go when step t keeps nothing."""
+        return self.net.groups[t].macs
+
+    def layer_usage(self, counts):
+        """Per layer: (name, original size, kept) in the step's unit, for reports."""
+        return [{"name": l.name, "out": l.out_channels,
+                 "kept": int(counts[l.out_group]) if l.out_group >= 0 else l.out_channels} for l in self.net.layers]
 
     # ----- budget -------------------------------------------------------------------------
     def _floor(self, count, size):
@@ -80,6 +100,7 @@ class Budget:
         return int(min(size, max(step, count // step * step))) if step > 1 else int(count)
 
     def cost(self, counts):
+        """{'macs', 'params'} of the network that keeps `counts` per step."""
         macs, params = self.net.cost(counts)
         return {"macs": macs, "params": params}
 
@@ -136,14 +157,13 @@ class Budget:
     # ----- states -------------------------------------------------------------------------
     def amc_features(self):
         """AMC's static per-step features, min-max normalised: index, type, c_in, c_out, stride,
-        kernel, #weights, MACs of the step's group."""
+        kernel, #weights, MACs of the step."""
         rows = []
-        for t, group in enumerate(self.net.groups):
-            layer = next(l for l in self.net.layers if l.name == group.producers[0])
+        for t, layers in enumerate(self.step_layers):
+            layer = layers[0]
             kind = {"conv": 0.0, "grouped_conv": 0.0, "depthwise": 1.0, "dense": 2.0}[layer.kind]
-            weights = sum(l.params for l in self.net.layers if l.name in group.producers)
-            rows.append([t, kind, layer.in_channels, group.size, max(layer.stride or (1,)),
-                         max(layer.kernel_size or (1,)), weights, group.macs])
+            rows.append([t, kind, layer.in_channels, layer.out_channels, max(layer.stride or (1,)),
+                         max(layer.kernel_size or (1,)), sum(l.params for l in layers), self._step_macs(t)])
         rows = np.array(rows, dtype=np.float64)
         span = rows.max(axis=0) - rows.min(axis=0)
         return ((rows - rows.min(axis=0)) / np.where(span > 0, span, 1)).astype(np.float32)
@@ -152,10 +172,9 @@ class Budget:
         """AMC's state at step t: static features, MACs reduced so far, MACs still to come, previous action."""
         decided = np.array(self.sizes, copy=True)
         decided[:t] = counts[:t]
-        reduced = (self.net.macs - self.net.cost(decided)[0]) / self.net.macs
-        rest = sum(g.macs for g in self.net.groups[t + 1:]) / self.net.macs
+        reduced = (self.net.macs - self.cost(decided)["macs"]) / self.net.macs
+        rest = sum(self._step_macs(u) for u in range(t + 1, self.steps)) / self.net.macs
         return np.concatenate([static[t], [reduced, rest, previous_action]]).astype(np.float32)
-
 
 
 class Environment(Budget):
@@ -189,6 +208,10 @@ class Environment(Budget):
     def pruned(self, counts):
         """(variables, masks) of the policy as exported: masked, and refitted when the criterion is lstsq."""
         return prune_counts(self.net, self.variables, counts, self.config.criterion, self.calibration)
+
+    def export(self, variables, masks):
+        """(module, variables) of the physically smaller network that a pruned policy computes."""
+        return self.net.slim(variables, masks)
 
     def masked_variables(self, counts):
         """Variables masked for per-group counts (pure, traceable: counts may be a tracer)."""

@@ -35,11 +35,12 @@ def run_search(workdir, out, method="agmc", target_macs=None, target_params=None
     plot_keep(policy, out / "keep.png")
     info = {"source": str(workdir), "method": method, "macs": policy["macs"], "params": policy["params"],
             "macs_ratio": policy["macs_ratio"], "params_ratio": policy["params_ratio"],
-            "keep": [g["keep"] for g in policy["groups"]]}
+            "unit": policy["unit"], "keep": [step["keep"] for step in policy["steps"]]}
     if not (out / "slim" / "network.json").exists():
         pruned, masks = result.pruned()
         save_network(out / "masked", "masked", config, pruned, info)
-        save_network(out / "slim", "slim", config, result.net.slim(pruned, masks)[1], info)
+        kind = "slim" if result.env.unit == "channels" else "sparse"
+        save_network(out / "slim", kind, config, result.env.export(pruned, masks)[1], info)
     return result
 
 

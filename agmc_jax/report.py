@@ -36,14 +36,14 @@ def plot_rewards(history, path):
 
 
 def plot_keep(policy, path):
-    """Kept channels per layer against the original widths."""
+    """Kept channels (or weights) per layer against the original ones."""
     layers = policy["layers"]
     figure, axis = plt.subplots(figsize=(max(6, len(layers) * 0.25), 3.5))
     positions = range(len(layers))
     axis.bar(positions, [l["out"] for l in layers], color="lightgray", label="original")
     axis.bar(positions, [l["kept"] for l in layers], color="tab:blue", label="kept")
     axis.set_xlabel("layer")
-    axis.set_ylabel("output channels")
+    axis.set_ylabel("output channels" if policy["unit"] == "channels" else "weights")
     axis.set_title(f"MACs {policy['macs_ratio']:.1%} of the original, parameters {policy['params_ratio']:.1%}")
     axis.legend()
     figure.tight_layout()

@@ -21,7 +21,6 @@ from agmc_jax.embed import AMCActor, AMCCritic, make_agmc_networks
 from agmc_jax.env import EnvConfig, Environment
 from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.graph import trace
-from agmc_jax.prune.lstsq import prune_counts
 
 METHODS = ("agmc", "amc", "random", "uniform")
 
@@ -45,53 +44,56 @@ class SearchConfig(NamedTuple):
 
 @dataclasses.dataclass
 class SearchResult:
-    """The best policy found: keep ratio and channels per group, its cost and reward."""
+    """The best policy found: what each step keeps, its cost and reward, and the networks it makes."""
 
-    net: object
-    variables: dict
-    counts: np.ndarray
+    env: object  # the Environment searched: it knows the network, its variables and the reward data
+    counts: np.ndarray  # per step: channels (or, for `fg`, weights) kept
     reward: float
     accuracy: float
     history: list
     agent_state: object = None
-    criterion: str = "l2"
-    calibration: object = None  # lstsq: the images the refit matches
+
+    @property
+    def net(self):
+        return self.env.net
+
+    @property
+    def variables(self):
+        return self.env.variables
 
     @property
     def keep(self):
-        return self.counts / np.array(self.net.group_sizes)
+        return self.counts / self.env.sizes
 
     @property
     def macs(self):
-        return int(round(self.net.cost(self.counts)[0]))
+        return int(round(self.env.cost(self.counts)["macs"]))
 
     @property
     def params(self):
-        return int(round(self.net.cost(self.counts)[1]))
+        return int(round(self.env.cost(self.counts)["params"]))
 
     def pruned(self):
         """(variables, masks) of the best policy: the network the search scored, at full size."""
-        return prune_counts(self.net, self.variables, self.counts, self.criterion, self.calibration)
+        return self.env.pruned(self.counts)
 
     def masks(self):
-        """The channel masks of the best policy (the highest-scoring channels of each group)."""
+        """The masks of the best policy."""
         return self.pruned()[1]
 
     def slim(self):
-        """(module, variables) of the physically smaller network."""
-        return self.net.slim(*self.pruned())
+        """(module, variables) of the physically smaller network (for `fg`: the sparse one)."""
+        return self.env.export(*self.pruned())
 
     def policy(self):
-        """A JSON-ready description of the policy, per group and per layer."""
-        sizes = self.net.group_sizes
+        """A JSON-ready description of the policy, per step and per layer."""
         return {
-            "macs": self.macs, "params": self.params, "macs_ratio": self.macs / self.net.macs,
+            "unit": self.env.unit, "macs": self.macs, "params": self.params, "macs_ratio": self.macs / self.net.macs,
             "params_ratio": self.params / self.net.params, "reward": self.reward, "accuracy": self.accuracy,
-            "groups": [{"index": g, "channels": int(sizes[g]), "kept": int(c), "keep": float(c / sizes[g]),
-                        "producers": list(self.net.groups[g].producers)} for g, c in enumerate(self.counts)],
-            "layers": [{"name": l.name, "out": l.out_channels,
-                        "kept": int(self.counts[l.out_group]) if l.out_group >= 0 else l.out_channels}
-                       for l in self.net.layers],
+            "steps": [{"index": t, "size": int(size), "kept": int(c), "keep": float(c / size),
+                       "layers": [l.name for l in layers]}
+                      for t, (size, c, layers) in enumerate(zip(self.env.sizes, self.counts, self.env.step_layers))],
+            "layers": self.env.layer_usage(self.counts),
         }
 
 
@@ -184,8 +186,7 @@ def search(module, variables, data, method="agmc", target_macs=0.5, target_param
         accuracy = float(env.accuracy(counts[None])[0])
         reward = env.reward(accuracy, counts)
         history = [{"episode": 0, "reward": reward, "accuracy": accuracy, "macs_ratio": env.cost(counts)["macs"] / net.macs}]
-        return _finish(SearchResult(net, variables, counts, reward, accuracy, history, None,
-                                    env.config.criterion, env.calibration), out)
+        return _finish(SearchResult(env, counts, reward, accuracy, history), out)
     agent, observe = _agent(config.method, env, net, config)
     key = jax.random.key(config.seed)
     key, init_key = jax.random.split(key)
@@ -230,9 +231,8 @@ def search(module, variables, data, method="agmc", target_macs=0.5, target_param
         log.close()
     best = int(np.argmax(run.rewards[:run.episode]))
     history = [_record(env, run, e) for e in range(run.episode)]
-    result = SearchResult(net, variables, run.counts[best].copy(), float(run.rewards[best]),
-                          float(run.accuracies[best]), history, run.agent_state, env.config.criterion,
-                          env.calibration)
+    result = SearchResult(env, run.counts[best].copy(), float(run.rewards[best]), float(run.accuracies[best]),
+                          history, run.agent_state)
     return _finish(result, out)
 
 
