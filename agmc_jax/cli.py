@@ -91,7 +91,7 @@ def cmd_compress(args):
 
 
 def _search_arguments(parser):
-    parser.add_argument("--method", default="agmc", help="agmc | amc | random | uniform")
+    parser.add_argument("--method", default="agmc", help="agmc | amc | random | uniform | fg (weights, not channels)")
     parser.add_argument("--target-macs", type=float, default=None, help="MACs budget as a fraction (0, 1)")
     parser.add_argument("--target-params", type=float, default=None, help="parameter budget as a fraction (0, 1)")
     parser.add_argument("--episodes", type=int, default=100)

@@ -19,8 +19,6 @@ def run_search(workdir, out, method="agmc", target_macs=None, target_params=None
                resume=False, reward_images=1000, data_dir=None, **env_options):
     """Search a trained workdir's network on its validation split; writes policy, plots and networks to `out`."""
     module, variables, config = load_network(workdir)
-    if target_macs is None and target_params is None:
-        target_macs = 0.5
     images, labels = data.load_arrays(config["dataset"], "validation", data_dir or config["data_dir"],
                                       limit=reward_images)
     out = Path(out)
@@ -52,11 +50,13 @@ def search_options(args):
 
 
 def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None):
-    """Train the slimmed network of `search_dir` (in `search_dir/finetune`); returns its final metrics."""
+    """Train the slimmed (or sparse: its zeros stay zero) network of `search_dir` in `search_dir/finetune`;
+    returns its final metrics."""
     module, variables, config = load_network(Path(search_dir) / "slim")
     base = config_from_dict(config)
+    sparse = json.loads((Path(search_dir) / "slim" / "network.json").read_text())["kind"] == "sparse"
     tuned = dataclasses.replace(base, epochs=epochs, learning_rate=learning_rate, warmup_epochs=0,
-                                data_dir=data_dir or base.data_dir)
+                                data_dir=data_dir or base.data_dir, sparse=sparse)
     workdir = Path(search_dir) / "finetune"
     summary = train(tuned, workdir, module=module, variables=variables)
     mark_trained_slim(workdir, config_to_dict(tuned))

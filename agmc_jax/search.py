@@ -1,7 +1,8 @@
 """The search: episodes of an agent (or a rule) choosing keep ratios, with logging and resume.
 
 Methods: `agmc` (GNN encoder-decoder states + DDPG), `amc` (rule-based states + DDPG), `random`
-(random policies through the same action wall) and `uniform` (one ratio everywhere). The reward
+(random policies through the same action wall), `uniform` (one ratio everywhere), all choosing
+channels per group, and `fg` (AGMC's agent choosing the weight sparsity of each layer). The reward
 evaluation is compiled once per search; the whole search state is checkpointed with orbax after
 every episode, so `resume=True` after a kill loses no finished episode.
 """
@@ -20,9 +21,10 @@ from agmc_jax.agents import DDPGConfig, ddpg, random_agent
 from agmc_jax.embed import AMCActor, AMCCritic, make_agmc_networks
 from agmc_jax.env import EnvConfig, Environment
 from agmc_jax.errors import AgmcError, CheckpointError
+from agmc_jax.fine_grained import FineGrainedEnvironment
 from agmc_jax.graph import trace
 
-METHODS = ("agmc", "amc", "random", "uniform")
+METHODS = ("agmc", "amc", "random", "uniform", "fg")
 
 
 class UnknownMethodError(AgmcError, ValueError):
@@ -101,8 +103,8 @@ def _agent(method, env, net, config):
     """The agent and a function mapping (step, counts, applied actions) to its observation."""
     if method == "random":
         return random_agent(), lambda t, counts, actions: np.zeros((), np.float32)
-    if method == "agmc":
-        actor, critic, _ = make_agmc_networks(net, hidden=config.gnn_hidden)
+    if method in ("agmc", "fg"):
+        actor, critic, _ = make_agmc_networks(net, hidden=config.gnn_hidden, unit=env.unit)
 
         def observe(t, counts, actions):
             return {"t": np.int32(t), "actions": np.where(np.arange(env.steps) < t, actions, 0).astype(np.float32)}
@@ -165,22 +167,27 @@ def run_episode(env, agent, agent_state, observe, key, explore=True):
     return counts, actions, jax.tree.map(lambda *x: np.stack(x), *observations)
 
 
-def search(module, variables, data, method="agmc", target_macs=0.5, target_params=None, episodes=100, seed=0,
+def search(module, variables, data, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
            out=None, resume=False, progress=True, config: SearchConfig | None = None, **env_options):
-    """Search per-group keep ratios for `module` on labelled arrays `data = (x_val, y_val)`.
+    """Search keep ratios per channel group (per layer's weights for `fg`) on labelled arrays `data = (x_val, y_val)`.
+
+    The budget defaults to half the MACs (half the parameters for `fg`).
 
     Works for any network `agmc_jax.trace` handles. With `out`, writes a checkpoint per episode,
     `episodes.jsonl` and the best policy; `resume=True` continues a killed search there.
     """
     if method not in METHODS:
         raise UnknownMethodError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if target_macs is None and target_params is None:  # fg prunes weights: its natural budget is parameters
+        target_params, target_macs = (0.5, None) if method == "fg" else (None, 0.5)
     if config is None:  # AMC warms up for 100 of its 400+ episodes; shorter searches keep that quarter
         config = SearchConfig(method=method, episodes=episodes, seed=seed,
                               env=EnvConfig(target_macs=target_macs, target_params=target_params, **env_options),
                               ddpg=DDPGConfig(warmup_episodes=min(100, max(1, episodes // 4))))
     images, labels = (np.asarray(a) for a in data)
     net = trace(module, variables, images[:1])
-    env = Environment(net, variables, jnp.asarray(images), jnp.asarray(labels), config.env)
+    environment = FineGrainedEnvironment if config.method == "fg" else Environment
+    env = environment(net, variables, jnp.asarray(images), jnp.asarray(labels), config.env)
     if config.method == "uniform":
         counts = env.uniform_counts()
         accuracy = float(env.accuracy(counts[None])[0])

@@ -51,6 +51,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     keep: int = 3  # checkpoints kept
+    sparse: bool = False  # weights that are zero stay zero (fine-tuning a fine-grained pruned network)
 
 
 # Fields that may change when a run resumes: they do not change what the run computes.
@@ -75,6 +76,7 @@ class OptimizerSpec(NamedTuple):
     schedule: str
     warmup_steps: int
     total_steps: int
+    sparse: bool = False
 
 
 def _check(condition: bool, message: str) -> None:
@@ -131,7 +133,7 @@ def build_module(config: TrainConfig):
 def optimizer_spec(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
     """The optimizer hyperparameters of `config` for epochs of `steps_per_epoch` steps."""
     return OptimizerSpec(config.learning_rate, config.momentum, config.weight_decay, config.schedule,
-                         config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch)
+                         config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch, config.sparse)
 
 
 def learning_rate_schedule(spec: OptimizerSpec) -> optax.Schedule:
@@ -142,10 +144,18 @@ def learning_rate_schedule(spec: OptimizerSpec) -> optax.Schedule:
 
 
 def make_optimizer(spec: OptimizerSpec) -> optax.GradientTransformation:
-    """SGD with momentum on the schedule, plus coupled L2 weight decay on kernels (arrays of rank > 1)."""
+    """SGD with momentum on the schedule, plus coupled L2 weight decay on kernels (arrays of rank > 1).
+
+    `sparse`: updates of kernel weights that are exactly zero are dropped, so pruned weights stay pruned.
+    """
     kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
-    return optax.chain(optax.add_decayed_weights(spec.weight_decay, mask=kernels),
-                       optax.sgd(learning_rate_schedule(spec), momentum=spec.momentum))
+    sgd = optax.chain(optax.add_decayed_weights(spec.weight_decay, mask=kernels),
+                      optax.sgd(learning_rate_schedule(spec), momentum=spec.momentum))
+    if not spec.sparse:
+        return sgd
+    keep_zeros = optax.stateless(lambda updates, params: jax.tree.map(
+        lambda u, p: jnp.where(p == 0, 0, u) if p.ndim > 1 else u, updates, params))
+    return optax.chain(sgd, keep_zeros)
 
 
 def create_train_state(module, input_shape, config: TrainConfig) -> TrainState:
@@ -293,9 +303,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _differences(saved: Mapping, current: Mapping) -> list:
-    """The fields, other than `RUN_FIELDS`, in which two config dicts differ."""
+    """The fields, other than `RUN_FIELDS`, in which two config dicts differ (a missing field is at its default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     return sorted(key for key in set(saved) | set(current)
-                  if key not in RUN_FIELDS and saved.get(key) != current.get(key))
+                  if key not in RUN_FIELDS and saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key)))
 
 
 def _check_same_run(saved: Mapping, current: Mapping, where: str) -> None:

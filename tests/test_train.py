@@ -16,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from agmc_jax import checkpoint, data
 from agmc_jax.errors import CheckpointError
 from agmc_jax.train import (TrainConfig, abstract_train_state, build_module, create_train_state, evaluate, global_batch,
-                            load_trained, make_train_step, optimizer_spec, resolve_config, train)
+                            load_trained, make_train_step, optimizer_spec, resolve_config, state_from_variables,
+                            train)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A ResNet-20 with 4/8/8 channels on 8x8 images: every test shares its compiled init and steps.
@@ -115,6 +116,24 @@ def test_loss_decreases_on_a_learnable_batch():
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"] / metrics["count"]))
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_sparse_training_keeps_pruned_weights_at_zero():
+    """With `sparse`, kernel weights that start at zero stay exactly zero while the others keep learning."""
+    config = dataclasses.replace(resolve_config(CONFIG), sparse=True)
+    module, mesh, state, _ = _one_device_setup()
+    pruned = jax.tree.map(lambda p: np.asarray(p) * (np.arange(p.size).reshape(p.shape) % 2 if p.ndim > 1 else 1),
+                          state.params)
+    state = jax.device_put(state_from_variables({"params": pruned, "batch_stats": state.batch_stats}, config),
+                           NamedSharding(mesh, P()))
+    step = make_train_step(mesh, module, optimizer_spec(config, STEPS_PER_EPOCH))
+    for _ in range(2):
+        state, _ = step(state, global_batch(_batch(), mesh))
+    for before, after in zip(jax.tree.leaves(pruned), jax.tree.leaves(state.params)):
+        after = np.asarray(after)
+        if before.ndim > 1:
+            assert np.all(after[before == 0] == 0)
+            assert np.any(after[before != 0] != before[before != 0])
 
 
 def test_resumed_run_equals_uninterrupted_run(trained, tmp_path):

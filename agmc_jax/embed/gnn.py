@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
-from agmc_jax.graph.graphs import node_groups, node_stages, pad_graph
+from agmc_jax.graph.graphs import node_groups, node_layers, node_stages, pad_graph
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -28,9 +28,10 @@ class GraphData:
     """The static inputs of the AGMC encoder, hashed by identity so modules may hold it."""
 
     graph: jraph.GraphsTuple  # padded with `pad_graph`
-    node_groups: np.ndarray  # int32[N_pad]: channel group of each node, -1 if none or padding
+    node_groups: np.ndarray  # int32[N_pad]: the step key of each node (its channel group, or its layer
+    # for fine-grained steps), -1 if none or padding
     node_stages: np.ndarray  # int32[N_pad]: resolution stage of each node, -1 for padding
-    step_groups: np.ndarray  # int32[T]: the channel group each pruning step acts on
+    step_groups: np.ndarray  # int32[T]: the key (channel group or layer) each pruning step acts on
     num_stages: int
 
     @property
@@ -43,14 +44,19 @@ def _pad_to(values: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([values, np.full(size - len(values), -1, np.int32)]).astype(np.int32)
 
 
-def graph_data(net, step_groups=None, n_node=None, n_edge=None) -> GraphData:
-    """Encoder inputs for a traced `Network`; by default step t prunes channel group t."""
+def graph_data(net, step_groups=None, n_node=None, n_edge=None, unit="channels") -> GraphData:
+    """Encoder inputs for a traced `Network`; by default step t prunes channel group t.
+
+    With `unit='weights'` (fine-grained pruning) step t prunes the weights of layer t instead.
+    """
     graph = pad_graph(net.graph, n_node, n_edge)
     size = graph.nodes.shape[0]
     stages = node_stages(net)
-    steps = np.arange(len(net.group_sizes)) if step_groups is None else np.asarray(step_groups)
-    return GraphData(graph, _pad_to(node_groups(net), size), _pad_to(stages, size),
-                     steps.astype(np.int32), int(stages.max()) + 1)
+    keys = node_groups(net) if unit == "channels" else node_layers(net)
+    count = len(net.group_sizes) if unit == "channels" else len(net.layers)
+    steps = np.arange(count) if step_groups is None else np.asarray(step_groups)
+    return GraphData(graph, _pad_to(keys, size), _pad_to(stages, size), steps.astype(np.int32),
+                     int(stages.max()) + 1)
 
 
 def previous_actions(actions):
@@ -194,8 +200,8 @@ def example_obs(num_steps: int) -> dict:
     return {"t": jnp.zeros((), jnp.int32), "actions": jnp.zeros((num_steps,), jnp.float32)}
 
 
-def make_agmc_networks(net, hidden: int = 64, mlp: Sequence[int] = (300, 300), step_groups=None):
-    """(actor, critic, example observation) for a traced `Network`."""
-    data = graph_data(net, step_groups)
+def make_agmc_networks(net, hidden: int = 64, mlp: Sequence[int] = (300, 300), step_groups=None, unit="channels"):
+    """(actor, critic, example observation) for a traced `Network` whose steps prune `unit`s."""
+    data = graph_data(net, step_groups, unit=unit)
     return (AGMCActor(data, hidden, tuple(mlp)), AGMCCritic(data, hidden, tuple(mlp)),
             example_obs(data.num_steps))

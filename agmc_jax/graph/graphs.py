@@ -147,6 +147,12 @@ def node_groups(net) -> np.ndarray:
     return np.array([net.value_group(v) for v in node_values(net)], np.int32)
 
 
+def node_layers(net) -> np.ndarray:
+    """Index in `net.layers` of the layer each node is (-1: not a convolution or dense layer)."""
+    layer_of_value = {net.program.ops[l.op_index].outputs[0]: i for i, l in enumerate(net.layers)}
+    return np.array([layer_of_value.get(v, -1) for v in node_values(net)], np.int32)
+
+
 def node_stages(net) -> np.ndarray:
     """Stage of each node: spatial resolutions numbered in order of first appearance.
 
