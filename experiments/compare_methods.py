@@ -1,28 +1,50 @@
 """AGMC vs AMC vs random vs uniform on one trained network at one MACs budget.
 
-For each method and seed: a search of `--episodes` episodes on the validation subset; the best
-reward after each of `--marks` episodes; then the best policy is slimmed and fine-tuned for the
-same `--finetune-epochs`, and its test accuracy reported. Prints a Markdown table (mean and
-standard deviation over seeds) and writes `results.json` to `--out`.
+For each method and seed: a search of `--episodes` episodes scored on the validation subset; the
+best reward after each of `--marks` episodes. Then each method's best policy over its seeds is
+slimmed and fine-tuned for the same `--finetune-epochs` at the same learning rate, and its
+validation and test accuracy reported. Prints a Markdown table (mean and standard deviation over
+seeds), writes it to `--out/table.md` and everything measured to `--out/results.json`. Rerunning
+with the same `--out` resumes finished and interrupted searches and skips finished fine-tunes.
 
     python experiments/compare_methods.py --workdir agmc_jax/baselines/resnet20_fashion_mnist \
-        --out runs/compare --episodes 200 --marks 50,100,200 --seeds 0,1,2
+        --out runs/compare --episodes 200 --marks 50,100,200 --seeds 0,1,2 --reward-images 500
 """
 import argparse
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 from agmc_jax import data
-from agmc_jax.networks import load_network
+from agmc_jax.networks import evaluate_variables, load_network
 from agmc_jax.search import search
 from agmc_jax.train import config_from_dict, train
 
 
 def best_after(history, mark):
+    """The best reward among the first `mark` episodes (a one-shot method has one)."""
     return max(h["reward"] for h in history[:mark])
+
+
+def spread(values):
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+
+def table(results, marks, tuned):
+    """The Markdown table of best rewards per mark over seeds and the fine-tuned accuracy of each best policy."""
+    lines = ["| method | " + " | ".join(f"best reward @{m}" for m in marks) +
+             " | search s/episode | MACs kept | pruned val acc | fine-tuned val acc | fine-tuned test acc |",
+             "|---" * (len(marks) + 6) + "|"]
+    for method, rows in results.items():
+        cells = [spread([r["best"][str(m)] for r in rows]) for m in marks]
+        seconds = f"{np.mean([r['seconds_per_episode'] for r in rows]):.2f}" if method != "uniform" else "-"
+        best = tuned[method]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds} | {best['macs_ratio']:.3f} | "
+                     f"{best['pruned_val_acc']:.4f} | {best['val_acc']:.4f} | {best['test_acc']:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -34,7 +56,7 @@ def main():
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--marks", default="50,100,200")
     parser.add_argument("--target-macs", type=float, default=0.5)
-    parser.add_argument("--reward-images", type=int, default=1000)
+    parser.add_argument("--reward-images", type=int, default=500)
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.02)
     args = parser.parse_args()
@@ -44,29 +66,36 @@ def main():
     images, labels = data.load_arrays(base.dataset, "validation", base.data_dir, limit=args.reward_images)
     marks = [int(m) for m in args.marks.split(",")]
     out = Path(args.out)
-    results = []
+    out.mkdir(parents=True, exist_ok=True)
+    results, best_policies = {}, {}
     for method in args.methods.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            run = out / f"{method}_seed{seed}"
+        seeds = [0] if method == "uniform" else [int(s) for s in args.seeds.split(",")]
+        for seed in seeds:
+            began = time.perf_counter()
             result = search(module, variables, (images, labels), method=method, target_macs=args.target_macs,
-                            episodes=args.episodes, seed=seed, out=run, resume=True)
-            slim_module, slim_variables = result.slim()
-            tuned = train(dataclasses.replace(base, epochs=args.finetune_epochs, learning_rate=args.lr,
-                                              warmup_epochs=0), run / "finetune", module=slim_module,
-                          variables=slim_variables)
-            history = result.history or [{"reward": result.reward}]
-            results.append({"method": method, "seed": seed, "macs_ratio": result.macs / result.net.macs,
-                            "best": {m: best_after(history, m) for m in marks},
-                            "test_acc": tuned["test_acc"]})
-            (out / "results.json").write_text(json.dumps(results, indent=1))
-    print("| method | " + " | ".join(f"best reward @{m}" for m in marks) + " | test acc after fine-tune |")
-    print("|---" * (len(marks) + 2) + "|")
-    for method in args.methods.split(","):
-        rows = [r for r in results if r["method"] == method]
-        cells = [f"{np.mean([r['best'][m] for r in rows]):.4f} ± {np.std([r['best'][m] for r in rows]):.4f}"
-                 for m in marks]
-        tests = [r["test_acc"] for r in rows]
-        print(f"| {method} | " + " | ".join(cells) + f" | {np.mean(tests):.4f} ± {np.std(tests):.4f} |")
+                            episodes=args.episodes, seed=seed, out=out / f"{method}_seed{seed}", resume=True)
+            seconds = (time.perf_counter() - began) / len(result.history)
+            results.setdefault(method, []).append(
+                {"seed": seed, "best": {str(m): best_after(result.history, m) for m in marks},
+                 "macs_ratio": result.macs / result.net.macs, "keep": result.keep.round(4).tolist(),
+                 "seconds_per_episode": seconds})
+            if method not in best_policies or result.reward > best_policies[method].reward:
+                best_policies[method] = result
+            (out / "results.json").write_text(json.dumps({"args": vars(args), "searches": results}, indent=1))
+    tuned = {}
+    for method, result in best_policies.items():
+        slim_module, slim_variables = result.slim()
+        pruned = evaluate_variables(slim_module, slim_variables, config, "validation")["accuracy"]
+        summary = train(dataclasses.replace(base, epochs=args.finetune_epochs, learning_rate=args.lr,
+                                            warmup_epochs=0), out / f"{method}_finetune", module=slim_module,
+                        variables=slim_variables)
+        tuned[method] = {"macs_ratio": result.macs / result.net.macs, "pruned_val_acc": pruned,
+                         "val_acc": summary["val_acc"], "test_acc": summary["test_acc"]}
+        (out / "results.json").write_text(json.dumps({"args": vars(args), "searches": results, "finetuned": tuned},
+                                                     indent=1))
+    text = table(results, marks, tuned)
+    (out / "table.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
