@@ -39,7 +39,7 @@ class SearchConfig(NamedTuple):
     seed: int = 0
     env: EnvConfig = EnvConfig()
     ddpg: DDPGConfig = DDPGConfig()
-    gnn_hidden: int = 64
+    gnn_hidden: int = 32  # GCN and LSTM width; the decoder runs in every DDPG update, at a cost ~ width^2
     checkpoint_every: int = 1
     candidates: int = 4  # random search: policies scored per compiled call (DDPG methods learn from each one)
 

@@ -26,6 +26,7 @@ def main():
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--episodes", type=int, default=6)
     parser.add_argument("--method", default="agmc")
+    parser.add_argument("--gnn-hidden", type=int, default=SearchConfig().gnn_hidden)
     args = parser.parse_args()
 
     spec = dataset_spec(args.dataset)
@@ -34,7 +35,7 @@ def main():
     variables = init_model(module, spec.input_shape)
     net = trace(module, variables, spec.input_shape)
     env_config = EnvConfig(target_macs=0.5)
-    config = SearchConfig(method=args.method, episodes=args.episodes, env=env_config,
+    config = SearchConfig(method=args.method, episodes=args.episodes, env=env_config, gnn_hidden=args.gnn_hidden,
                           ddpg=DDPGConfig(warmup_episodes=1))
     env = Environment(net, variables, jax.numpy.asarray(images), jax.numpy.asarray(labels), env_config)
     agent, observe = _agent(args.method, env, net, config)

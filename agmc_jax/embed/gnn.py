@@ -80,7 +80,7 @@ class GraphEncoder(nn.Module):
     """GCN node embeddings and a network embedding pooled stage by stage."""
 
     num_stages: int
-    hidden: int = 64
+    hidden: int = 32
     num_layers: int = 3
 
     @nn.compact
@@ -105,7 +105,7 @@ class EncoderDecoder(nn.Module):
     """Per-step states [T, hidden] from the graph and the previous actions [T]."""
 
     num_stages: int
-    hidden: int = 64
+    hidden: int = 32
     gcn_layers: int = 3
 
     @nn.compact
@@ -150,7 +150,7 @@ class AGMCActor(nn.Module):
     """AGMC policy: observation -> action in [0, 1] (the environment rescales it)."""
 
     data: GraphData
-    hidden: int = 64
+    hidden: int = 32
     mlp: Sequence[int] = (300, 300)
 
     @nn.compact
@@ -163,7 +163,7 @@ class AGMCCritic(nn.Module):
     """AGMC Q function: (observation, action) -> scalar."""
 
     data: GraphData
-    hidden: int = 64
+    hidden: int = 32
     mlp: Sequence[int] = (300, 300)
 
     @nn.compact
@@ -200,7 +200,7 @@ def example_obs(num_steps: int) -> dict:
     return {"t": jnp.zeros((), jnp.int32), "actions": jnp.zeros((num_steps,), jnp.float32)}
 
 
-def make_agmc_networks(net, hidden: int = 64, mlp: Sequence[int] = (300, 300), step_groups=None, unit="channels"):
+def make_agmc_networks(net, hidden: int = 32, mlp: Sequence[int] = (300, 300), step_groups=None, unit="channels"):
     """(actor, critic, example observation) for a traced `Network` whose steps prune `unit`s."""
     data = graph_data(net, step_groups, unit=unit)
     return (AGMCActor(data, hidden, tuple(mlp)), AGMCCritic(data, hidden, tuple(mlp)),
