@@ -57,7 +57,7 @@ def main():
     parser.add_argument("--marks", default="50,100,200")
     parser.add_argument("--target-macs", type=float, default=0.5)
     parser.add_argument("--reward-images", type=int, default=500)
-    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="0: report the policies unfine-tuned")
     parser.add_argument("--lr", type=float, default=0.02)
     args = parser.parse_args()
 
@@ -86,6 +86,10 @@ def main():
     for method, result in best_policies.items():
         slim_module, slim_variables = result.slim()
         pruned = evaluate_variables(slim_module, slim_variables, config, "validation")["accuracy"]
+        tuned[method] = {"macs_ratio": result.macs / result.net.macs, "pruned_val_acc": pruned,
+                         "val_acc": float("nan"), "test_acc": float("nan")}
+        if args.finetune_epochs == 0:
+            continue
         summary = train(dataclasses.replace(base, epochs=args.finetune_epochs, learning_rate=args.lr,
                                             warmup_epochs=0), out / f"{method}_finetune", module=slim_module,
                         variables=slim_variables)
