@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.env import BudgetError, EnvConfig, Environment
+from agmc_jax.prune.masks import descending_ranks
 
 
 class FineGrainedEnvironment(Environment):
@@ -51,7 +52,7 @@ class FineGrainedEnvironment(Environment):
         self._ranks = {}
         for t, op in enumerate(self.net.analysis.layers):
             magnitude = np.abs(np.asarray(leaves[op.leaf])).ravel()
-            rank = np.argsort(np.argsort(-magnitude, kind="stable"), kind="stable")
+            rank = descending_ranks(magnitude)
             self._ranks[op.leaf] = (t, rank.reshape(leaves[op.leaf].shape).astype(np.int32))
 
     def _masks(self, counts, xp):

@@ -62,10 +62,14 @@ def channel_importance(net, variables, criterion="l2"):
     return [s if power == 1 else np.sqrt(s) for s in scores]
 
 
+def descending_ranks(values):
+    """Each entry's rank by value, largest first (ties broken by position): `rank < k` keeps the top k."""
+    return np.argsort(np.argsort(-values, kind="stable"), kind="stable")
+
+
 def channel_ranks(net, variables, criterion="l2"):
     """Per group, each channel's rank by importance (0 = most important, ties broken by index)."""
-    return [np.argsort(np.argsort(-score, kind="stable"), kind="stable")
-            for score in channel_importance(net, variables, criterion)]
+    return [descending_ranks(score) for score in channel_importance(net, variables, criterion)]
 
 
 def top_channels(net, variables, counts, criterion="l2"):
@@ -150,7 +154,6 @@ def weight_masks(net, variables, keep):
             continue
         w = np.abs(np.asarray(leaves[op.leaf])).ravel()
         count = _ratio_count(float(ratios[layer.name]), w.size, f"layer {layer.name}")
-        mask = np.zeros(w.size, np.float32)
-        mask[np.argsort(-w, kind="stable")[:count]] = 1.0
+        mask = (descending_ranks(w) < count).astype(np.float32)
         masks[op.leaf] = jnp.asarray(mask.reshape(net.shapes[op.leaf]))
     return jax.tree.unflatten(net.treedef, masks)
