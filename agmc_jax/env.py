@@ -3,7 +3,9 @@
 One episode visits the prunable groups in network order. An action is a keep ratio in
 [lbound, rbound]; AMC's "action wall" caps it so that, with every later group at lbound, the
 budget stays reachable, so every finished policy meets it. Rewards come from one jit-compiled,
-vmapped evaluation of the masked network on a held-out validation subset.
+vmapped evaluation of the masked network on a held-out validation subset, after its BatchNorm
+statistics are re-estimated on a few of those images (else a pruned ResNet scores near chance
+whatever the policy, and the reward cannot tell policies apart).
 """
 from typing import NamedTuple
 
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.errors import AgmcError
+from agmc_jax.prune.batchnorm import recalibrate
 from agmc_jax.prune.lstsq import prune_counts
 from agmc_jax.prune.masks import CRITERIA, channel_ranks
 
@@ -32,7 +35,8 @@ class EnvConfig(NamedTuple):
     round_to: int = 1  # channel counts rounded down to a multiple of this (8 for accelerators)
     reward: str = "acc"  # acc | acc_flops
     criterion: str = "l2"  # l1 | l2 | lstsq (L2 choice, then AMC's least-squares refit of the next layers)
-    refit_images: int = 100  # lstsq: reward images whose features the refit matches (outputs, not labels)
+    calibration_images: int = 100  # reward images (labels unused) for BatchNorm statistics and the lstsq refit
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics of each pruned network before scoring it
     eval_batch: int = 500
 
 
@@ -183,11 +187,12 @@ class Environment(Budget):
     def __init__(self, net, variables, images, labels, config: EnvConfig = EnvConfig()):
         super().__init__(net, config)
         self.variables, self.images, self.labels = variables, images, labels
-        self.calibration = images[:config.refit_images] if config.criterion == "lstsq" else None
+        self.calibration = images[:config.calibration_images]
         self._rank_tables(variables)
+        self._recalibrated = jax.jit(self._recalibrate)
         self._score = jax.jit(self._accuracy)
-        self._evaluate = jax.jit(
-            lambda counts, x, y: jax.lax.map(lambda c: self._accuracy(self.masked_variables(c), x, y), counts))
+        self._evaluate = jax.jit(lambda counts, x, y: jax.lax.map(
+            lambda c: self._accuracy(self._recalibrate(self.masked_variables(c)), x, y), counts))
 
     def _rank_tables(self, variables):
         """Per variable axis: the group of each index and its importance rank within the group."""
@@ -205,9 +210,21 @@ class Environment(Budget):
                                  jnp.asarray(m.group < 0)))
             self._tables.append(tuple(axes))
 
-    def pruned(self, counts):
-        """(variables, masks) of the policy as exported: masked, and refitted when the criterion is lstsq."""
+    def _recalibrate(self, variables):
+        """`variables` with BatchNorm statistics re-estimated on the calibration images (if configured)."""
+        if not self.config.recalibrate_bn:
+            return variables
+        return recalibrate(self.net.module, variables, self.calibration, **self.net.call_kwargs)
+
+    def _prune(self, counts):
+        """(variables, masks) of a policy before BatchNorm re-estimation."""
         return prune_counts(self.net, self.variables, counts, self.config.criterion, self.calibration)
+
+    def pruned(self, counts):
+        """(variables, masks) of the policy as exported and scored: masked, refitted when the criterion is
+        lstsq, BatchNorm statistics re-estimated."""
+        variables, masks = self._prune(counts)
+        return self._recalibrated(variables), masks
 
     def export(self, variables, masks):
         """(module, variables) of the physically smaller network that a pruned policy computes."""

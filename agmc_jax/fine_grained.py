@@ -65,7 +65,7 @@ class FineGrainedEnvironment(Environment):
         """Variables keeping the `counts[t]` largest weights of layer t (pure, traceable)."""
         return jax.tree.map(lambda v, m: v * m.astype(v.dtype), self.variables, self._masks(counts, jnp))
 
-    def pruned(self, counts):
+    def _prune(self, counts):
         """(variables, masks) of the policy: the sparse network and its 0/1 weight masks."""
         masks = self._masks(np.asarray(counts), np)
         return jax.tree.map(lambda v, m: v * m.astype(v.dtype), self.variables, masks), masks

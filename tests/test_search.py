@@ -63,7 +63,7 @@ def test_random_candidates_scored_together_equal_one_at_a_time():
 @pytest.mark.parametrize("criterion", ["l2", "lstsq"])
 def test_the_reward_scores_the_exported_network(criterion):
     """With lstsq the reward refits the next layers; the slimmed network is that refitted network."""
-    env = EnvConfig(target_macs=0.5, eval_batch=32, criterion=criterion, refit_images=16)
+    env = EnvConfig(target_macs=0.5, eval_batch=32, criterion=criterion, calibration_images=16)
     result = search(MODULE, VARIABLES, DATA, config=config("random", 2)._replace(env=env), progress=False)
     module, variables = result.slim()
     predictions = np.argmax(np.asarray(module.apply(variables, DATA[0])), -1)
