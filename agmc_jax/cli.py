@@ -102,6 +102,9 @@ def _search_arguments(parser):
     parser.add_argument("--round-to", type=int, default=1, help="round channel counts to multiples of this")
     parser.add_argument("--criterion", default="l2",
                         help="which channels a count keeps: l1 | l2 | lstsq (l2, then least-squares refit)")
+    parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
+                        help="re-estimate each pruned network's BatchNorm statistics on 100 reward images "
+                             "before scoring it (default: on)")
 
 
 def parser():

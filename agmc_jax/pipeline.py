@@ -45,7 +45,7 @@ def run_search(workdir, out, method="agmc", target_macs=None, target_params=None
 def search_options(args):
     """`run_search` keyword arguments from the search options of `agmc search` and `agmc compress`."""
     names = ("method", "target_macs", "target_params", "episodes", "seed", "resume", "reward_images", "data_dir",
-             "reward", "lbound", "round_to", "criterion")
+             "reward", "lbound", "round_to", "criterion", "recalibrate_bn")
     return {name: getattr(args, name) for name in names}
 
 

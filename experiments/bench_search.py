@@ -4,6 +4,7 @@ Both are measured side by side in one run on the same 1000 validation images, af
 Target: episode / dense evaluation <= 1.2 (agent, GNN and masking cost at most 20% extra).
 
     python experiments/bench_search.py [--model resnet20] [--images 1000] [--episodes 6] [--method agmc]
+                                       [--no-recalibrate-bn]
 """
 import argparse
 import time
@@ -27,6 +28,8 @@ def main():
     parser.add_argument("--episodes", type=int, default=6)
     parser.add_argument("--method", default="agmc")
     parser.add_argument("--gnn-hidden", type=int, default=SearchConfig().gnn_hidden)
+    parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
+                        help="BatchNorm re-estimation in the reward (on by default, as in `agmc search`)")
     args = parser.parse_args()
 
     spec = dataset_spec(args.dataset)
@@ -34,7 +37,7 @@ def main():
     module = create_model(args.model, spec.num_classes)
     variables = init_model(module, spec.input_shape)
     net = trace(module, variables, spec.input_shape)
-    env_config = EnvConfig(target_macs=0.5)
+    env_config = EnvConfig(target_macs=0.5, recalibrate_bn=args.recalibrate_bn)
     config = SearchConfig(method=args.method, episodes=args.episodes, env=env_config, gnn_hidden=args.gnn_hidden,
                           ddpg=DDPGConfig(warmup_episodes=1))
     env = Environment(net, variables, jax.numpy.asarray(images), jax.numpy.asarray(labels), env_config)
@@ -72,7 +75,8 @@ def main():
         dense_times.append(time.perf_counter() - start)
     episode_s, dense_s = float(np.median(episode_times)), float(np.median(dense_times))
     print(f"{args.model} on {args.dataset} {spec.input_shape}, {args.method}, {len(chunks) * batch} reward images, "
-          f"{env.steps} steps per episode, median of {args.episodes}")
+          f"{env.steps} steps per episode, "
+          f"BatchNorm re-estimation {'on' if args.recalibrate_bn else 'off'}, median of {args.episodes}")
     print(f"episode: {episode_s:.3f} s ({1 / episode_s:.2f} episodes/s); dense evaluation: {dense_s:.3f} s")
     print(f"episode / dense evaluation: {episode_s / dense_s:.2f} (target <= 1.2)")
 

@@ -8,7 +8,7 @@ seeds), writes it to `--out/table.md` and everything measured to `--out/results.
 with the same `--out` resumes finished and interrupted searches and skips finished fine-tunes.
 
     python experiments/compare_methods.py --workdir agmc_jax/baselines/resnet20_fashion_mnist \
-        --out runs/compare --episodes 200 --marks 50,100,200 --seeds 0,1,2 --reward-images 500
+        --out runs/compare --episodes 200 --marks 50,100,200 --seeds 0,1,2 --reward-images 300
 """
 import argparse
 import dataclasses
@@ -56,9 +56,11 @@ def main():
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--marks", default="50,100,200")
     parser.add_argument("--target-macs", type=float, default=0.5)
-    parser.add_argument("--reward-images", type=int, default=500)
+    parser.add_argument("--reward-images", type=int, default=300)
     parser.add_argument("--finetune-epochs", type=int, default=1, help="0: report the policies unfine-tuned")
     parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
+                        help="BatchNorm re-estimation in the reward (on by default, as in `agmc search`)")
     args = parser.parse_args()
 
     module, variables, config = load_network(args.workdir)
@@ -73,7 +75,8 @@ def main():
         for seed in seeds:
             began = time.perf_counter()
             result = search(module, variables, (images, labels), method=method, target_macs=args.target_macs,
-                            episodes=args.episodes, seed=seed, out=out / f"{method}_seed{seed}", resume=True)
+                            episodes=args.episodes, seed=seed, out=out / f"{method}_seed{seed}", resume=True,
+                            recalibrate_bn=args.recalibrate_bn)
             seconds = (time.perf_counter() - began) / len(result.history)
             results.setdefault(method, []).append(
                 {"seed": seed, "best": {str(m): best_after(result.history, m) for m in marks},
