@@ -68,7 +68,8 @@ def cmd_evaluate(args):
 def cmd_prune(args):
     from agmc_jax.networks import prune_uniform
 
-    print(json.dumps(prune_uniform(args.workdir, args.keep, args.criterion, args.out, args.data_dir), indent=1))
+    print(json.dumps(prune_uniform(args.workdir, args.keep, args.criterion, args.out, args.data_dir,
+                                   args.recalibrate_bn), indent=1))
 
 
 def cmd_search(args):
@@ -147,6 +148,8 @@ def parser():
     p.add_argument("--workdir", required=True)
     p.add_argument("--keep", type=float, required=True)
     p.add_argument("--criterion", default="l2", help="l1 | l2 | lstsq")
+    p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="re-estimate BatchNorm statistics on 256 validation images (default: on)")
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir")
     p.set_defaults(run=cmd_prune)

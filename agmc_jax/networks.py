@@ -11,6 +11,7 @@ import jax
 
 from agmc_jax import checkpoint, data
 from agmc_jax.errors import CheckpointError
+from agmc_jax.prune.batchnorm import recalibrate
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.train import (build_module, config_from_dict, data_mesh, evaluate_source, load_trained,
                             make_eval_step)
@@ -67,23 +68,28 @@ def evaluate_network(path, split="test", data_dir=None):
 
 
 def calibration_images(config_dict, count=256, data_dir=None):
-    """Validation images for least-squares reconstruction (never the test split)."""
+    """Validation images for least-squares reconstruction and BatchNorm re-estimation (never the test split)."""
     config = config_from_dict(config_dict)
     return data.load_arrays(config.dataset, "validation", data_dir or config.data_dir, limit=count)[0]
 
 
-def prune_uniform(workdir, keep, criterion, out, data_dir=None):
-    """Apply one keep ratio to every channel group, slim, save to `out`; returns the counts and accuracy."""
+def prune_uniform(workdir, keep, criterion, out, data_dir=None, recalibrate_bn=True):
+    """Apply one keep ratio to every channel group (refit for lstsq, BatchNorm statistics re-estimated on
+    256 validation images unless `recalibrate_bn` is False), slim, save to `out`; returns the counts and accuracy."""
     from agmc_jax.graph import trace
 
     module, variables, config = load_network(workdir)
     net = trace(module, variables, tuple(config["input_shape"]))
     masks = net.masks(variables, keep, criterion)
+    images = calibration_images(config, data_dir=data_dir) if criterion == "lstsq" or recalibrate_bn else None
     if criterion == "lstsq":
-        variables = net.reconstruct(variables, masks, calibration_images(config, data_dir=data_dir))
+        variables = net.reconstruct(variables, masks, images)
+    if recalibrate_bn:
+        variables = recalibrate(module, net.apply_masks(variables, masks), images, **net.call_kwargs)
     slim_module, slim_variables = net.slim(variables, masks)
     macs, params = net.cost(net.keep_counts(keep))
-    info = {"source": str(workdir), "keep": keep, "criterion": criterion, "macs": int(macs), "params": int(params),
+    info = {"source": str(workdir), "keep": keep, "criterion": criterion, "recalibrate_bn": recalibrate_bn,
+            "macs": int(macs), "params": int(params),
             "macs_ratio": macs / net.macs, "params_ratio": params / net.params}
     save_network(out, "slim", config, slim_variables, info)
     validation = evaluate_variables(slim_module, slim_variables, config, "validation", data_dir)

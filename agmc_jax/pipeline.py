@@ -10,6 +10,7 @@ import numpy as np
 from agmc_jax import data
 from agmc_jax.errors import CheckpointError
 from agmc_jax.networks import evaluate_variables, load_network, mark_trained_slim, save_network
+from agmc_jax.prune.slim import Slimmed
 from agmc_jax.report import plot_keep, plot_rewards
 from agmc_jax.search import search
 from agmc_jax.train import config_from_dict, config_to_dict, train
@@ -54,7 +55,7 @@ def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None):
     returns its final metrics."""
     module, variables, config = load_network(Path(search_dir) / "slim")
     base = config_from_dict(config)
-    sparse = json.loads((Path(search_dir) / "slim" / "network.json").read_text())["kind"] == "sparse"
+    sparse = not isinstance(module, Slimmed)  # a sparse (fg) export keeps the original module and shapes
     tuned = dataclasses.replace(base, epochs=epochs, learning_rate=learning_rate, warmup_epochs=0,
                                 data_dir=data_dir or base.data_dir, sparse=sparse)
     workdir = Path(search_dir) / "finetune"

@@ -130,3 +130,15 @@ def test_user_module_defined_here_searches_end_to_end():
     slim_module, slim_variables = result.slim()
     assert slim_module.apply(slim_variables, x[:2]).shape == (2, 3)
     assert trace(slim_module, slim_variables, x[:1]).macs == result.macs
+
+
+def test_prune_re_estimates_batchnorm_so_a_pruned_resnet_is_not_at_chance(capsys, tmp_path):
+    """Shipped ResNet-20, 70% of every group's channels (48% of the MACs): 10% without re-estimation, 49% with."""
+    workdir = BASELINE.parent / "resnet20_fashion_mnist"
+    accuracy = {}
+    for flag in ("--recalibrate-bn", "--no-recalibrate-bn"):
+        status, out, _ = run(capsys, "prune", "--workdir", str(workdir), "--keep", "0.7", flag,
+                             "--out", str(tmp_path / flag))
+        assert status == 0
+        accuracy[flag] = json.loads(out)["validation_accuracy"]
+    assert accuracy["--no-recalibrate-bn"] < 0.2 < 0.4 < accuracy["--recalibrate-bn"]
