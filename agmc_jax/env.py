@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.errors import AgmcError
-from agmc_jax.prune.batchnorm import recalibrate
 from agmc_jax.prune.lstsq import prune_counts
 from agmc_jax.prune.masks import CRITERIA, channel_ranks
 
@@ -214,7 +213,7 @@ class Environment(Budget):
         """`variables` with BatchNorm statistics re-estimated on the calibration images (if configured)."""
         if not self.config.recalibrate_bn:
             return variables
-        return recalibrate(self.net.module, variables, self.calibration, **self.net.call_kwargs)
+        return self.net.recalibrate(variables, self.calibration)
 
     def _prune(self, counts):
         """(variables, masks) of a policy before BatchNorm re-estimation."""

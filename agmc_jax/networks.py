@@ -11,7 +11,6 @@ import jax
 
 from agmc_jax import checkpoint, data
 from agmc_jax.errors import CheckpointError
-from agmc_jax.prune.batchnorm import recalibrate
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.train import (build_module, config_from_dict, data_mesh, evaluate_source, load_trained,
                             make_eval_step)
@@ -85,7 +84,7 @@ def prune_uniform(workdir, keep, criterion, out, data_dir=None, recalibrate_bn=T
     if criterion == "lstsq":
         variables = net.reconstruct(variables, masks, images)
     if recalibrate_bn:
-        variables = recalibrate(module, net.apply_masks(variables, masks), images, **net.call_kwargs)
+        variables = net.recalibrate(net.apply_masks(variables, masks), images)
     slim_module, slim_variables = net.slim(variables, masks)
     macs, params = net.cost(net.keep_counts(keep))
     info = {"source": str(workdir), "keep": keep, "criterion": criterion, "recalibrate_bn": recalibrate_bn,

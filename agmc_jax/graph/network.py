@@ -136,6 +136,11 @@ class Network:
         from agmc_jax.prune.masks import vectors_from_masks
         return reconstruct(self, variables, vectors_from_masks(self, masks), images, positions, seed)
 
+    def recalibrate(self, variables, images):
+        """Variables whose BatchNorm statistics are re-estimated on `images` (pass the masked variables)."""
+        from agmc_jax.prune.batchnorm import recalibrate
+        return recalibrate(self.module, variables, images, **self.call_kwargs)
+
     def weight_masks(self, variables, keep):
         """Fine-grained masks: per layer, keep the largest-magnitude fraction `keep[name]` of weights."""
         from agmc_jax.prune.masks import weight_masks
