@@ -167,6 +167,25 @@ def run_episode(env, agent, agent_state, observe, key, explore=True):
     return counts, actions, jax.tree.map(lambda *x: np.stack(x), *observations)
 
 
+def _play(env, agent, observe, run, episodes, width):
+    """Play `episodes` (at most `width`), score them in one compiled call, then let the agent learn from each
+    in turn; yields each episode's record once `run` holds it."""
+    played = []
+    for _ in episodes:
+        run.key, act_key, update_key = jax.random.split(run.key, 3)
+        played.append((*run_episode(env, agent, run.agent_state, observe, act_key), update_key))
+    batch = np.stack([counts for counts, *_ in played])
+    padded = np.concatenate([batch, np.repeat(batch[-1:], width - len(batch), axis=0)])
+    accuracies = env.accuracy(padded)[:len(batch)]  # one batch size: compiled once
+    for episode, (counts, actions, observations, update_key), accuracy in zip(episodes, played, accuracies):
+        reward = env.reward(accuracy, counts)
+        run.agent_state = agent.observe(run.agent_state, observations, jnp.asarray(actions), jnp.float32(reward))
+        run.agent_state, _ = agent.update(run.agent_state, update_key)
+        run.counts[episode], run.rewards[episode], run.accuracies[episode] = counts, reward, accuracy
+        run.episode = episode + 1
+        yield _record(env, run, episode)
+
+
 def search(module, variables, data, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
            out=None, resume=False, progress=True, config: SearchConfig | None = None, **env_options):
     """Search keep ratios per channel group (per layer's weights for `fg`) on labelled arrays `data = (x_val, y_val)`.
@@ -211,21 +230,7 @@ def search(module, variables, data, method="agmc", target_macs=None, target_para
     bar = tqdm(initial=run.episode, total=config.episodes, disable=not progress, desc=config.method)
     width = config.candidates if config.method == "random" else 1
     for first in range(run.episode, config.episodes, width):
-        episodes = range(first, min(first + width, config.episodes))
-        played = []
-        for _ in episodes:
-            run.key, act_key, update_key = jax.random.split(run.key, 3)
-            played.append((*run_episode(env, agent, run.agent_state, observe, act_key), update_key))
-        batch = np.stack([counts for counts, *_ in played])
-        padded = np.concatenate([batch, np.repeat(batch[-1:], width - len(batch), axis=0)])
-        accuracies = env.accuracy(padded)[:len(batch)]  # one batch size: compiled once
-        for episode, (counts, actions, observations, update_key), accuracy in zip(episodes, played, accuracies):
-            reward = env.reward(accuracy, counts)
-            run.agent_state = agent.observe(run.agent_state, observations, jnp.asarray(actions), jnp.float32(reward))
-            run.agent_state, _ = agent.update(run.agent_state, update_key)
-            run.counts[episode], run.rewards[episode], run.accuracies[episode] = counts, reward, accuracy
-            run.episode = episode + 1
-            record = _record(env, run, episode)
+        for record in _play(env, agent, observe, run, range(first, min(first + width, config.episodes)), width):
             bar.update()
             bar.set_postfix(best=f"{record['best_reward']:.4f}", macs=f"{record['macs_ratio']:.3f}")
             if log is not None:
