@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.core import freeze
 
 from agmc_jax.env import EnvConfig, Environment
 from agmc_jax.graph import trace
@@ -46,6 +47,12 @@ def test_recalibrated_inference_equals_training_mode_on_the_same_batch():
     training, _ = RESNET.apply(trained, IMAGES, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(inference, training, rtol=1e-4, atol=1e-4)
     assert not np.allclose(inference, RESNET.apply(trained, IMAGES, train=False), atol=1e-3)
+
+
+def test_frozen_variables_keep_their_structure():
+    frozen = freeze(RESNET_VARIABLES)
+    recalibrated = recalibrate(RESNET, frozen, IMAGES, train=False)
+    assert jax.tree.structure(recalibrated) == jax.tree.structure(frozen)
 
 
 def test_networks_without_batchnorm_are_returned_as_they_are():

@@ -6,6 +6,7 @@ BatchNorm"). One inference pass in which each BatchNorm first replaces its stati
 and variance of its input over the batch, then normalises with them as at inference.
 """
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -43,4 +44,5 @@ def recalibrate(module, variables, images, **call_kwargs):
         return variables
     with nn.intercept_methods(_batch_statistics):
         _, updates = module.apply(variables, images, mutable=["batch_stats"], **call_kwargs)
-    return {**variables, "batch_stats": updates["batch_stats"]}
+    recalibrated = {**variables, "batch_stats": updates["batch_stats"]}
+    return jax.tree.unflatten(jax.tree.structure(variables), jax.tree.leaves(recalibrated))  # FrozenDict stays one
