@@ -23,11 +23,12 @@ LABELS = np.random.default_rng(1).integers(0, 10, 48).astype(np.int32)
 
 
 class DenseBN(nn.Module):
-    """Dense then BatchNorm: the BatchNorm's input is x @ kernel, easy to recompute in NumPy."""
+    """Dense then BatchNorm: the BatchNorm's input is x @ kernel, easy to recompute in NumPy. The mode is
+    given at call time here (the zoo's ResNet gives it to the constructor)."""
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        return nn.BatchNorm(use_running_average=not train)(nn.Dense(5, use_bias=False)(x))
+        return nn.BatchNorm()(nn.Dense(5, use_bias=False)(x), use_running_average=not train)
 
 
 def test_statistics_are_the_batch_mean_and_variance_of_the_input():
