@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.errors import AgmcError
+from agmc_jax.prune.batchnorm import apply_recalibrated
 from agmc_jax.prune.lstsq import prune_counts
 from agmc_jax.prune.masks import CRITERIA, channel_ranks
 
@@ -191,7 +192,7 @@ class Environment(Budget):
         self._recalibrated = jax.jit(self._recalibrate)
         self._score = jax.jit(self._accuracy)
         self._evaluate = jax.jit(lambda counts, x, y: jax.lax.map(
-            lambda c: self._accuracy(self._recalibrate(self.masked_variables(c)), x, y), counts))
+            lambda c: self._scored_accuracy(self.masked_variables(c), x, y), counts))
 
     def _rank_tables(self, variables):
         """Per variable axis: the group of each index and its importance rank within the group."""
@@ -242,16 +243,35 @@ class Environment(Budget):
             out.append(leaf)
         return jax.tree.unflatten(self.net.treedef, out)
 
-    def _accuracy(self, variables, images, labels):
+    def _correct(self, variables, images, labels):
+        """How many of `images` the network classifies right, in batches of `eval_batch`."""
         batch = self.config.eval_batch
         usable = images.shape[0] // batch * batch
-        chunks = images[:usable].reshape(-1, batch, *images.shape[1:])
-        logits = jax.lax.map(lambda x: self.net.module.apply(variables, x, **self.net.call_kwargs), chunks)
-        correct = jnp.sum(jnp.argmax(logits, -1).reshape(-1) == labels[:usable])
+        correct = jnp.zeros((), jnp.int32)
+        if usable:
+            chunks = images[:usable].reshape(-1, batch, *images.shape[1:])
+            logits = jax.lax.map(lambda x: self.net.module.apply(variables, x, **self.net.call_kwargs), chunks)
+            correct = jnp.sum(jnp.argmax(logits, -1).reshape(-1) == labels[:usable])
         if usable < images.shape[0]:
             rest = self.net.module.apply(variables, images[usable:], **self.net.call_kwargs)
             correct = correct + jnp.sum(jnp.argmax(rest, -1) == labels[usable:])
-        return correct / images.shape[0]
+        return correct
+
+    def _accuracy(self, variables, images, labels):
+        return self._correct(variables, images, labels) / images.shape[0]
+
+    def _scored_accuracy(self, variables, images, labels):
+        """Top-1 of masked `variables` as the reward scores them: BatchNorm statistics re-estimated on the
+        calibration images, which are the first of `images`. The re-estimation pass's outputs are their
+        predictions, so each image runs through the network once."""
+        if not self.config.recalibrate_bn:
+            return self._accuracy(variables, images, labels)
+        calibration = min(self.config.calibration_images, images.shape[0])
+        logits, variables = apply_recalibrated(self.net.module, variables, images[:calibration],
+                                               **self.net.call_kwargs)
+        calibration_correct = jnp.sum(jnp.argmax(logits, -1) == labels[:calibration])
+        rest_correct = self._correct(variables, images[calibration:], labels[calibration:])
+        return (calibration_correct + rest_correct) / images.shape[0]
 
     def accuracy(self, counts_batch) -> np.ndarray:
         """Top-1 validation accuracy of each policy in a batch of per-group counts [P, T].

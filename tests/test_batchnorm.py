@@ -13,7 +13,7 @@ from flax.core import freeze
 from agmc_jax.env import EnvConfig, Environment
 from agmc_jax.graph import trace
 from agmc_jax.models import create_model, init_model
-from agmc_jax.prune.batchnorm import recalibrate
+from agmc_jax.prune.batchnorm import apply_recalibrated, recalibrate
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = create_model("resnet20", 10, widths=(4, 8, 8))
@@ -48,6 +48,8 @@ def test_recalibrated_inference_equals_training_mode_on_the_same_batch():
     training, _ = RESNET.apply(trained, IMAGES, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(inference, training, rtol=1e-4, atol=1e-4)
     assert not np.allclose(inference, RESNET.apply(trained, IMAGES, train=False), atol=1e-3)
+    outputs, _ = apply_recalibrated(RESNET, trained, IMAGES, train=False)
+    np.testing.assert_allclose(outputs, inference, rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_variables_keep_their_structure():
@@ -62,10 +64,12 @@ def test_networks_without_batchnorm_are_returned_as_they_are():
     assert recalibrate(lenet, variables, np.zeros((2, 28, 28, 1), np.float32)) is variables
 
 
-@pytest.mark.parametrize("recalibrate_bn", [True, False])
-def test_the_reward_scores_the_exported_network(recalibrate_bn):
+@pytest.mark.parametrize("recalibrate_bn, calibration_images", [(True, 32), (True, 20), (True, 100), (False, 32)])
+def test_the_reward_scores_the_exported_network(recalibrate_bn, calibration_images):
+    """Also when the calibration images are not whole evaluation batches, or are all the reward images."""
     net = trace(RESNET, RESNET_VARIABLES, IMAGES[:1])
-    config = EnvConfig(target_macs=0.5, eval_batch=16, calibration_images=32, recalibrate_bn=recalibrate_bn)
+    config = EnvConfig(target_macs=0.5, eval_batch=16, calibration_images=calibration_images,
+                       recalibrate_bn=recalibrate_bn)
     env = Environment(net, RESNET_VARIABLES, jnp.asarray(IMAGES), jnp.asarray(LABELS), config)
     counts = env.uniform_counts()
     variables, masks = env.pruned(counts)

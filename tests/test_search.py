@@ -26,13 +26,13 @@ def config(method, episodes, seed=0):
 def traces(monkeypatch):
     """Counts how often the reward evaluation is traced (i.e. compiled)."""
     count = {"n": 0}
-    original = Environment._accuracy
+    original = Environment._scored_accuracy
 
     def counted(self, *args):
         count["n"] += 1
         return original(self, *args)
 
-    monkeypatch.setattr(Environment, "_accuracy", counted)
+    monkeypatch.setattr(Environment, "_scored_accuracy", counted)
     return count
 
 

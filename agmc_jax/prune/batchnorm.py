@@ -35,14 +35,22 @@ def _batch_statistics(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def recalibrate(module, variables, images, **call_kwargs):
-    """`variables` with every BatchNorm's statistics re-estimated on `images` (one batch; pure, jit-compatible).
+def apply_recalibrated(module, variables, images, **call_kwargs):
+    """(outputs on `images`, variables) with every BatchNorm's statistics re-estimated on `images` (pure, jittable).
 
-    Under `jit` with `images` sharded over devices the means are global, as one batch on one device.
+    The outputs are the recalibrated network's predictions for those images, so a caller scoring them
+    need not run them twice. Under `jit` with `images` sharded over devices the means are global.
     """
     if "batch_stats" not in variables:
-        return variables
+        return module.apply(variables, images, **call_kwargs), variables
     with nn.intercept_methods(_batch_statistics):
-        _, updates = module.apply(variables, images, mutable=["batch_stats"], **call_kwargs)
+        outputs, updates = module.apply(variables, images, mutable=["batch_stats"], **call_kwargs)
     recalibrated = {**variables, "batch_stats": updates["batch_stats"]}
-    return jax.tree.unflatten(jax.tree.structure(variables), jax.tree.leaves(recalibrated))  # FrozenDict stays one
+    return outputs, jax.tree.unflatten(jax.tree.structure(variables), jax.tree.leaves(recalibrated))
+
+
+def recalibrate(module, variables, images, **call_kwargs):
+    """`variables` with every BatchNorm's statistics re-estimated on `images` (one batch; pure, jittable)."""
+    if "batch_stats" not in variables:
+        return variables
+    return apply_recalibrated(module, variables, images, **call_kwargs)[1]
