@@ -7,6 +7,6 @@ from agmc_jax.prune.masks import (CRITERIA, apply_masks, channel_importance, cha
                                   weight_masks)
 from agmc_jax.prune.slim import Slimmed, slim, slim_variables
 
-__all__ = ["CRITERIA", "apply_masks", "apply_recalibrated", "channel_importance", "channel_masks", "channel_ranks", "keep_counts",
-           "keep_vectors", "masks_from_vectors", "prune_counts", "recalibrate", "reconstruct", "top_channels",
-           "vectors_from_masks", "weight_masks", "Slimmed", "slim", "slim_variables"]
+__all__ = ["CRITERIA", "apply_masks", "apply_recalibrated", "channel_importance", "channel_masks", "channel_ranks",
+           "keep_counts", "keep_vectors", "masks_from_vectors", "prune_counts", "recalibrate", "reconstruct",
+           "top_channels", "vectors_from_masks", "weight_masks", "Slimmed", "slim", "slim_variables"]
