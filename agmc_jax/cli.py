@@ -106,6 +106,10 @@ def _search_arguments(parser):
     parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
                         help="re-estimate each pruned network's BatchNorm statistics on 100 reward images "
                              "before scoring it (default: on)")
+    parser.add_argument("--warmup-episodes", type=int, default=None,
+                        help="DDPG: episodes of random actions before learning (default: a quarter, at most 100)")
+    parser.add_argument("--sigma-decay", type=float, default=None,
+                        help="DDPG: exploration noise factor per episode after warm-up (default 0.95, AMC's)")
 
 
 def parser():

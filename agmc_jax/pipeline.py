@@ -17,7 +17,7 @@ from agmc_jax.train import config_from_dict, config_to_dict, train
 
 
 def run_search(workdir, out, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
-               resume=False, reward_images=1000, data_dir=None, **env_options):
+               resume=False, reward_images=1000, data_dir=None, **options):
     """Search a trained workdir's network on its validation split; writes policy, plots and networks to `out`."""
     module, variables, config = load_network(workdir)
     images, labels = data.load_arrays(config["dataset"], "validation", data_dir or config["data_dir"],
@@ -27,7 +27,7 @@ def run_search(workdir, out, method="agmc", target_macs=None, target_params=None
         raise CheckpointError(f"{out} already holds a finished search; choose a new --out")
     result = search(module, variables, (images, labels), method=method, target_macs=target_macs,
                     target_params=target_params, episodes=episodes, seed=seed, out=out, resume=resume,
-                    **env_options)
+                    **options)
     policy = result.policy()
     if result.history:
         plot_rewards(result.history, out / "rewards.png")
@@ -47,7 +47,8 @@ def search_options(args):
     """`run_search` keyword arguments from the search options of `agmc search` and `agmc compress`."""
     names = ("method", "target_macs", "target_params", "episodes", "seed", "resume", "reward_images", "data_dir",
              "reward", "lbound", "round_to", "criterion", "recalibrate_bn")
-    return {name: getattr(args, name) for name in names}
+    ddpg = {name: getattr(args, name) for name in ("warmup_episodes", "sigma_decay") if getattr(args, name) is not None}
+    return {**{name: getattr(args, name) for name in names}, "ddpg_options": ddpg}
 
 
 def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None):

@@ -187,13 +187,15 @@ def _play(env, agent, observe, run, episodes, width):
 
 
 def search(module, variables, data, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
-           out=None, resume=False, progress=True, config: SearchConfig | None = None, **env_options):
+           out=None, resume=False, progress=True, config: SearchConfig | None = None, ddpg_options=None,
+           **env_options):
     """Search keep ratios per channel group (per layer's weights for `fg`) on labelled arrays `data = (x_val, y_val)`.
 
     The budget defaults to half the MACs (half the parameters for `fg`).
 
     Works for any network `agmc_jax.trace` handles. With `out`, writes a checkpoint per episode,
     `episodes.jsonl` and the best policy; `resume=True` continues a killed search there.
+    `ddpg_options` override `DDPGConfig` fields (e.g. `{"sigma_decay": 0.99}`); `env_options` `EnvConfig` ones.
     """
     if method not in METHODS:
         raise UnknownMethodError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -202,7 +204,8 @@ def search(module, variables, data, method="agmc", target_macs=None, target_para
     if config is None:  # AMC warms up for 100 of its 400+ episodes; shorter searches keep that quarter
         config = SearchConfig(method=method, episodes=episodes, seed=seed,
                               env=EnvConfig(target_macs=target_macs, target_params=target_params, **env_options),
-                              ddpg=DDPGConfig(warmup_episodes=min(100, max(1, episodes // 4))))
+                              ddpg=DDPGConfig(**{"warmup_episodes": min(100, max(1, episodes // 4)),
+                                                 **(ddpg_options or {})}))
     images, labels = (np.asarray(a) for a in data)
     net = trace(module, variables, images[:1])
     environment = FineGrainedEnvironment if config.method == "fg" else Environment

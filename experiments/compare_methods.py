@@ -64,6 +64,8 @@ def main():
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
                         help="BatchNorm re-estimation in the reward (on by default, as in `agmc search`)")
+    parser.add_argument("--sigma-decay", type=float, default=None,
+                        help="DDPG exploration noise factor per episode after warm-up (default 0.95, AMC's)")
     args = parser.parse_args()
 
     module, variables, config = load_network(args.workdir)
@@ -79,7 +81,8 @@ def main():
             began = time.perf_counter()
             result = search(module, variables, (images, labels), method=method, target_macs=args.target_macs,
                             episodes=args.episodes, seed=seed, out=out / f"{method}_seed{seed}", resume=True,
-                            recalibrate_bn=args.recalibrate_bn)
+                            recalibrate_bn=args.recalibrate_bn,
+                            ddpg_options={} if args.sigma_decay is None else {"sigma_decay": args.sigma_decay})
             seconds = (time.perf_counter() - began) / len(result.history)
             results.setdefault(method, []).append(
                 {"seed": seed, "best": {str(m): best_after(result.history, m) for m in marks},

@@ -54,6 +54,7 @@ def test_summary_table_for_another_input(capsys):
     (("search", "--workdir", "{tmp}/missing", "--out", "{tmp}/s"), "does not exist"),
     (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--target-macs", "1.5"), "(0, 1)"),
     (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--method", "ppo9"), "unknown method"),
+    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--sigma-decay", "1.5"), "sigma_decay"),
     (("prune", "--workdir", str(BASELINE), "--keep", "1.5", "--out", "{tmp}/p"), "(0, 1]"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(capsys, tmp_path, monkeypatch, argv, words):

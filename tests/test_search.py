@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from agmc_jax import checkpoint
 from agmc_jax.agents import DDPGConfig
 from agmc_jax.env import BudgetError, EnvConfig, Environment
 from agmc_jax.errors import CheckpointError
@@ -114,6 +115,15 @@ def test_resume_refuses_another_network(tmp_path):
     other = create_model("lenet5", 7)
     with pytest.raises(CheckpointError, match="another network"):
         search(other, init_model(other, (28, 28, 1)), (DATA[0], DATA[1] % 7), config=config("amc", 4),
+               out=tmp_path / "s", resume=True, progress=False)
+
+
+def test_ddpg_options_reach_the_agent_and_resume_checks_them(tmp_path):
+    search(MODULE, VARIABLES, DATA, method="amc", episodes=2, ddpg_options={"sigma_decay": 0.5}, out=tmp_path / "s",
+           progress=False)
+    assert checkpoint.metadata(tmp_path / "s" / "search_state")["ddpg"]["sigma_decay"] == 0.5
+    with pytest.raises(CheckpointError, match="ddpg"):
+        search(MODULE, VARIABLES, DATA, method="amc", episodes=3, ddpg_options={"sigma_decay": 0.9},
                out=tmp_path / "s", resume=True, progress=False)
 
 
