@@ -1,21 +1,20 @@
 """AGMC vs AMC vs random vs uniform on one trained network at one MACs budget.
 
 For each method and seed: a search of `--episodes` episodes scored on the validation subset; the
-best reward after each of `--marks` episodes, and the accuracy of the best policy, pruned and not
+best reward after each of `--marks` episodes; the accuracy of the best policy, pruned and not
 fine-tuned, on the whole validation split (the reward subset is small: its maximum over many
-policies is biased upwards). Then each method's best policy over its seeds is
-slimmed and fine-tuned for the same `--finetune-epochs` at the same learning rate, and its
-validation and test accuracy reported. Prints a Markdown table (mean and standard deviation over
-seeds), writes it to `--out/table.md` and everything measured to `--out/results.json`. Rerunning
-with the same `--out` resumes finished and interrupted searches and skips finished fine-tunes.
+policies is biased upwards); then that policy slimmed and fine-tuned for the same
+`--finetune-epochs` at the same learning rate, and its validation and test accuracy. Prints a
+Markdown table (mean and standard deviation over seeds), writes it to `--out/table.md` and
+everything measured to `--out/results.json`. Rerunning with the same `--out` resumes finished and
+interrupted searches and fine-tunes (a finished fine-tune is only re-tested).
 
     python experiments/compare_methods.py --workdir agmc_jax/baselines/resnet20_fashion_mnist \
-        --out runs/compare --episodes 200 --marks 50,100,200 --seeds 0,1,2 --reward-images 300
+        --out runs/compare --episodes 200 --marks 50,100,200 --seeds 0,1,2 --reward-images 1000
 """
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +34,25 @@ def spread(values):
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
-def table(results, marks, tuned):
-    """The Markdown table of best rewards per mark over seeds and the fine-tuned accuracy of each best policy."""
-    lines = ["| method | " + " | ".join(f"best reward @{m}" for m in marks) +
-             " | its pruned val acc | search s/episode | best policy: MACs kept | pruned val acc | fine-tuned val acc "
-             "| fine-tuned test acc |",
-             "|---" * (len(marks) + 7) + "|"]
+def table(results, marks):
+    """The Markdown table: per method, mean and spread over seeds of each measure."""
+    columns = [f"best reward @{m}" for m in marks] + [
+        "its pruned val acc", "MACs kept", "fine-tuned val acc", "fine-tuned test acc"]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, rows in results.items():
-        cells = [spread([r["best"][str(m)] for r in rows]) for m in marks] + [spread([r["pruned_val_acc"] for r in rows])]
-        seconds = f"{np.mean([r['seconds_per_episode'] for r in rows]):.2f}" if method != "uniform" else "-"
-        best = tuned[method]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds} | {best['macs_ratio']:.3f} | "
-                     f"{best['pruned_val_acc']:.4f} | {best['val_acc']:.4f} | {best['test_acc']:.4f} |")
+        cells = [spread([r["best"][str(m)] for r in rows]) for m in marks]
+        cells += [spread([r[key] for r in rows]) for key in ("pruned_val_acc", "macs_ratio", "val_acc", "test_acc")]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def finetuned(slim_module, slim_variables, base, args, workdir):
+    """Validation and test accuracy of a slimmed policy after `--finetune-epochs` (NaN for 0)."""
+    if args.finetune_epochs == 0:
+        return {"val_acc": float("nan"), "test_acc": float("nan")}
+    summary = train(dataclasses.replace(base, epochs=args.finetune_epochs, learning_rate=args.lr, warmup_epochs=0),
+                    workdir, module=slim_module, variables=slim_variables)
+    return {"val_acc": summary["val_acc"], "test_acc": summary["test_acc"]}
 
 
 def main():
@@ -59,7 +64,7 @@ def main():
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--marks", default="50,100,200")
     parser.add_argument("--target-macs", type=float, default=0.5)
-    parser.add_argument("--reward-images", type=int, default=300)
+    parser.add_argument("--reward-images", type=int, default=1000)
     parser.add_argument("--finetune-epochs", type=int, default=1, help="0: report the policies unfine-tuned")
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
@@ -74,40 +79,23 @@ def main():
     marks = [int(m) for m in args.marks.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results, best_policies = {}, {}
+    results = {}
     for method in args.methods.split(","):
         seeds = [0] if method == "uniform" else [int(s) for s in args.seeds.split(",")]
         for seed in seeds:
-            began = time.perf_counter()
+            name = f"{method}_seed{seed}"
             result = search(module, variables, (images, labels), method=method, target_macs=args.target_macs,
-                            episodes=args.episodes, seed=seed, out=out / f"{method}_seed{seed}", resume=True,
+                            episodes=args.episodes, seed=seed, out=out / name, resume=True,
                             recalibrate_bn=args.recalibrate_bn,
                             ddpg_options={} if args.sigma_decay is None else {"sigma_decay": args.sigma_decay})
-            seconds = (time.perf_counter() - began) / len(result.history)
+            slim = result.slim()
             results.setdefault(method, []).append(
                 {"seed": seed, "best": {str(m): best_after(result.history, m) for m in marks},
                  "macs_ratio": result.macs / result.net.macs, "keep": result.keep.round(4).tolist(),
-                 "seconds_per_episode": seconds,
-                 "pruned_val_acc": evaluate_variables(*result.slim(), config, "validation")["accuracy"]})
-            if method not in best_policies or result.reward > best_policies[method].reward:
-                best_policies[method] = result
+                 "pruned_val_acc": evaluate_variables(*slim, config, "validation")["accuracy"],
+                 **finetuned(*slim, base, args, out / f"{name}_finetune")})
             (out / "results.json").write_text(json.dumps({"args": vars(args), "searches": results}, indent=1))
-    tuned = {}
-    for method, result in best_policies.items():
-        slim_module, slim_variables = result.slim()
-        pruned = evaluate_variables(slim_module, slim_variables, config, "validation")["accuracy"]
-        tuned[method] = {"macs_ratio": result.macs / result.net.macs, "pruned_val_acc": pruned,
-                         "val_acc": float("nan"), "test_acc": float("nan")}
-        if args.finetune_epochs == 0:
-            continue
-        summary = train(dataclasses.replace(base, epochs=args.finetune_epochs, learning_rate=args.lr,
-                                            warmup_epochs=0), out / f"{method}_finetune", module=slim_module,
-                        variables=slim_variables)
-        tuned[method] = {"macs_ratio": result.macs / result.net.macs, "pruned_val_acc": pruned,
-                         "val_acc": summary["val_acc"], "test_acc": summary["test_acc"]}
-        (out / "results.json").write_text(json.dumps({"args": vars(args), "searches": results, "finetuned": tuned},
-                                                     indent=1))
-    text = table(results, marks, tuned)
+    text = table(results, marks)
     (out / "table.md").write_text(text)
     print(text)
 
