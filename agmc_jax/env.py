@@ -266,7 +266,7 @@ class Environment(Budget):
         predictions, so each image runs through the network once."""
         if not self.config.recalibrate_bn:
             return self._accuracy(variables, images, labels)
-        calibration = min(self.config.calibration_images, images.shape[0])
+        calibration = len(self.calibration)
         logits, variables = apply_recalibrated(self.net.module, variables, images[:calibration],
                                                **self.net.call_kwargs)
         calibration_correct = jnp.sum(jnp.argmax(logits, -1) == labels[:calibration])
