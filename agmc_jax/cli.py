@@ -7,6 +7,7 @@ import json
 import sys
 
 from agmc_jax.errors import AgmcError, InputShapeError
+from agmc_jax.search.registry import describe_methods
 
 
 def _shape(text):
@@ -92,7 +93,7 @@ def cmd_compress(args):
 
 
 def _search_arguments(parser):
-    parser.add_argument("--method", default="agmc", help="agmc | amc | random | uniform | fg (weights, not channels)")
+    parser.add_argument("--method", default="agmc", help=describe_methods())
     parser.add_argument("--target-macs", type=float, default=None, help="MACs budget as a fraction (0, 1)")
     parser.add_argument("--target-params", type=float, default=None, help="parameter budget as a fraction (0, 1)")
     parser.add_argument("--episodes", type=int, default=100)
@@ -106,6 +107,9 @@ def _search_arguments(parser):
     parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
                         help="re-estimate each pruned network's BatchNorm statistics on 100 reward images "
                              "before scoring it (default: on)")
+    parser.add_argument("--agent-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a field of the method's agent config, e.g. sigma_decay=0.99 or candidates=8 "
+                             "(repeatable; an unknown name lists the valid ones)")
     parser.add_argument("--warmup-episodes", type=int, default=None,
                         help="DDPG: episodes of random actions before learning (default: a quarter, at most 100)")
     parser.add_argument("--sigma-decay", type=float, default=None,

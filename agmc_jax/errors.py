@@ -37,3 +37,7 @@ class TraceError(AgmcError, ValueError):
 
 class MaskError(AgmcError, ValueError):
     """A keep ratio or mask that does not fit the traced network."""
+
+
+class BudgetError(AgmcError, ValueError):
+    """A budget outside (0, 1) or below what the smallest allowed policy reaches, or settings that cannot run."""

@@ -11,7 +11,8 @@ import jax
 
 from agmc_jax import checkpoint, data
 from agmc_jax.errors import CheckpointError
-from agmc_jax.prune.slim import Slimmed
+from agmc_jax.graph import trace
+from agmc_jax.prune import Slimmed, apply_masks, channel_masks, recalibrate, reconstruct, slim
 from agmc_jax.train import (build_module, config_from_dict, data_mesh, evaluate_source, load_trained,
                             make_eval_step)
 
@@ -75,17 +76,15 @@ def calibration_images(config_dict, count=256, data_dir=None):
 def prune_uniform(workdir, keep, criterion, out, data_dir=None, recalibrate_bn=True):
     """Apply one keep ratio to every channel group (refit for lstsq, BatchNorm statistics re-estimated on
     256 validation images unless `recalibrate_bn` is False), slim, save to `out`; returns the counts and accuracy."""
-    from agmc_jax.graph import trace
-
     module, variables, config = load_network(workdir)
     net = trace(module, variables, tuple(config["input_shape"]))
-    masks = net.masks(variables, keep, criterion)
+    masks = channel_masks(net, variables, keep, criterion)
     images = calibration_images(config, data_dir=data_dir) if criterion == "lstsq" or recalibrate_bn else None
     if criterion == "lstsq":
-        variables = net.reconstruct(variables, masks, images)
+        variables = reconstruct(net, variables, masks, images)
     if recalibrate_bn:
-        variables = net.recalibrate(net.apply_masks(variables, masks), images)
-    slim_module, slim_variables = net.slim(variables, masks)
+        variables = recalibrate(module, apply_masks(net, variables, masks), images, **net.call_kwargs)
+    slim_module, slim_variables = slim(net, variables, masks)
     macs, params = net.cost(net.keep_counts(keep))
     info = {"source": str(workdir), "keep": keep, "criterion": criterion, "recalibrate_bn": recalibrate_bn,
             "macs": int(macs), "params": int(params),

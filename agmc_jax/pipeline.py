@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from agmc_jax import data
+from agmc_jax.agents import parse_options
 from agmc_jax.errors import CheckpointError
 from agmc_jax.networks import evaluate_variables, load_network, mark_trained_slim, save_network
 from agmc_jax.prune.slim import Slimmed
@@ -38,8 +39,7 @@ def run_search(workdir, out, method="agmc", target_macs=None, target_params=None
     if not (out / "slim" / "network.json").exists():
         pruned, masks = result.pruned()
         save_network(out / "masked", "masked", config, pruned, info)
-        kind = "slim" if result.env.unit == "channels" else "sparse"
-        save_network(out / "slim", kind, config, result.env.export(pruned, masks)[1], info)
+        save_network(out / "slim", result.env.kind.export_name, config, result.env.kind.export(pruned, masks)[1], info)
     return result
 
 
@@ -47,8 +47,9 @@ def search_options(args):
     """`run_search` keyword arguments from the search options of `agmc search` and `agmc compress`."""
     names = ("method", "target_macs", "target_params", "episodes", "seed", "resume", "reward_images", "data_dir",
              "reward", "lbound", "round_to", "criterion", "recalibrate_bn")
-    ddpg = {name: getattr(args, name) for name in ("warmup_episodes", "sigma_decay") if getattr(args, name) is not None}
-    return {**{name: getattr(args, name) for name in names}, "ddpg_options": ddpg}
+    flags = {name: getattr(args, name) for name in ("warmup_episodes", "sigma_decay") if getattr(args, name) is not None}
+    return {**{name: getattr(args, name) for name in names},
+            "agent_options": {**flags, **parse_options(args.agent_option)}}
 
 
 def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None):

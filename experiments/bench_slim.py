@@ -17,8 +17,9 @@ import numpy as np
 
 from agmc_jax.env import Budget, EnvConfig
 from agmc_jax.graph import trace
+from agmc_jax.kinds import Channels
 from agmc_jax.models import MODELS, create_model, init_model
-from agmc_jax.prune import masks_from_vectors, top_channels
+from agmc_jax.prune import masks_from_vectors, slim, top_channels
 
 DEFAULT_MODELS = "resnet20,resnet56,mobilenet_v1"
 
@@ -101,24 +102,25 @@ def main():
         variables = random_variables(module, spec.input_shape)
         net = trace(module, variables, spec.input_shape)
         if args.round_to > 1:
-            counts = Budget(net, EnvConfig(target_macs=args.target, round_to=args.round_to)).uniform_counts()
+            config = EnvConfig(target_macs=args.target, round_to=args.round_to)
+            counts = Budget(Channels(net, config), config).uniform_counts()
             ratio, fraction = float(np.mean(counts / np.array(net.group_sizes))), net.cost(counts)[0] / net.macs
         else:
             ratio, fraction = ratio_for_macs(net, args.target)
             counts = net.keep_counts(ratio)
         masks = masks_from_vectors(net, top_channels(net, variables, counts))
-        slim_module, slim_vars = net.slim(variables, masks)
+        slim_module, slim_vars = slim(net, variables, masks)
         slim_net = trace(slim_module, slim_vars, spec.input_shape)
         assert slim_net.macs == net.cost(counts)[0]
         dense = jax.jit(lambda v, x: module.apply(v, x, train=False))
-        slim = jax.jit(slim_module.apply)
+        slim_apply = jax.jit(slim_module.apply)
         variables, slim_vars = jax.device_put(variables), jax.device_put(slim_vars)
         for batch in batches:
             shape = spec.input_shape
             if batch > 1 and args.large_batch_size and shape[0] > 32:
                 shape = (args.large_batch_size, args.large_batch_size, shape[2])
             x = jax.device_put(np.random.default_rng(batch).standard_normal((batch, *shape), np.float32))
-            t = measure(dense, (variables, x), slim, (slim_vars, x), args.repeats)
+            t = measure(dense, (variables, x), slim_apply, (slim_vars, x), args.repeats)
             (dense_wall, dense_cpu), (slim_wall, slim_cpu) = t["dense"], t["slim"]
             speedup, cpu_speedup = dense_wall / slim_wall, dense_cpu / slim_cpu
             rows.append(f"{name:<13} {'x'.join(map(str, shape)):<11} {batch:>5} {ratio:>6.3f} {fraction:>6.1%} "

@@ -1,4 +1,4 @@
-"""AGMC vs AMC vs random vs uniform on one trained network at one MACs budget.
+"""The registered channel methods (AGMC, AMC, random, uniform, ...) on one trained network at one MACs budget.
 
 For each method and seed: a search of `--episodes` episodes scored on the validation subset; the
 best reward after each of `--marks` episodes; the accuracy of the best policy, pruned and not
@@ -21,7 +21,8 @@ import numpy as np
 
 from agmc_jax import data
 from agmc_jax.networks import evaluate_variables, load_network
-from agmc_jax.search import search
+from agmc_jax.agents import parse_options
+from agmc_jax.search import METHODS, describe_methods, get_method, search
 from agmc_jax.train import config_from_dict, train
 
 
@@ -59,7 +60,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--methods", default="agmc,amc,random,uniform")
+    parser.add_argument("--methods", default=",".join(m.name for m in METHODS.values() if m.kind.unit == "channels"),
+                        help="registered methods, comma-separated: " + describe_methods())
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--marks", default="50,100,200")
@@ -71,6 +73,8 @@ def main():
                         help="BatchNorm re-estimation in the reward (on by default, as in `agmc search`)")
     parser.add_argument("--sigma-decay", type=float, default=None,
                         help="DDPG exploration noise factor per episode after warm-up (default 0.95, AMC's)")
+    parser.add_argument("--agent-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a field of the agents' configs, given to every method whose agent has it")
     args = parser.parse_args()
 
     module, variables, config = load_network(args.workdir)
@@ -80,14 +84,18 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+    options = {**({} if args.sigma_decay is None else {"sigma_decay": args.sigma_decay}),
+               **parse_options(args.agent_option)}
     for method in args.methods.split(","):
-        seeds = [0] if method == "uniform" else [int(s) for s in args.seeds.split(",")]
+        chosen = get_method(method)
+        seeds = [0] if chosen.rule is not None else [int(s) for s in args.seeds.split(",")]
+        fields = () if chosen.agent is None else chosen.agent.config._fields
         for seed in seeds:
             name = f"{method}_seed{seed}"
             result = search(module, variables, (images, labels), method=method, target_macs=args.target_macs,
                             episodes=args.episodes, seed=seed, out=out / name, resume=True,
                             recalibrate_bn=args.recalibrate_bn,
-                            ddpg_options={} if args.sigma_decay is None else {"sigma_decay": args.sigma_decay})
+                            agent_options={k: v for k, v in options.items() if k in fields})
             slim = result.slim()
             results.setdefault(method, []).append(
                 {"seed": seed, "best": {str(m): best_after(result.history, m) for m in marks},

@@ -12,6 +12,7 @@ from flax.core import freeze
 
 from agmc_jax.env import EnvConfig, Environment
 from agmc_jax.graph import trace
+from agmc_jax.kinds import Channels
 from agmc_jax.models import create_model, init_model
 from agmc_jax.prune.batchnorm import apply_recalibrated, recalibrate
 
@@ -70,10 +71,10 @@ def test_the_reward_scores_the_exported_network(recalibrate_bn, calibration_imag
     net = trace(RESNET, RESNET_VARIABLES, IMAGES[:1])
     config = EnvConfig(target_macs=0.5, eval_batch=16, calibration_images=calibration_images,
                        recalibrate_bn=recalibrate_bn)
-    env = Environment(net, RESNET_VARIABLES, jnp.asarray(IMAGES), jnp.asarray(LABELS), config)
+    env = Environment(Channels(net, config), RESNET_VARIABLES, jnp.asarray(IMAGES), jnp.asarray(LABELS), config)
     counts = env.uniform_counts()
-    variables, masks = env.pruned(counts)
-    module, slim = env.export(variables, masks)
+    variables, _ = env.pruned(counts)
+    module, slim = env.export(counts)
     exported = float(np.mean(np.argmax(module.apply(slim, IMAGES, train=False), -1) == LABELS))
     assert env.accuracy(np.array([counts]))[0] == pytest.approx(exported, abs=1e-6)
     kept = jax.tree.leaves(jax.tree.map(np.allclose, variables["batch_stats"], RESNET_VARIABLES["batch_stats"]))

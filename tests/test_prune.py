@@ -20,7 +20,8 @@ from agmc_jax.errors import MaskError
 from agmc_jax.graph import trace
 from agmc_jax.models import create_model, init_model
 from agmc_jax.models.layers import ConvBN
-from agmc_jax.prune import Slimmed, channel_importance, vectors_from_masks
+from agmc_jax.prune import (Slimmed, apply_masks, channel_importance, channel_masks, reconstruct, slim,
+                            vectors_from_masks, weight_masks)
 from realistic import realistic
 
 
@@ -42,7 +43,7 @@ class Setup:
         self.variables = realistic(jax.eval_shape(lambda: init_model(self.module, shape)))
         self.net = trace(self.module, self.variables, shape)
         module, net = self.module, self.net
-        self.masked_apply = jit(lambda v, m, x: module.apply(net.apply_masks(v, m), x, train=False))
+        self.masked_apply = jit(lambda v, m, x: module.apply(apply_masks(net, v, m), x, train=False))
         self.x = jax.random.normal(jax.random.key(1), (2, *shape))
 
 
@@ -82,9 +83,9 @@ def slimmed_case(name, shape, seed):
 
 
 def slim_and_compare(s, keep):
-    masks = s.net.masks(s.variables, keep)
+    masks = channel_masks(s.net, s.variables, keep)
     masked = np.asarray(s.masked_apply(s.variables, masks, s.x))
-    module, slim_vars = s.net.slim(s.variables, jax.tree.map(np.asarray, masks))
+    module, slim_vars = slim(s.net, s.variables, jax.tree.map(np.asarray, masks))
     slimmed = np.asarray(jit(module.apply)(slim_vars, s.x))
     assert masked.shape == slimmed.shape
     scale = float(np.abs(masked).max())
@@ -136,7 +137,7 @@ def test_masks_keep_exact_counts_and_cost_is_monotone(ratios):
     counts = s.net.keep_counts(ratios)
     sizes = np.array(s.net.group_sizes)
     assert counts.tolist() == [max(1, round(r * n)) for r, n in zip(ratios, sizes)]
-    vectors = vectors_from_masks(s.net, s.net.masks(s.variables, ratios))
+    vectors = vectors_from_masks(s.net, channel_masks(s.net, s.variables, ratios))
     assert [int(v.sum()) for v in vectors] == counts.tolist()
     macs, params = s.net.cost(counts)
     assert macs == int(macs) and params == int(params)
@@ -149,10 +150,10 @@ def test_masks_keep_exact_counts_and_cost_is_monotone(ratios):
 def test_removed_channels_are_exactly_zero_after_batchnorm():
     """BatchNorm adds a shift: a removed channel is zero only if its scale and shift are masked too."""
     s = setup("resnet20", SMALL)
-    masks = s.net.masks(s.variables, 0.5)
+    masks = channel_masks(s.net, s.variables, 0.5)
     apply = jit(lambda v, x: s.module.apply(v, x, train=False, capture_intermediates=True,
                                             mutable=["intermediates"]))
-    _, state = apply(s.net.apply_masks(s.variables, masks), s.x)
+    _, state = apply(apply_masks(s.net, s.variables, masks), s.x)
 
     def at(tree, path):
         for key in path:
@@ -206,13 +207,35 @@ def test_l1_and_l2_choose_the_largest_norm_filters():
     np.testing.assert_allclose(l2, [np.sqrt(3), np.sqrt(3 * 0.81), 1.9, 1.8], rtol=1e-6)
 
     def kept(criterion, ratio):
-        masks = net.masks(variables, {group: ratio}, criterion=criterion)
+        masks = channel_masks(net, variables, {group: ratio}, criterion=criterion)
         return np.flatnonzero(np.asarray(masks["params"]["c0"]["Conv_0"]["kernel"]).any(axis=(0, 1, 2))).tolist()
 
     assert kept("l1", 0.5) == [0, 1] and kept("l2", 0.5) == [2, 3]
     assert kept("l1", 0.25) == [0] and kept("l2", 0.25) == [2] and kept("lstsq", 0.25) == [2]
     assert kept("l1", 0.75) == [0, 1, 2] and kept("l2", 0.75) == [0, 2, 3]
 
+
+
+def test_reconstruct_refits_the_layer_that_reads_pruned_channels():
+    """AMC's least squares, given masks: the consuming layer's outputs come closer to the dense network's."""
+    module = TwoConvs()
+    variables = realistic(jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))))
+    net = trace(module, variables, (4, 4, 3))
+    group = next(l for l in net.layers if l.name == "c0/Conv_0").out_group
+    masks = channel_masks(net, variables, {group: 0.5})
+    images = np.random.default_rng(0).standard_normal((8, 4, 4, 3)).astype(np.float32)
+    refitted = reconstruct(net, variables, masks, images, positions=16)  # every position of every image
+
+    def consumer_output(v):
+        _, state = module.apply(v, images, capture_intermediates=True, mutable=["intermediates"])
+        return np.asarray(state["intermediates"]["c1"]["Conv_0"]["__call__"][0])
+
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(refitted))]
+    assert sum(changed) == 1 and net.paths[changed.index(True)] == ("params", "c1", "Conv_0", "kernel")
+    reference = consumer_output(variables)
+    magnitude_error = np.mean((consumer_output(apply_masks(net, variables, masks)) - reference) ** 2)
+    refitted_error = np.mean((consumer_output(apply_masks(net, refitted, masks)) - reference) ** 2)
+    assert refitted_error < 0.9 * magnitude_error
 
 def test_importance_of_a_residual_group_sums_over_its_producers():
     s = setup("resnet20", SMALL)
@@ -229,14 +252,14 @@ def test_importance_of_a_residual_group_sums_over_its_producers():
     np.testing.assert_allclose(channel_importance(s.net, s.variables, "l1")[group], l1, rtol=1e-6)
     np.testing.assert_allclose(channel_importance(s.net, s.variables, "l2")[group], l2, rtol=1e-6)
     keep = np.argsort(-l2, kind="stable")[:4]
-    vectors = vectors_from_masks(s.net, s.net.masks(s.variables, {group: 0.25}))
+    vectors = vectors_from_masks(s.net, channel_masks(s.net, s.variables, {group: 0.25}))
     assert sorted(np.flatnonzero(vectors[group]).tolist()) == sorted(keep.tolist())
 
 
 # ----- fine-grained weight masks ------------------------------------------------------------
 def test_weight_masks_exact_fraction_and_largest_magnitudes():
     s = setup("resnet20", SMALL)
-    masks = s.net.weight_masks(s.variables, 0.25)
+    masks = weight_masks(s.net, s.variables, 0.25)
     leaves = dict(zip(s.net.paths, jax.tree.leaves(s.variables)))
     mask_leaves = dict(zip(s.net.paths, jax.tree.leaves(masks)))
     kernels = {l.kernel_path for l in s.net.layers}
@@ -250,7 +273,7 @@ def test_weight_masks_exact_fraction_and_largest_magnitudes():
         assert set(np.unique(mask).tolist()) == {0.0, 1.0}
         assert mask.sum() * 4 == mask.size, path  # exactly a quarter kept
         assert w[mask == 1].min() >= w[mask == 0].max(), path
-    pruned = s.net.apply_masks(s.variables, masks)
+    pruned = apply_masks(s.net, s.variables, masks)
     for layer in s.net.layers:
         k = np.asarray(dict(zip(s.net.paths, jax.tree.leaves(pruned)))[layer.kernel_path])
         assert (k == 0).sum() == 3 * k.size // 4
@@ -258,15 +281,15 @@ def test_weight_masks_exact_fraction_and_largest_magnitudes():
 
 def test_weight_masks_per_layer_dict():
     s = setup("resnet20", SMALL)
-    masks = s.net.weight_masks(s.variables, {"ConvBN_0/Conv_0": 0.5, "Dense_0": 0.1})
+    masks = weight_masks(s.net, s.variables, {"ConvBN_0/Conv_0": 0.5, "Dense_0": 0.1})
     stem = np.asarray(masks["params"]["ConvBN_0"]["Conv_0"]["kernel"])
     dense = np.asarray(masks["params"]["Dense_0"]["kernel"])
     assert stem.sum() == round(0.5 * stem.size) and dense.sum() == round(0.1 * dense.size)
     assert np.all(np.asarray(masks["params"]["BasicBlock_0"]["ConvBN_0"]["Conv_0"]["kernel"]) == 1)
     with pytest.raises(MaskError):
-        s.net.weight_masks(s.variables, {"no/such/layer": 0.5})
+        weight_masks(s.net, s.variables, {"no/such/layer": 0.5})
     with pytest.raises(MaskError):
-        s.net.weight_masks(s.variables, 0.0)
+        weight_masks(s.net, s.variables, 0.0)
 
 
 # ----- orbax round trip of a slimmed network ------------------------------------------------

@@ -17,6 +17,7 @@ from agmc_jax.errors import MaskError, TraceError
 from agmc_jax.graph import trace
 from agmc_jax.models import create_model, init_model
 from agmc_jax.models.layers import ConvBN
+from agmc_jax.prune import apply_masks, channel_masks, slim
 
 
 # ----- helpers ------------------------------------------------------------------------------
@@ -39,10 +40,10 @@ def realistic(module, input_shape, seed=0):
 
 def masked_and_slimmed(net, variables, keep, x):
     """Outputs of the masked and of the slimmed network, and the slimmed (module, variables)."""
-    masks = net.masks(variables, keep)
-    masked = jax.jit(lambda v, m, x: net.module.apply(net.apply_masks(v, m), x, train=False),
+    masks = channel_masks(net, variables, keep)
+    masked = jax.jit(lambda v, m, x: net.module.apply(apply_masks(net, v, m), x, train=False),
                      compiler_options=FAST)(variables, masks, x)
-    module, slim_vars = net.slim(variables, jax.tree.map(np.asarray, masks))
+    module, slim_vars = slim(net, variables, jax.tree.map(np.asarray, masks))
     slimmed = jax.jit(module.apply, compiler_options=FAST)(slim_vars, x)
     return np.asarray(masked), np.asarray(slimmed), module, slim_vars, masks
 
@@ -437,28 +438,28 @@ def test_bad_keep_raises_mask_error(resnet20_pair, keep):
     with pytest.raises(MaskError):
         net.keep_counts(keep)
     with pytest.raises(MaskError):
-        net.masks(variables, keep)
+        channel_masks(net, variables, keep)
 
 
 def test_masks_from_another_network_raise_mask_error(resnet20_pair):
     net, variables, other_net, other_vars = resnet20_pair
-    other_masks = other_net.masks(other_vars, 0.5)
+    other_masks = channel_masks(other_net, other_vars, 0.5)
     with pytest.raises(MaskError):
-        net.apply_masks(variables, other_masks)
+        apply_masks(net, variables, other_masks)
     with pytest.raises(MaskError):
-        net.slim(variables, other_masks)
+        slim(net, variables, other_masks)
     with pytest.raises(MaskError):
-        net.masks(other_vars, 0.5)
+        channel_masks(net, other_vars, 0.5)
     with pytest.raises(MaskError):
-        net.masks(variables, 0.5, criterion="l3")
+        channel_masks(net, variables, 0.5, criterion="l3")
     with pytest.raises(MaskError):  # same tree, wrong shapes
-        net.apply_masks(variables, jax.tree.map(lambda m: m[..., :1], net.masks(variables, 0.5)))
+        apply_masks(net, variables, jax.tree.map(lambda m: m[..., :1], channel_masks(net, variables, 0.5)))
 
 
 def test_slim_with_variables_of_another_network_raises_mask_error(resnet20_pair):
     net, variables, _, other_vars = resnet20_pair
     with pytest.raises(MaskError):
-        net.slim(other_vars, net.masks(variables, 0.5))
+        slim(net, other_vars, channel_masks(net, variables, 0.5))
 
 
 @pytest.mark.parametrize("ratio", [np.array(0.5), jnp.float32(0.5)])

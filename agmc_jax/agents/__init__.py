@@ -1,5 +1,9 @@
-"""Agents that choose one keep ratio per prunable layer group: (init, act, observe, update) pure functions."""
-from agmc_jax.agents.ddpg import Agent, DDPGConfig, DDPGState, ddpg
-from agmc_jax.agents.random_agent import random_agent
+"""Agents that choose one action per step: (init, act, observe, update) pure functions, and their registry."""
+from agmc_jax.agents.base import Agent
+from agmc_jax.agents.ddpg import DDPGConfig, DDPGState, ddpg
+from agmc_jax.agents.heads import MLP, Actor, Critic
+from agmc_jax.agents.random_agent import RandomConfig, random_agent
+from agmc_jax.agents.registry import AGENTS, AgentType, OptionError, agent_config, parse_options
 
-__all__ = ["Agent", "DDPGConfig", "DDPGState", "ddpg", "random_agent"]
+__all__ = ["AGENTS", "Agent", "AgentType", "Actor", "Critic", "DDPGConfig", "DDPGState", "MLP", "OptionError",
+           "RandomConfig", "agent_config", "ddpg", "parse_options", "random_agent"]

@@ -5,30 +5,16 @@ average of episode rewards, is subtracted when a batch is trained on, as AMC doe
 storing instead would leave old transitions shifted by old baselines and bias the critic towards them.
 Defaults follow AMC's search script (`amc_search.py`) and agent (`lib/agent.py`).
 """
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from agmc_jax.agents.base import Agent
 from agmc_jax.agents.replay import ReplayBuffer, add_batch, init_buffer, sample
 from agmc_jax.errors import AgmcError
-
-
-class Agent(NamedTuple):
-    """An agent as pure functions over an explicit state pytree, like an optax transformation.
-
-    init(key, example_obs) -> state
-    act(state, obs, key, explore) -> float32 action in [0, 1]
-    observe(state, episode_obs, episode_actions, reward) -> state   (obs with a leading time axis)
-    update(state, key) -> (state, metrics)                           (one training step)
-    """
-
-    init: Callable
-    act: Callable
-    observe: Callable
-    update: Callable
 
 
 class DDPGConfig(NamedTuple):
@@ -94,8 +80,9 @@ def _check_config(config: DDPGConfig) -> None:
             raise AgmcError(f"DDPGConfig: {message}")
 
 
-def ddpg(actor: nn.Module, critic: nn.Module, config: DDPGConfig = DDPGConfig()) -> Agent:
-    """A DDPG agent; `actor.apply(p, obs)` -> action in [0, 1], `critic.apply(p, obs, action)` -> Q."""
+def ddpg(actor: nn.Module, critic: nn.Module, config: DDPGConfig = DDPGConfig(), updates: int = 1) -> Agent:
+    """A DDPG agent; `actor.apply(p, obs)` -> action in [0, 1], `critic.apply(p, obs, action)` -> Q; a search
+    runs `update` `updates` times after each observed episode."""
     _check_config(config)
     actor_opt = optax.adamw(config.actor_lr, weight_decay=config.weight_decay)
     critic_opt = optax.adamw(config.critic_lr, weight_decay=config.weight_decay)
@@ -177,4 +164,4 @@ def ddpg(actor: nn.Module, critic: nn.Module, config: DDPGConfig = DDPGConfig())
         zeros = {name: jnp.zeros((), jnp.float32) for name in METRICS}
         return jax.lax.cond(ready, step, lambda state, key: (state, zeros), state, key)
 
-    return Agent(init, act, observe, update)
+    return Agent(init, act, observe, update, width=1, updates=updates)

@@ -4,7 +4,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from agmc_jax.agents.ddpg import Agent
+from agmc_jax.agents.base import Agent
+from agmc_jax.errors import AgmcError
+
+
+class RandomConfig(NamedTuple):
+    """Random search's one setting."""
+
+    candidates: int = 4  # policies played from one state and scored in one compiled call
 
 
 class RandomState(NamedTuple):
@@ -13,8 +20,10 @@ class RandomState(NamedTuple):
     episode: jax.Array
 
 
-def random_agent() -> Agent:
+def random_agent(config: RandomConfig = RandomConfig()) -> Agent:
     """An agent whose every action is uniform on [0, 1], exploring or not."""
+    if config.candidates < 1:
+        raise AgmcError(f"RandomConfig: candidates must be positive, got {config.candidates}")
 
     def init(key, example_obs):
         """A zero episode counter."""
@@ -32,4 +41,4 @@ def random_agent() -> Agent:
         """Nothing to learn."""
         return state, {}
 
-    return Agent(init, act, observe, update)
+    return Agent(init, act, observe, update, width=config.candidates, updates=0)

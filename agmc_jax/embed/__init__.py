@@ -1,7 +1,6 @@
-"""State encoders for the compression agents: AGMC's graph encoder-decoder and AMC's MLP heads."""
-from agmc_jax.embed.gnn import (AGMCActor, AGMCCritic, AMCActor, AMCCritic, EncoderDecoder,
-                                GraphData, GraphEncoder, example_obs, graph_data,
-                                make_agmc_networks, previous_actions)
+"""What agents see: AGMC's graph encoder-decoder and AMC's rule-based state, as registered `STATES`."""
+from agmc_jax.embed.gnn import AGMCEncoder, EncoderDecoder, GraphData, GraphEncoder, graph_data, previous_actions
+from agmc_jax.embed.states import STATES, State, agmc_state, amc_features, amc_state, no_state
 
-__all__ = ["GraphEncoder", "EncoderDecoder", "GraphData", "graph_data", "previous_actions",
-           "AGMCActor", "AGMCCritic", "AMCActor", "AMCCritic", "example_obs", "make_agmc_networks"]
+__all__ = ["AGMCEncoder", "EncoderDecoder", "GraphData", "GraphEncoder", "graph_data", "previous_actions",
+           "STATES", "State", "agmc_state", "amc_features", "amc_state", "no_state"]

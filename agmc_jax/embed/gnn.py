@@ -6,13 +6,12 @@ stage embeddings into one network embedding. `EncoderDecoder` runs an LSTM over 
 steps; step t reads the network embedding, the mean embedding of the nodes of the channel group
 that step t prunes, and the action of step t-1 (teacher forcing: one pass per episode).
 
-`AGMCActor`/`AGMCCritic` each own an `EncoderDecoder`, so each one's loss trains its encoder.
-They take one observation `{'t': int32[], 'actions': float32[T]}` (the episode's actions so far,
-zeros from t on); batch with `jax.vmap(lambda o: actor.apply(params, o))(batch_obs)`. The graph
-is the same for every observation, so under vmap the GCN runs once and only the LSTM is batched.
+`AGMCEncoder` maps one observation `{'t': int32[], 'actions': float32[T]}` (the episode's actions
+so far, zeros from t on) to the state of step t. An agent's actor and critic each own one, so each
+one's loss trains its encoder. The graph is the same for every observation, so under vmap the GCN
+runs once and only the LSTM is batched.
 """
 import dataclasses
-from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
-from agmc_jax.graph.graphs import node_groups, node_layers, node_stages, pad_graph
+from agmc_jax.graph.graphs import node_stages, pad_graph
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -28,10 +27,9 @@ class GraphData:
     """The static inputs of the AGMC encoder, hashed by identity so modules may hold it."""
 
     graph: jraph.GraphsTuple  # padded with `pad_graph`
-    node_groups: np.ndarray  # int32[N_pad]: the step key of each node (its channel group, or its layer
-    # for fine-grained steps), -1 if none or padding
+    node_groups: np.ndarray  # int32[N_pad]: the step each node belongs to (a channel group, a layer), -1 if none
     node_stages: np.ndarray  # int32[N_pad]: resolution stage of each node, -1 for padding
-    step_groups: np.ndarray  # int32[T]: the key (channel group or layer) each pruning step acts on
+    step_groups: np.ndarray  # int32[T]: the node key each step acts on (arange(T))
     num_stages: int
 
     @property
@@ -44,19 +42,13 @@ def _pad_to(values: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([values, np.full(size - len(values), -1, np.int32)]).astype(np.int32)
 
 
-def graph_data(net, step_groups=None, n_node=None, n_edge=None, unit="channels") -> GraphData:
-    """Encoder inputs for a traced `Network`; by default step t prunes channel group t.
-
-    With `unit='weights'` (fine-grained pruning) step t prunes the weights of layer t instead.
-    """
+def graph_data(net, node_steps, steps, n_node=None, n_edge=None) -> GraphData:
+    """Encoder inputs for a traced `Network` whose step t acts on the graph nodes with `node_steps == t`."""
     graph = pad_graph(net.graph, n_node, n_edge)
     size = graph.nodes.shape[0]
     stages = node_stages(net)
-    keys = node_groups(net) if unit == "channels" else node_layers(net)
-    count = len(net.group_sizes) if unit == "channels" else len(net.layers)
-    steps = np.arange(count) if step_groups is None else np.asarray(step_groups)
-    return GraphData(graph, _pad_to(keys, size), _pad_to(stages, size), steps.astype(np.int32),
-                     int(stages.max()) + 1)
+    return GraphData(graph, _pad_to(np.asarray(node_steps), size), _pad_to(stages, size),
+                     np.arange(steps, dtype=np.int32), int(stages.max()) + 1)
 
 
 def previous_actions(actions):
@@ -119,89 +111,17 @@ class EncoderDecoder(nn.Module):
         return nn.RNN(nn.OptimizedLSTMCell(self.hidden))(inputs)
 
 
-def _small_uniform(key, shape, dtype=jnp.float32):
-    """DDPG's final-layer init, U(-3e-3, 3e-3), so first outputs sit near the middle."""
-    return jax.random.uniform(key, shape, dtype, -3e-3, 3e-3)
-
-
-class MLP(nn.Module):
-    """ReLU hidden layers, then one linear output with a small initialisation."""
-
-    features: Sequence[int] = (300, 300)
-
-    @nn.compact
-    def __call__(self, x):
-        """A scalar from the feature vector `x`."""
-        for width in self.features:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(1, kernel_init=_small_uniform)(x)[0]
-
-
-def _agmc_state(data: GraphData, hidden: int, obs):
-    """The LSTM state of step `obs['t']` (built inside the calling module's scope)."""
-    encoder = EncoderDecoder(data.num_stages, hidden, name="encoder_decoder")
-    states = encoder(jax.tree.map(jnp.asarray, data.graph), jnp.asarray(data.node_groups),
-                     jnp.asarray(data.node_stages), jnp.asarray(data.step_groups),
-                     previous_actions(jnp.asarray(obs["actions"], jnp.float32)))
-    return states[obs["t"]]
-
-
-class AGMCActor(nn.Module):
-    """AGMC policy: observation -> action in [0, 1] (the environment rescales it)."""
+class AGMCEncoder(nn.Module):
+    """AGMC's state of one observation `{'t', 'actions'}`: the LSTM state of step t over the graph embedding."""
 
     data: GraphData
     hidden: int = 32
-    mlp: Sequence[int] = (300, 300)
 
     @nn.compact
     def __call__(self, obs):
-        """float32[] action for one observation `{'t', 'actions'}`."""
-        return nn.sigmoid(MLP(self.mlp)(_agmc_state(self.data, self.hidden, obs)))
-
-
-class AGMCCritic(nn.Module):
-    """AGMC Q function: (observation, action) -> scalar."""
-
-    data: GraphData
-    hidden: int = 32
-    mlp: Sequence[int] = (300, 300)
-
-    @nn.compact
-    def __call__(self, obs, action):
-        """float32[] Q value; `action` is a scalar or shape [1]."""
-        state = _agmc_state(self.data, self.hidden, obs)
-        return MLP(self.mlp)(jnp.concatenate([state, jnp.reshape(action, (1,)).astype(state.dtype)]))
-
-
-class AMCActor(nn.Module):
-    """AMC policy on a rule-based feature vector: float32[F] -> action in [0, 1]."""
-
-    mlp: Sequence[int] = (300, 300)
-
-    @nn.compact
-    def __call__(self, obs):
-        """float32[] action."""
-        return nn.sigmoid(MLP(self.mlp)(obs))
-
-
-class AMCCritic(nn.Module):
-    """AMC Q function on a rule-based feature vector and an action."""
-
-    mlp: Sequence[int] = (300, 300)
-
-    @nn.compact
-    def __call__(self, obs, action):
-        """float32[] Q value; `action` is a scalar or shape [1]."""
-        return MLP(self.mlp)(jnp.concatenate([obs, jnp.reshape(action, (1,)).astype(obs.dtype)]))
-
-
-def example_obs(num_steps: int) -> dict:
-    """The observation at the start of an episode of `num_steps` steps."""
-    return {"t": jnp.zeros((), jnp.int32), "actions": jnp.zeros((num_steps,), jnp.float32)}
-
-
-def make_agmc_networks(net, hidden: int = 32, mlp: Sequence[int] = (300, 300), step_groups=None, unit="channels"):
-    """(actor, critic, example observation) for a traced `Network` whose steps prune `unit`s."""
-    data = graph_data(net, step_groups, unit=unit)
-    return (AGMCActor(data, hidden, tuple(mlp)), AGMCCritic(data, hidden, tuple(mlp)),
-            example_obs(data.num_steps))
+        """float32[hidden] state of step `obs['t']` (the actions so far are teacher-forced)."""
+        encoder = EncoderDecoder(self.data.num_stages, self.hidden, name="encoder_decoder")
+        states = encoder(jax.tree.map(jnp.asarray, self.data.graph), jnp.asarray(self.data.node_groups),
+                         jnp.asarray(self.data.node_stages), jnp.asarray(self.data.step_groups),
+                         previous_actions(jnp.asarray(obs["actions"], jnp.float32)))
+        return states[obs["t"]]

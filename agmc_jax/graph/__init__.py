@@ -1,5 +1,5 @@
 """Tracing a Linen model into layers, channel groups, MAC/parameter counts and a jraph graph."""
-from agmc_jax.graph.network import Network
-from agmc_jax.graph.trace import ChannelGroup, Layer, trace
+from agmc_jax.graph.network import ChannelGroup, Layer, Network
+from agmc_jax.graph.trace import trace
 
 __all__ = ["trace", "Network", "Layer", "ChannelGroup"]

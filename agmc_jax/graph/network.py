@@ -1,11 +1,46 @@
 """`Network`: the traced view of a model that pruning, the graph encoder and the search share."""
+import dataclasses
 from functools import cached_property
 
 import jax
 import numpy as np
 
 from agmc_jax.errors import MaskError
-from agmc_jax.graph.trace import ChannelGroup, Layer, build_groups, frozen_reasons
+from agmc_jax.graph.cost import cost_model, evaluate_cost, layer_macs
+from agmc_jax.graph.graphs import computational_graph
+from agmc_jax.graph.groups import build_groups, frozen_reasons, keep_counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A convolution or dense layer found in the program."""
+
+    name: str  # the kernel's module path, e.g. 'BasicBlock_0/ConvBN_0/Conv_0'
+    kind: str  # conv | depthwise | grouped_conv | dense
+    kernel_path: tuple  # path of the kernel leaf in the variables
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple
+    stride: tuple
+    groups: int
+    out_spatial: tuple
+    macs: int  # multiply-accumulates per example
+    params: int  # parameters of its module (kernel and bias)
+    in_group: int  # channel group of its input features, -1 if none or several
+    out_group: int  # channel group of its output features, -1 if none or several
+    in_groups: tuple  # every channel group among its input features
+    op_index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+    """Channel units that must be removed together (e.g. a residual stage's shared channels)."""
+
+    index: int
+    size: int  # number of channels (units)
+    producers: tuple  # names of layers whose output features are these channels
+    consumers: tuple  # names of layers that read them
+    macs: int  # MACs that disappear when every channel of the group goes
 
 
 def _module_prefix(path):
@@ -33,7 +68,7 @@ class Network:
         self.warnings = frozen_reasons(analysis, layer_ops, program)
         self.is_param = np.array([p[0] == "params" for p in paths])
         self.layers = tuple(self._layer(op) for op in layer_ops)
-        self._cost_tables()
+        self.cost_model = cost_model(self.axis_maps, self.is_param, layer_ops, self.group_sizes)
         self.macs, self.params = (int(v) for v in self.cost(np.array(self.group_sizes)))
         self.groups = tuple(self._group(g) for g in range(len(self.group_sizes)))
 
@@ -76,85 +111,23 @@ class Network:
         return groups.pop() if len(groups) == 1 else -1
 
     # ----- exact cost model --------------------------------------------------------------
-    def _cost_tables(self):
-        """Linear tables so that kept indices per (leaf, axis) = fixed + multiplicity @ counts."""
-        n_groups = len(self.group_sizes)
-        sizes = np.maximum(np.array(self.group_sizes, dtype=np.float64), 1)
-        self._axis_index, fixed, mult = {}, [], []
-        for leaf, maps in enumerate(self.axis_maps):
-            for axis, m in enumerate(maps):
-                self._axis_index[leaf, axis] = len(fixed)
-                fixed.append(np.sum(m.group < 0))
-                mult.append(np.bincount(m.group[m.group >= 0], minlength=n_groups) / sizes)
-        self._fixed = np.array(fixed, dtype=np.float64)
-        self._mult = np.array(mult, dtype=np.float64).reshape(len(fixed), n_groups)
-        self._layer_axes = np.array([[self._axis_index[op.leaf, op.in_axis],
-                                      self._axis_index[op.leaf, op.out_axis]]
-                                     for op in self.analysis.layers], dtype=np.int64).reshape(-1, 2)
-        self._layer_macs = np.array([op.macs for op in self.analysis.layers], dtype=np.float64)
-        self._axis_size = np.array([len(m.group) for maps in self.axis_maps for m in maps],
-                                   dtype=np.float64)
-        self._param_leaves = [(leaf, [self._axis_index[leaf, a] for a in range(len(maps))])
-                              for leaf, maps in enumerate(self.axis_maps) if self.is_param[leaf]]
-
-    def kept_per_axis(self, counts):
-        """Kept indices of every (leaf, axis) when group g keeps counts[g] channels."""
-        return self._fixed + self._mult @ np.asarray(counts, dtype=np.float64)
-
     def cost(self, counts):
         """(MACs per example, parameters) of the network that keeps counts[g] channels of group g."""
-        kept = self.kept_per_axis(counts)
-        fraction = kept / np.maximum(self._axis_size, 1)
-        macs = float(np.sum(self._layer_macs * np.prod(fraction[self._layer_axes], axis=1)))
-        params = float(sum(np.prod(kept[axes]) if axes else 1.0 for _, axes in self._param_leaves))
-        return macs, params
+        macs, params = evaluate_cost(self.cost_model, counts)
+        return float(macs), float(params)
 
     def layer_macs(self, counts):
         """MACs per layer for a policy of kept counts per group."""
-        fraction = self.kept_per_axis(counts) / np.maximum(self._axis_size, 1)
-        return self._layer_macs * np.prod(fraction[self._layer_axes], axis=1)
+        return layer_macs(self.cost_model, counts)
 
     # ----- policies ----------------------------------------------------------------------
     def keep_counts(self, keep):
         """Channels kept per group from ratios in (0, 1], counts, or boolean vectors."""
-        from agmc_jax.prune.masks import keep_counts
-        return keep_counts(self, keep)
-
-    def masks(self, variables, keep, criterion="l2"):
-        """A mask pytree shaped like `variables` that keeps, per group, the best channels."""
-        from agmc_jax.prune.masks import channel_masks
-        return channel_masks(self, variables, keep, criterion)
-
-    def apply_masks(self, variables, masks):
-        """Variables with masked entries zeroed: `module.apply(result, x)` is the pruned network."""
-        from agmc_jax.prune.masks import apply_masks
-        return apply_masks(self, variables, masks)
-
-    def reconstruct(self, variables, masks, images, positions=10, seed=0):
-        """Variables whose layers that lost input channels are refitted by least squares (AMC)."""
-        from agmc_jax.prune.lstsq import reconstruct
-        from agmc_jax.prune.masks import vectors_from_masks
-        return reconstruct(self, variables, vectors_from_masks(self, masks), images, positions, seed)
-
-    def recalibrate(self, variables, images):
-        """Variables whose BatchNorm statistics are re-estimated on `images` (pass the masked variables)."""
-        from agmc_jax.prune.batchnorm import recalibrate
-        return recalibrate(self.module, variables, images, **self.call_kwargs)
-
-    def weight_masks(self, variables, keep):
-        """Fine-grained masks: per layer, keep the largest-magnitude fraction `keep[name]` of weights."""
-        from agmc_jax.prune.masks import weight_masks
-        return weight_masks(self, variables, keep)
-
-    def slim(self, variables, masks):
-        """The physically smaller (module, variables) that computes what the masked network does."""
-        from agmc_jax.prune.slim import slim
-        return slim(self, variables, masks)
+        return keep_counts(self.group_sizes, keep)
 
     @cached_property
     def graph(self):
         """The computational graph as a jraph GraphsTuple (see `agmc_jax.graph.graphs`)."""
-        from agmc_jax.graph.graphs import computational_graph
         return computational_graph(self)
 
     def check_variables(self, variables):

@@ -2,30 +2,18 @@
 
 When a layer loses input channels, refit its weights on the kept inputs so that its outputs
 match the unpruned network's at random positions of calibration feature maps: min ||A_k W - A W||
-where A holds input patches of the original network.
+where A holds input patches of the original network. A^T A and A^T A W do not depend on the
+policy, so a search computes them once and each policy only solves its kept rows (traceable).
 """
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.graph.ir import evaluate, flatten
-from agmc_jax.prune.masks import _axis_keep, apply_masks, masks_from_vectors, top_channels
+from agmc_jax.prune.masks import _axis_keep, apply_masks, masks_from_vectors, top_channels, vectors_from_masks
 
 NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-
-
-@partial(jax.jit, static_argnames="ridge")
-def refit(patches, weights, keep_rows, ridge=1e-3):
-    """Weights (rows, out) refitted on the kept rows so that patches @ result ~ patches @ weights."""
-    target = patches @ weights
-    kept = patches * keep_rows
-    gram = kept.T @ kept
-    scale = ridge * (jnp.trace(gram) / gram.shape[0] + 1e-12)
-    eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
-    solved = jnp.linalg.solve(gram + scale * eye + (1.0 - keep_rows)[:, None] * eye, kept.T @ target)
-    return solved * keep_rows[:, None]
+RIDGE = 1e-3  # as a fraction of the kept Gram matrix's mean diagonal
 
 
 def _program_at_batch(net, batch):
@@ -45,39 +33,76 @@ def _conv_patches(op, x):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def reconstruct(net, variables, vectors, images, positions=10, seed=0):
-    """Variables whose consuming layers are refitted for the channels kept by `vectors`."""
+def reconstruct(net, variables, masks, images, positions=10, seed=0):
+    """Variables whose layers that lost input channels under `masks` are refitted by least squares on `images`.
+
+    Each kxk convolution is fitted at `positions` random positions per image (drawn with `seed`).
+    """
+    return reconstruct_vectors(net, variables, vectors_from_masks(net, masks), images, positions, seed)
+
+
+def refit_layers(net) -> tuple:
+    """The layers a refit can change: dense layers and NHWC convolutions whose input channels can be pruned."""
+    chosen = []
+    for layer in net.analysis.layers:
+        op = net.program.ops[layer.op_index]
+        supported = layer.kind == "dense" or (
+            layer.kind == "conv" and tuple(map(tuple, op.params["dimension_numbers"])) == NHWC_SPECS)
+        if supported and (net.axis_maps[layer.leaf][layer.in_axis].group >= 0).any():
+            chosen.append(layer)
+    return tuple(chosen)
+
+
+def refit_systems(net, variables, images, layers, positions=10, seed=0) -> tuple:
+    """Per layer of `layers`: (A^T A, A^T A W) for A its inputs in the original network on `images` (at
+    `positions` random positions per image for convolutions). They do not depend on the policy."""
+    if not layers:
+        return ()
     leaves = list(net.check_variables(variables))
     program = _program_at_batch(net, images.shape[0])
     rng = np.random.default_rng(seed)
-    candidates = []
-    for layer in net.analysis.layers:
-        op = program.ops[layer.op_index]
-        keep_in = _axis_keep(net.axis_maps[layer.leaf][layer.in_axis], vectors)
-        supported = layer.kind == "dense" or (
-            layer.kind == "conv" and tuple(map(tuple, op.params["dimension_numbers"])) == NHWC_SPECS)
-        if supported and not keep_in.all():
-            candidates.append((layer, op, keep_in))
-    if not candidates:
-        return variables
-    _, captured = evaluate(program, leaves + [jnp.asarray(images)], [op.inputs[0] for _, op, _ in candidates])
-    for layer, op, keep_in in candidates:
-        x = captured[op.inputs[0]]
-        kernel = np.asarray(leaves[layer.leaf])
+    ops = [program.ops[layer.op_index] for layer in layers]
+    _, captured = evaluate(program, leaves + [jnp.asarray(images)], [op.inputs[0] for op in ops])
+    systems = []
+    for layer, op in zip(layers, ops):
+        x = np.asarray(captured[op.inputs[0]])
+        kernel = np.asarray(leaves[layer.leaf], np.float32)
         if layer.kind == "dense":
-            patches, weights, keep_rows = x.reshape(-1, x.shape[-1]), kernel, keep_in
+            patches, weights = x.reshape(-1, x.shape[-1]), kernel
         else:
             kh, kw, cin, cout = kernel.shape
-            grid = _conv_patches(op._replace(params={**op.params, "rhs_shape": (kh, kw)}), x)
+            grid = np.asarray(_conv_patches(op._replace(params={**op.params, "rhs_shape": (kh, kw)}), x))
             flat = grid.reshape(-1, grid.shape[-1])
-            take = rng.choice(flat.shape[0], size=min(flat.shape[0], positions * x.shape[0]), replace=False)
-            patches = flat[take]
+            patches = flat[rng.choice(flat.shape[0], size=min(flat.shape[0], positions * x.shape[0]), replace=False)]
             weights = kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
-            keep_rows = np.repeat(keep_in, kh * kw)
-        solved = np.asarray(refit(jnp.asarray(patches), jnp.asarray(weights), jnp.asarray(keep_rows, jnp.float32)))
-        if layer.kind != "dense":
-            solved = solved.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
-        leaves[layer.leaf] = jnp.asarray(solved, kernel.dtype)
+        gram = jnp.asarray(patches).T @ jnp.asarray(patches)
+        systems.append((gram, gram @ jnp.asarray(weights)))
+    return tuple(systems)
+
+
+def refit_kernel(kernel, system, keep_in, ridge=RIDGE):
+    """`kernel` refitted on its kept inputs `keep_in`: min ||A_k W' - A W||, ridge-regularised; unchanged when
+    every input is kept (pure, traceable: `keep_in` may be a tracer)."""
+    gram, rhs = system
+    rows = gram.shape[0]
+    keep = jnp.repeat(jnp.asarray(keep_in), rows // keep_in.shape[0], total_repeat_length=rows).astype(gram.dtype)
+    kept = gram * keep[:, None] * keep[None, :]
+    scale = ridge * (jnp.sum(jnp.diag(kept)) / rows + 1e-12)
+    eye = jnp.eye(rows, dtype=gram.dtype)
+    solved = jnp.linalg.solve(kept + scale * eye + (1.0 - keep)[:, None] * eye, keep[:, None] * rhs) * keep[:, None]
+    if kernel.ndim == 4:
+        kh, kw, cin, cout = kernel.shape
+        solved = solved.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
+    return jnp.where(jnp.all(keep_in), kernel, solved.astype(kernel.dtype))
+
+
+def reconstruct_vectors(net, variables, vectors, images, positions=10, seed=0):
+    """`reconstruct` for the channels kept by boolean keep vectors per group (what a search step holds)."""
+    leaves = list(net.check_variables(variables))
+    layers = refit_layers(net)
+    for layer, system in zip(layers, refit_systems(net, variables, images, layers, positions, seed)):
+        keep_in = _axis_keep(net.axis_maps[layer.leaf][layer.in_axis], vectors)
+        leaves[layer.leaf] = np.asarray(refit_kernel(jnp.asarray(leaves[layer.leaf]), system, keep_in))
     return jax.tree.unflatten(net.treedef, leaves)
 
 
@@ -90,5 +115,5 @@ def prune_counts(net, variables, counts, criterion="l2", calibration=None):
     vectors = top_channels(net, variables, counts, criterion)
     masks = masks_from_vectors(net, vectors)
     if criterion == "lstsq":
-        variables = reconstruct(net, variables, vectors, calibration)
+        variables = reconstruct_vectors(net, variables, vectors, calibration)
     return apply_masks(net, variables, masks), masks

@@ -6,43 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.errors import MaskError
+from agmc_jax.graph.groups import per_group, ratio_count
 
 CRITERIA = ("l1", "l2", "lstsq")
-
-
-def _ratio_count(ratio, size, what):
-    if not 0 < ratio <= 1:
-        raise MaskError(f"keep ratio of {what} must be in (0, 1], got {ratio}")
-    return max(1, int(round(ratio * size)))
-
-
-def _scalar(keep) -> bool:
-    return isinstance(keep, Number) or getattr(keep, "ndim", None) == 0
-
-
-def keep_counts(net, keep) -> np.ndarray:
-    """Channels kept per group from a ratio, per-group ratios/counts, boolean vectors or a dict."""
-    sizes = net.group_sizes
-    if _scalar(keep):
-        keep = float(keep)
-        return np.array([_ratio_count(float(keep), s, f"group {g}") for g, s in enumerate(sizes)])
-    items = dict(keep) if isinstance(keep, dict) else dict(enumerate(keep))
-    if set(items) - set(range(len(sizes))) or (not isinstance(keep, dict) and len(items) != len(sizes)):
-        raise MaskError(f"the network has {len(sizes)} channel groups; keep gives {sorted(items)}")
-    counts = np.array(sizes)
-    for g, value in items.items():
-        value = np.asarray(value)
-        if value.dtype == bool:
-            if value.shape != (sizes[g],) or not value.any():
-                raise MaskError(f"keep vector of group {g} must be {sizes[g]} booleans with one True")
-            counts[g] = int(value.sum())
-        elif np.issubdtype(value.dtype, np.integer) and value.ndim == 0 and value > 1:
-            if value > sizes[g]:
-                raise MaskError(f"group {g} has {sizes[g]} channels; cannot keep {int(value)}")
-            counts[g] = int(value)
-        else:
-            counts[g] = _ratio_count(float(value), sizes[g], f"group {g}")
-    return counts
 
 
 def channel_importance(net, variables, criterion="l2"):
@@ -79,9 +45,8 @@ def top_channels(net, variables, counts, criterion="l2"):
 
 def keep_vectors(net, variables, keep, criterion="l2"):
     """Boolean keep vector per group: given vectors as they are, else the top-scoring channels."""
-    vectors = top_channels(net, variables, keep_counts(net, keep), criterion)
-    given = dict(keep) if isinstance(keep, dict) else (dict(enumerate(keep)) if not _scalar(keep) else {})
-    for g, value in given.items():
+    vectors = top_channels(net, variables, net.keep_counts(keep), criterion)
+    for g, value in per_group(keep).items():
         if np.asarray(value).dtype == bool:
             vectors[g] = np.asarray(value).copy()
     return vectors
@@ -153,7 +118,7 @@ def weight_masks(net, variables, keep):
         if layer.name not in ratios:
             continue
         w = np.abs(np.asarray(leaves[op.leaf])).ravel()
-        count = _ratio_count(float(ratios[layer.name]), w.size, f"layer {layer.name}")
+        count = ratio_count(float(ratios[layer.name]), w.size, f"layer {layer.name}")
         mask = (descending_ranks(w) < count).astype(np.float32)
         masks[op.leaf] = jnp.asarray(mask.reshape(net.shapes[op.leaf]))
     return jax.tree.unflatten(net.treedef, masks)

@@ -1,0 +1,84 @@
+"""Registered agents: each is a config class, a builder over a state's encoder, and search-length defaults.
+
+Agent settings belong to the agent: a search passes `options` (a dict, or `KEY=VALUE` strings from
+the command line) which `agent_config` checks against the agent's config class.
+"""
+import typing
+from typing import Callable, NamedTuple
+
+from agmc_jax.agents.base import Agent
+from agmc_jax.agents.ddpg import DDPGConfig, ddpg
+from agmc_jax.agents.heads import Actor, Critic
+from agmc_jax.agents.random_agent import RandomConfig, random_agent
+from agmc_jax.errors import AgmcError
+
+
+class OptionError(AgmcError, ValueError):
+    """An agent option that does not exist or has a value of the wrong type."""
+
+
+class AgentType(NamedTuple):
+    """build(config, state, steps) -> Agent; defaults(episodes) -> option values that depend on the search length."""
+
+    name: str
+    config: type
+    build: Callable[..., Agent]
+    defaults: Callable[[int], dict] = lambda episodes: {}
+
+
+def _build_ddpg(config, state, steps):
+    return ddpg(Actor(state.encoder), Critic(state.encoder), config, updates=config.updates_per_episode or steps)
+
+
+def _ddpg_defaults(episodes):
+    """AMC warms up for 100 of its 400+ episodes; shorter searches keep that quarter."""
+    return {"warmup_episodes": min(100, max(1, episodes // 4))}
+
+
+AGENTS = {
+    "ddpg": AgentType("ddpg", DDPGConfig, _build_ddpg, _ddpg_defaults),
+    "random": AgentType("random", RandomConfig, lambda config, state, steps: random_agent(config)),
+}
+
+
+def _parse(text: str, annotation, default):
+    """A command-line string as the type of a config field (int, float, bool, optional)."""
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if text.lower() == "none" and type(None) in typing.get_args(annotation):
+        return None
+    kind = kinds[0] if isinstance(kinds[0], type) else type(default)
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+    return kind(text)
+
+
+def agent_config(agent: AgentType, options: dict | None = None, episodes: int = 100):
+    """The agent's config: its defaults, the search-length defaults, then `options` (values or strings)."""
+    config = agent.config()
+    fields = config._fields
+    unknown = sorted(set(options or {}) - set(fields))
+    if unknown:
+        raise OptionError(f"{agent.name} has no option {unknown[0]!r}; its options are: {', '.join(fields)}")
+    values = {**agent.defaults(episodes)}
+    hints = typing.get_type_hints(agent.config)
+    for name, value in (options or {}).items():
+        if isinstance(value, str):
+            try:
+                value = _parse(value, hints[name], getattr(config, name))
+            except ValueError:
+                raise OptionError(f"{agent.name} option {name} takes a {hints[name]}, got {value!r}") from None
+        values[name] = value
+    return config._replace(**values)
+
+
+def parse_options(pairs) -> dict:
+    """`KEY=VALUE` strings (from `--agent-option`) as a dict of strings."""
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise OptionError(f"--agent-option takes KEY=VALUE, got {pair!r}")
+        options[key.strip().replace("-", "_")] = value.strip()
+    return options

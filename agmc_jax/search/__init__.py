@@ -1,0 +1,267 @@
+"""The search: a registered method's episodes as compiled chunks, with logging, checkpoints and resume.
+
+Between chunks the host updates the progress bar, appends to `episodes.jsonl` and writes an orbax
+checkpoint of the runner and the history, so `resume=True` after a kill loses at most one chunk
+and replays it identically.
+"""
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from agmc_jax import checkpoint
+from agmc_jax.agents import agent_config
+from agmc_jax.env import EnvConfig, Environment
+from agmc_jax.errors import AgmcError, CheckpointError
+from agmc_jax.graph import trace
+from agmc_jax.search.loop import Runner, make_chunk, place
+from agmc_jax.search.registry import (METHODS, Method, UnknownMethodError, describe_methods, get_method,
+                                      register_method)
+
+
+class SearchConfig(NamedTuple):
+    """What to search and how long; `env` holds the budget, `agent` the agent's config (None: its defaults)."""
+
+    method: str = "agmc"
+    episodes: int = 100
+    seed: int = 0
+    env: EnvConfig = EnvConfig()
+    agent: Any = None
+    gnn_hidden: int = 32  # GCN and LSTM width of the agmc state; the decoder runs in every update, ~ width^2
+    chunk: int = 10  # episodes per compiled chunk: the host logs and checkpoints between chunks
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """The best policy found: what each step keeps, its cost and reward, and the networks it makes."""
+
+    env: Environment  # the environment searched: it knows the kind, the network, its variables and the reward data
+    counts: np.ndarray  # per step: what the kind counts (channels, weights) kept
+    reward: float
+    accuracy: float
+    history: list
+    agent_state: object = None
+
+    @property
+    def net(self):
+        return self.env.net
+
+    @property
+    def keep(self):
+        return self.counts / self.env.sizes
+
+    @property
+    def macs(self):
+        return int(round(float(self.env.cost(self.counts)[0])))
+
+    @property
+    def params(self):
+        return int(round(float(self.env.cost(self.counts)[1])))
+
+    def pruned(self):
+        """(variables, masks) of the best policy: the network the search scored, at full size."""
+        return self.env.pruned(self.counts)
+
+    def masks(self):
+        """The masks of the best policy."""
+        return self.pruned()[1]
+
+    def slim(self):
+        """(module, variables) of the exported network (physically smaller for channels, sparse for weights)."""
+        return self.env.export(self.counts)
+
+    def policy(self):
+        """A JSON-ready description of the policy, per step and per layer."""
+        kind = self.env.kind
+        return {
+            "unit": kind.unit, "macs": self.macs, "params": self.params, "macs_ratio": self.macs / self.net.macs,
+            "params_ratio": self.params / self.net.params, "reward": self.reward, "accuracy": self.accuracy,
+            "steps": [{"index": t, "size": int(size), "kept": int(c), "keep": float(c / size),
+                       "layers": [l.name for l in layers]}
+                      for t, (size, c, layers) in enumerate(zip(self.env.sizes, self.counts, kind.step_layers))],
+            "layers": kind.layer_usage(self.counts),
+        }
+
+
+def _digest(*trees) -> str:
+    """A short hash of arrays' bytes: resuming with other weights or other reward data is refused."""
+    sha = hashlib.sha256()
+    for leaf in jax.tree.leaves(trees):
+        sha.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return sha.hexdigest()[:16]
+
+
+def _fingerprint(env, config, variables, data):
+    return {"model": type(env.net.module).__name__, "sizes": [int(s) for s in env.sizes], "macs": int(env.net.macs),
+            "method": config.method, "seed": config.seed, "env": config.env._asdict(),
+            "agent": None if config.agent is None else config.agent._asdict(), "gnn_hidden": config.gnn_hidden,
+            "chunk": config.chunk, "variables": _digest(variables), "data": _digest(data)}
+
+
+def _check_resume(directory, fingerprint):
+    saved = checkpoint.metadata(directory)
+    changed = [k for k in fingerprint if saved.get(k) != json.loads(json.dumps(fingerprint[k]))]
+    if changed:
+        raise CheckpointError(f"{directory} holds a search of another network, data or setting "
+                              f"({', '.join(changed)} differ); choose a new --out directory")
+    return int(saved.get("finished", 0))
+
+
+class _History:
+    """Every finished episode's counts, accuracy and reward, on the host."""
+
+    def __init__(self, steps, finished=0):
+        self.counts = np.zeros((finished, steps), np.int32)
+        self.accuracies = np.zeros(finished, np.float32)
+        self.rewards = np.zeros(finished, np.float32)
+
+    def tree(self):
+        return {"counts": self.counts, "accuracies": self.accuracies, "rewards": self.rewards}
+
+    def load(self, tree):
+        self.counts, self.accuracies, self.rewards = (np.asarray(tree[k]) for k in ("counts", "accuracies", "rewards"))
+
+    def extend(self, counts, accuracies, rewards):
+        self.counts = np.concatenate([self.counts, counts])
+        self.accuracies = np.concatenate([self.accuracies, accuracies])
+        self.rewards = np.concatenate([self.rewards, rewards])
+
+    def record(self, env, episode):
+        """The log line of a finished episode."""
+        counts = self.counts[episode]
+        macs, params = env.cost(counts)
+        return {"episode": episode, "reward": float(self.rewards[episode]), "accuracy": float(self.accuracies[episode]),
+                "macs_ratio": float(macs / env.net.macs), "params_ratio": float(params / env.net.params),
+                "best_reward": float(self.rewards[:episode + 1].max()), "keep": (counts / env.sizes).round(4).tolist()}
+
+
+def build_config(method: Method, episodes, seed, target_macs, target_params, agent_options, env_options):
+    """A `SearchConfig` from the library's keywords: the kind's default budget, the agent's options checked."""
+    if target_macs is None and target_params is None:
+        target_macs, target_params = (method.kind.default_budget.get(k) for k in ("target_macs", "target_params"))
+    agent = None if method.agent is None else agent_config(method.agent, agent_options, episodes)
+    return SearchConfig(method=method.name, episodes=episodes, seed=seed, agent=agent,
+                        env=EnvConfig(target_macs=target_macs, target_params=target_params, **env_options))
+
+
+def environment(method: Method, module, variables, data, config: SearchConfig, mesh=None) -> Environment:
+    """The environment of a search: the network traced, its kind, the reward images placed on the mesh."""
+    images, labels = (np.asarray(a) for a in data)
+    if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
+        raise AgmcError(f"the reward data needs as many labels as images (at least one); got {images.shape[0]} "
+                        f"images and {labels.shape[0]} labels")
+    net = trace(module, variables, images[:1])
+    return Environment(method.kind(net, config.env), variables, images, labels, config.env, mesh)
+
+
+def search(module, variables, data, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
+           out=None, resume=False, progress=True, config: SearchConfig | None = None, agent_options=None,
+           ddpg_options=None, mesh=None, **env_options):
+    """Search a registered method's policy on labelled arrays `data = (x_val, y_val)`.
+
+    The budget defaults to the kind's (half the MACs for channels, half the parameters for weights).
+    `agent_options` (or its older name `ddpg_options`) override fields of the agent's config;
+    `env_options` those of `EnvConfig`. With `out`, writes a checkpoint per chunk, `episodes.jsonl`
+    and `policy.json`; `resume=True` continues a killed search there. The reward images are sharded
+    over `mesh` (default: every device on one data axis).
+    """
+    if config is None:
+        config = build_config(get_method(method), episodes, seed, target_macs, target_params,
+                              {**(ddpg_options or {}), **(agent_options or {})}, env_options)
+    chosen = get_method(config.method)
+    if chosen.agent is not None and config.agent is None:
+        config = config._replace(agent=agent_config(chosen.agent, None, config.episodes))
+    if config.episodes < 1 or config.chunk < 1:
+        raise AgmcError(f"episodes and chunk must be positive, got {config.episodes} and {config.chunk}")
+    out = None if out is None else Path(out)
+    if out is not None and out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file; choose a directory for --out")
+    env = environment(chosen, module, variables, data, config, mesh)
+    directory = None if out is None else out.absolute() / "search_state"
+    if directory is not None and checkpoint.latest_step(directory) is not None and not resume:
+        raise CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose a new --out")
+    if chosen.rule is not None:
+        return _finish(_rule(env, chosen.rule), out)
+    fingerprint = _fingerprint(env, config, variables, data)
+    history, agent_state = _run(env, chosen, config, directory, fingerprint, out, progress)
+    best = int(np.argmax(history.rewards))
+    result = SearchResult(env, history.counts[best].copy(), float(history.rewards[best]),
+                          float(history.accuracies[best]), [history.record(env, e) for e in range(len(history.rewards))],
+                          agent_state)
+    return _finish(result, out)
+
+
+def _rule(env, rule):
+    """The result of a rule: one policy, scored once."""
+    counts = np.asarray(rule(env))
+    accuracy = float(env.accuracy(counts[None])[0])
+    reward = float(env.reward(jnp.float32(accuracy), jnp.asarray(counts)))
+    history = _History(env.steps)
+    history.extend(counts[None].astype(np.int32), np.float32([accuracy]), np.float32([reward]))
+    return SearchResult(env, counts, reward, accuracy, [history.record(env, 0)])
+
+
+def _run(env, method, config, directory, fingerprint, out, progress):
+    """Play the search chunk by chunk; returns the history and the final agent state."""
+    state = method.state(env, config.gnn_hidden)
+    agent = method.agent.build(config.agent, state, env.steps)
+    key, init_key = jax.random.split(jax.random.key(config.seed))
+    runner = Runner(agent.init(init_key, state.example), jnp.zeros((), jnp.int32))
+    history = _History(env.steps)
+    if directory is not None and checkpoint.latest_step(directory) is not None:
+        finished = _check_resume(directory, fingerprint)
+        history = _History(env.steps, finished)
+        tree = checkpoint.restore(directory, target={"runner": runner, "history": history.tree()})
+        runner = jax.tree.map(jnp.asarray, tree["runner"])
+        history.load(tree["history"])
+    runner = place(env, runner)
+    chunk = make_chunk(env, state, agent, rounds=max(1, -(-config.chunk // agent.width)))
+    limit = jax.device_put(jnp.int32(config.episodes))
+    log = None if out is None else _open_log(out, env, history)
+    done = len(history.rewards)
+    bar = tqdm(initial=done, total=config.episodes, disable=not progress, desc=config.method)
+    while done < config.episodes:
+        runner, played = chunk(runner, key, env.data, limit)
+        finished = int(jax.device_get(runner.episode))
+        counts, accuracy, reward = (np.asarray(x).reshape(-1, *np.shape(x)[2:])[:finished - done]
+                                    for x in jax.device_get(played))
+        history.extend(counts, accuracy, reward)
+        records = [history.record(env, e) for e in range(done, finished)]
+        done = finished
+        bar.update(len(records))
+        bar.set_postfix(best=f"{records[-1]['best_reward']:.4f}", macs=f"{records[-1]['macs_ratio']:.3f}")
+        if log is not None:
+            log.write("".join(json.dumps(r) + "\n" for r in records))
+            log.flush()
+        if directory is not None:
+            checkpoint.save(directory, done, {"runner": runner, "history": history.tree()},
+                            {**fingerprint, "finished": done}, keep=2)
+    bar.close()
+    if log is not None:
+        log.close()
+    return history, runner.agent
+
+
+def _open_log(out, env, history):
+    """episodes.jsonl rewritten from the checkpoint's finished episodes, open for appending."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "episodes.jsonl"
+    path.write_text("".join(json.dumps(history.record(env, e)) + "\n" for e in range(len(history.rewards))))
+    return open(path, "a")
+
+
+def _finish(result, out):
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "policy.json").write_text(json.dumps(result.policy(), indent=1))
+    return result
+
+
+__all__ = ["METHODS", "Method", "SearchConfig", "SearchResult", "UnknownMethodError", "build_config",
+           "describe_methods", "environment", "get_method", "register_method", "search"]

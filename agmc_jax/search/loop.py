@@ -1,0 +1,88 @@
+"""The search as one compiled program, in purejaxrl's shape.
+
+An episode is a `lax.scan` over steps (observe, act, wall). A round plays the agent's `width`
+episodes from one agent state, scores them in one batched evaluation, then observes and learns
+from each in turn. A chunk is a `lax.scan` over rounds: one jitted function of (runner, key, data,
+limit); the host sees the run once per chunk. Episode e draws its randomness from
+`fold_in(key, e)`, so a search cut into chunks anywhere, or resumed, plays the same episodes, and
+rounds past `limit` change nothing, so the chunk length never depends on the search length.
+"""
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class Runner(NamedTuple):
+    """What a chunk carries: the agent's state and the number of finished episodes."""
+
+    agent: Any
+    episode: jax.Array  # int32[]
+
+
+class Played(NamedTuple):
+    """Per round and episode of a chunk ([rounds, width, ...]); entries past the limit are padding."""
+
+    counts: jax.Array
+    accuracy: jax.Array
+    reward: jax.Array
+
+
+def play_episode(env, state, agent, agent_state, key):
+    """(counts, actions, observations) of one episode, every step walled (pure)."""
+    def step(carry, t):
+        counts, actions = carry
+        obs = state.observe(t, counts, actions)
+        action = agent.act(agent_state, obs, jax.random.fold_in(key, t), jnp.asarray(True))
+        count = env.action_count(t, action, counts)
+        return (counts.at[t].set(count), actions.at[t].set(env.count_action(t, count))), obs
+
+    start = (jnp.asarray(env.sizes, jnp.int32), jnp.zeros(env.steps, jnp.float32))
+    (counts, actions), observations = jax.lax.scan(step, start, jnp.arange(env.steps))
+    return counts, actions, observations
+
+
+def make_chunk(env, state, agent, rounds: int):
+    """The jitted chunk: `rounds` rounds of `agent.width` episodes, scored, observed and learned from."""
+    width = agent.width
+
+    def learn(agent_state, episode):
+        observations, actions, reward, active, key = episode
+
+        def observe_and_update(agent_state):
+            agent_state = agent.observe(agent_state, observations, actions, reward)
+            keys = jax.random.split(key, agent.updates)
+            return jax.lax.scan(lambda s, k: (agent.update(s, k)[0], None), agent_state, keys)[0]
+
+        return jax.lax.cond(active, observe_and_update, lambda s: s, agent_state), None
+
+    def play_round(runner, key, data, limit):
+        index = runner.episode + jnp.arange(width)
+        keys = jax.vmap(lambda e: jax.random.split(jax.random.fold_in(key, e)))(index)
+        counts, actions, observations = jax.vmap(
+            lambda k: play_episode(env, state, agent, runner.agent, k))(keys[:, 0])
+        accuracy = env.scores(data, counts)
+        reward = jax.vmap(env.reward)(accuracy, counts).astype(jnp.float32)
+        active = index < limit
+        agent_state, _ = jax.lax.scan(learn, runner.agent, (observations, actions, reward, active, keys[:, 1]))
+        return Runner(agent_state, runner.episode + jnp.sum(active).astype(jnp.int32)), Played(counts, accuracy,
+                                                                                              reward)
+
+    def idle(runner, key, data, limit):
+        nothing = Played(jnp.zeros((width, env.steps), jnp.int32), jnp.zeros(width, jnp.float32),
+                         jnp.zeros(width, jnp.float32))
+        return runner, nothing
+
+    def chunk(runner, key, data, limit):
+        def one(runner, _):
+            return jax.lax.cond(runner.episode < limit, play_round, idle, runner, key, data, limit)
+        return jax.lax.scan(one, runner, None, length=rounds)
+
+    replicated = NamedSharding(env.mesh, P())
+    return jax.jit(chunk, out_shardings=replicated)
+
+
+def place(env, runner):
+    """The runner as the chunk returns it (replicated over the environment's mesh), so calls share one program."""
+    return jax.device_put(runner, NamedSharding(env.mesh, P()))

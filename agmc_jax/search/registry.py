@@ -1,0 +1,70 @@
+"""The registry of search methods: each is a state, an agent (or a rule) and a compression kind.
+
+`agmc_jax.search`, `agmc search/compress`, the checkpoint fingerprint and the experiments read
+this table; adding a method is one entry (`register_method`), from inside the package or outside.
+"""
+from typing import Callable, NamedTuple
+
+from agmc_jax.agents import AGENTS, AgentType
+from agmc_jax.embed import STATES
+from agmc_jax.errors import AgmcError
+from agmc_jax.kinds import KINDS
+
+
+class UnknownMethodError(AgmcError, ValueError):
+    """A search method that is not registered."""
+
+
+class Method(NamedTuple):
+    """A search method. `state(env, hidden) -> State`; `agent` learns from episodes, or `rule(env) -> counts`
+    picks one policy without episodes; `kind` is the class of what a step compresses."""
+
+    name: str
+    description: str
+    kind: type
+    state: Callable | None = None
+    agent: AgentType | None = None
+    rule: Callable | None = None
+
+
+def _uniform(env):
+    """The largest single keep ratio within the budget (the handcrafted baseline)."""
+    return env.uniform_counts()
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, replace: bool = False) -> Method:
+    """Add `method` to the registry (an error if its name is taken, unless `replace`)."""
+    if (method.agent is None) == (method.rule is None):
+        raise AgmcError(f"method {method.name!r} needs exactly one of an agent or a rule")
+    if method.agent is not None and method.state is None:
+        raise AgmcError(f"method {method.name!r} has an agent but no state")
+    if method.name in METHODS and not replace:
+        raise AgmcError(f"a method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`, or a typed error listing the registered ones."""
+    if name not in METHODS:
+        raise UnknownMethodError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def describe_methods() -> str:
+    """One line of help: every method and what it is."""
+    return "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())
+
+
+for _method in (
+        Method("agmc", "GNN encoder-decoder states + DDPG, channels", KINDS["channels"], STATES["agmc"], AGENTS["ddpg"]),
+        Method("amc", "AMC's rule-based states + DDPG, channels", KINDS["channels"], STATES["amc"], AGENTS["ddpg"]),
+        Method("random", "random policies through the action wall, channels", KINDS["channels"], STATES["none"],
+               AGENTS["random"]),
+        Method("uniform", "one keep ratio everywhere, channels", KINDS["channels"], rule=_uniform),
+        Method("fg", "GNN encoder-decoder states + DDPG, weights per layer (fine-grained)", KINDS["weights"],
+               STATES["agmc"], AGENTS["ddpg"])):
+    register_method(_method)
