@@ -2,7 +2,7 @@
 from agmc_jax import prune
 from agmc_jax.errors import AgmcError
 from agmc_jax.graph import ChannelGroup, Layer, Network, trace
-from agmc_jax.search import SearchConfig, SearchResult, search
+from agmc_jax.search import METHODS, Method, SearchConfig, SearchResult, register_method, search
 
-__all__ = ["AgmcError", "ChannelGroup", "Layer", "Network", "prune", "trace", "search", "SearchConfig",
-           "SearchResult"]
+__all__ = ["AgmcError", "ChannelGroup", "Layer", "METHODS", "Method", "Network", "prune", "register_method", "trace",
+           "search", "SearchConfig", "SearchResult"]

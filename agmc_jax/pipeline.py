@@ -9,26 +9,28 @@ import numpy as np
 
 from agmc_jax import data
 from agmc_jax.agents import parse_options
-from agmc_jax.errors import CheckpointError
+from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.networks import evaluate_variables, load_network, mark_trained_slim, save_network
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.report import plot_keep, plot_rewards
-from agmc_jax.search import search
+from agmc_jax.search import build_config, get_method, search
 from agmc_jax.train import config_from_dict, config_to_dict, train
 
 
 def run_search(workdir, out, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
-               resume=False, reward_images=1000, data_dir=None, **options):
+               resume=False, reward_images=1000, data_dir=None, agent_options=None, **env_options):
     """Search a trained workdir's network on its validation split; writes policy, plots and networks to `out`."""
+    search_config = build_config(get_method(method), episodes, seed, target_macs, target_params, agent_options,
+                                 env_options)  # settings are checked before anything is loaded
+    if reward_images < 1:
+        raise AgmcError(f"--reward-images must be positive, got {reward_images}")
     module, variables, config = load_network(workdir)
     images, labels = data.load_arrays(config["dataset"], "validation", data_dir or config["data_dir"],
                                       limit=reward_images)
     out = Path(out)
     if (out / "slim" / "network.json").exists() and not resume:
         raise CheckpointError(f"{out} already holds a finished search; choose a new --out")
-    result = search(module, variables, (images, labels), method=method, target_macs=target_macs,
-                    target_params=target_params, episodes=episodes, seed=seed, out=out, resume=resume,
-                    **options)
+    result = search(module, variables, (images, labels), out=out, resume=resume, config=search_config)
     policy = result.policy()
     if result.history:
         plot_rewards(result.history, out / "rewards.png")

@@ -2,6 +2,7 @@
 import collections
 import math
 from statistics import NormalDist
+from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agmc_jax.agents import Agent, DDPGConfig, ddpg, random_agent
+from agmc_jax.agents import AGENTS, DDPGConfig, OptionError, RandomConfig, agent_config, ddpg, random_agent
 from agmc_jax.agents.replay import add_batch, init_buffer, sample
 from agmc_jax.errors import AgmcError
 
@@ -108,6 +109,12 @@ def _truncnorm_moments(mu, sigma):
     return mu + sigma * shift, sigma * math.sqrt(1 + (a * pdf(a) - b * pdf(b)) / z - shift ** 2)
 
 
+def _jitted(agent):
+    """`agent` with its four functions jitted (width and updates are plain ints)."""
+    return agent._replace(init=jax.jit(agent.init), act=jax.jit(agent.act), observe=jax.jit(agent.observe),
+                          update=jax.jit(agent.update))
+
+
 def _equal_trees(a, b):
     """Same structure and bitwise-equal leaves."""
     return (jax.tree.structure(a) == jax.tree.structure(b)
@@ -115,6 +122,7 @@ def _equal_trees(a, b):
 
 
 def test_act_without_exploration_is_the_actor_output():
+    """Without exploration the action is the actor's output, in warm-up or after."""
     state = init(jax.random.key(0), OBS)
     expected = Actor().apply(state.actor_params, OBS)
     for episode in (0, WARMUP + 5):
@@ -125,6 +133,7 @@ def test_act_without_exploration_is_the_actor_output():
 
 @pytest.mark.parametrize("sigma", [0.1, 0.5])
 def test_exploration_after_warmup_is_truncated_normal_around_the_actor(sigma):
+    """After warm-up, exploring draws from N(actor, sigma) truncated to [0, 1]."""
     state = init(jax.random.key(0), OBS)._replace(episode=jnp.int32(WARMUP), sigma=jnp.float32(sigma))
     mu = float(Actor().apply(state.actor_params, OBS))
     actions = np.asarray(act_many(state, OBS, jax.random.split(jax.random.key(2), 4000), True))
@@ -136,6 +145,7 @@ def test_exploration_after_warmup_is_truncated_normal_around_the_actor(sigma):
 
 
 def test_exploration_during_warmup_is_uniform():
+    """During warm-up, exploring draws uniformly on [0, 1] whatever sigma."""
     state = init(jax.random.key(0), OBS)._replace(episode=jnp.int32(WARMUP - 1), sigma=jnp.float32(0.01))
     actions = np.asarray(act_many(state, OBS, jax.random.split(jax.random.key(3), 4000), True))
     assert actions.min() >= 0 and actions.max() <= 1
@@ -143,6 +153,7 @@ def test_exploration_during_warmup_is_uniform():
 
 
 def test_observe_stores_transitions_and_wraps_at_capacity():
+    """An episode stores T transitions (next obs, done on the last, the episode reward); the buffer wraps."""
     state = init(jax.random.key(0), OBS)
     obs = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
     state = observe(state, obs, jnp.array([0.1, 0.2, 0.3]), jnp.float32(-2.0))
@@ -163,6 +174,7 @@ def test_observe_stores_transitions_and_wraps_at_capacity():
 
 
 def test_sigma_decays_only_after_warmup():
+    """Sigma decays by sigma_decay per episode observed after warm-up only."""
     state = init(jax.random.key(0), OBS)
     for observed in range(1, WARMUP + 6):
         state = _random_episodes(state, 1, 1, seed=observed)
@@ -171,6 +183,7 @@ def test_sigma_decays_only_after_warmup():
 
 
 def test_baseline_is_a_moving_average_of_episode_rewards():
+    """The baseline is a moving average of episode rewards; stored rewards stay raw."""
     state = init(jax.random.key(0), OBS)
     for reward, baseline in [(1.0, 1.0), (3.0, 2.0), (-1.0, 0.5), (2.0, 1.25)]:
         state = observe(state, OBS[None], jnp.array([0.5]), jnp.float32(reward))
@@ -179,6 +192,7 @@ def test_baseline_is_a_moving_average_of_episode_rewards():
 
 
 def test_update_is_a_noop_during_warmup_or_with_too_few_transitions():
+    """Update changes nothing (zero metrics) in warm-up or with fewer than batch_size transitions."""
     warming = _random_episodes(init(jax.random.key(0), OBS), WARMUP - 1, 3)
     starved = _random_episodes(init(jax.random.key(0), OBS), WARMUP, 1)
     assert int(warming.buffer.size) >= CONFIG.batch_size > int(starved.buffer.size)
@@ -198,6 +212,7 @@ def _bandit_state(episodes):
 
 
 def test_targets_move_by_tau_towards_the_online_networks():
+    """After one update each target is (1 - tau) * old target + tau * new online network."""
     state = _bandit_state(40)
     new, metrics = update(state, jax.random.key(6))
     assert float(metrics["critic_loss"]) > 0
@@ -210,6 +225,7 @@ def test_targets_move_by_tau_towards_the_online_networks():
 
 
 def test_update_reduces_the_critic_loss_on_a_fixed_buffer():
+    """Updates fit the critic to the baseline-subtracted rewards of a fixed buffer."""
     state = _bandit_state(60)
     data = state.buffer.data
     n = int(state.buffer.size)
@@ -226,6 +242,7 @@ def test_update_reduces_the_critic_loss_on_a_fixed_buffer():
 
 
 def test_bandit_action_converges_and_update_compiles_once():
+    """On a 1-step bandit the greedy action converges to the optimum; act and update trace once."""
     state = init(jax.random.key(8), OBS)
     actions = []
     for key in jax.random.split(jax.random.key(9), 300):
@@ -237,6 +254,7 @@ def test_bandit_action_converges_and_update_compiles_once():
 
 
 def test_same_seed_gives_identical_states():
+    """Same seed, bitwise-identical states; another seed, other states."""
     def run(seed):
         state = init(jax.random.key(seed), OBS)
         for key in jax.random.split(jax.random.key(seed), 2 * WARMUP):
@@ -250,8 +268,9 @@ def test_same_seed_gives_identical_states():
 
 
 def test_pytree_observations():
+    """Dict observations (the agmc state's) are stored, shifted to next_obs and trained on."""
     config = DDPGConfig(batch_size=4, replay_size=16, warmup_episodes=1)
-    agent = Agent(*map(jax.jit, ddpg(DictActor(), DictCritic(), config)))
+    agent = _jitted(ddpg(DictActor(), DictCritic(), config))
     example = {"t": jnp.int32(0), "actions": jnp.zeros(3)}
     state = agent.init(jax.random.key(0), example)
     step_obs = {"t": jnp.arange(3, dtype=jnp.int32), "actions": jnp.array([[0, 0, 0], [0.3, 0, 0], [0.3, 0.6, 0]])}
@@ -271,18 +290,38 @@ def test_pytree_observations():
 
 
 def test_random_agent_acts_uniformly_and_only_counts_episodes():
-    agent = random_agent()
+    """Uniform actions, exploring or not; observing counts the episode, updating changes nothing."""
+    agent = _jitted(random_agent(RandomConfig(candidates=4)))
+    assert (agent.width, agent.updates) == (4, 0)
     state = agent.init(jax.random.key(0), OBS)
     keys = jax.random.split(jax.random.key(1), 4000)
     for explore in (True, False):
         actions = np.asarray(jax.jit(jax.vmap(agent.act, in_axes=(None, None, 0, None)))(state, OBS, keys, explore))
         np.testing.assert_allclose(np.quantile(actions, [0.1, 0.5, 0.9]), [0.1, 0.5, 0.9], atol=0.03)
-    state = jax.jit(agent.observe)(state, OBS[None], jnp.array([0.5]), jnp.float32(1.0))
-    new, metrics = jax.jit(agent.update)(state, keys[0])
+    state = agent.observe(state, OBS[None], jnp.array([0.5]), jnp.float32(1.0))
+    new, metrics = agent.update(state, keys[0])
     assert int(new.episode) == 1 and _equal_trees(new, state) and metrics == {}
 
 
+def test_registered_agents_set_width_and_updates():
+    """DDPG plays one episode per round and updates T times after each unless told; random plays `candidates`."""
+    config = agent_config(AGENTS["ddpg"], {"batch_size": "8", "replay_size": "16"}, episodes=40)
+    assert (config.batch_size, config.replay_size, config.warmup_episodes) == (8, 16, 10)
+    agent = AGENTS["ddpg"].build(config, SimpleNamespace(encoder=None), 7)
+    assert (agent.width, agent.updates) == (1, 7)
+    agent = AGENTS["ddpg"].build(config._replace(updates_per_episode=2), SimpleNamespace(encoder=None), 7)
+    assert (agent.width, agent.updates) == (1, 2)
+    assert (ddpg(Actor(), Critic(), CONFIG, updates=3).updates, AGENT.updates) == (3, 1)
+    agent = AGENTS["random"].build(agent_config(AGENTS["random"], {"candidates": "3"}), None, 7)
+    assert (agent.width, agent.updates) == (3, 0)
+    with pytest.raises(OptionError, match="candidates"):
+        agent_config(AGENTS["random"], {"sigma": 0.1})
+    with pytest.raises(AgmcError, match="candidates"):
+        random_agent(RandomConfig(candidates=0))
+
+
 def test_invalid_config_is_rejected():
+    """Hyperparameters that cannot run are refused when the agent is built."""
     with pytest.raises(AgmcError, match="replay_size"):
         ddpg(Actor(), Critic(), DDPGConfig(batch_size=64, replay_size=32))
     with pytest.raises(AgmcError, match="sigma"):
@@ -292,6 +331,7 @@ def test_invalid_config_is_rejected():
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(st.sampled_from([0, 1, 3, 6]), max_size=6))
 def test_replay_buffer_keeps_the_newest_transitions_in_ring_order(sizes):
+    """Whatever the batch sizes added, the buffer holds the newest `capacity` items at index mod capacity."""
     capacity = 4
     buffer = init_buffer({"i": jnp.int32(0), "x": jnp.zeros(2)}, capacity)
     total = 0
@@ -307,6 +347,7 @@ def test_replay_buffer_keeps_the_newest_transitions_in_ring_order(sizes):
 
 
 def test_replay_sample_is_uniform_over_filled_entries():
+    """Sampling draws uniformly from the filled entries only."""
     buffer = add_batch(init_buffer(jnp.float32(0), 10), jnp.array([1.0, 2.0, 3.0]))
     batch = np.asarray(jax.jit(sample, static_argnums=2)(buffer, jax.random.key(0), 3000))
     values, counts = np.unique(batch, return_counts=True)

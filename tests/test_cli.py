@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agmc_jax import search
+from agmc_jax import checkpoint, prune, search
 from agmc_jax.cli import main
 from agmc_jax.data import load_arrays
 from agmc_jax.graph import trace
 from agmc_jax.graph.ir import evaluate
 from agmc_jax.networks import load_network
 from agmc_jax.prune.lstsq import _program_at_batch
+from agmc_jax.search import METHODS
 
 BASELINE = Path(__file__).parents[1] / "agmc_jax" / "baselines" / "lenet5_fashion_mnist"
 
@@ -55,14 +56,47 @@ def test_summary_table_for_another_input(capsys):
     (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--target-macs", "1.5"), "(0, 1)"),
     (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--method", "ppo9"), "unknown method"),
     (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--sigma-decay", "1.5"), "sigma_decay"),
+    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--agent-option", "sigma_dcay=0.5"), "sigma_decay"),
+    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--agent-option", "nonsense"), "KEY=VALUE"),
+    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--method", "random", "--sigma-decay", "0.9"),
+     "candidates"),
+    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--episodes", "0"), "episodes"),
+    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--round-to", "0"), "--round-to"),
+    (("compress", "--workdir", str(BASELINE), "--out", "{tmp}/c", "--method", "random", "--agent-option",
+      "sigma_decay=0.5"), "candidates"),
     (("prune", "--workdir", str(BASELINE), "--keep", "1.5", "--out", "{tmp}/p"), "(0, 1]"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(capsys, tmp_path, monkeypatch, argv, words):
     monkeypatch.setenv("AGMC_TFDS_DIR", str(tmp_path / "tfds"))
-    status, _, err = run(capsys, *(a.replace("{tmp}", str(tmp_path)) for a in argv))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    status, _, err = run(capsys, *argv)
     lines = [line for line in err.splitlines() if line.startswith("agmc ")]
     assert status == 2
     assert len(lines) == 1 and words in lines[0]
+    assert "Traceback" not in err
+    if "--out" in argv:  # a refused run leaves its output directory as it was: absent
+        out = Path(argv[argv.index("--out") + 1])
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_search_help_lists_every_registered_method(capsys):
+    status, out, _ = run(capsys, "search", "--help")
+    words = set(out.replace(";", " ").split())
+    assert status == 0 and METHODS
+    assert all(f"{name}:" in words for name in METHODS), (sorted(METHODS), out)
+
+
+def test_random_search_with_an_agent_option_on_the_baseline(capsys, tmp_path):
+    out = tmp_path / "s"
+    status, stdout, err = run(capsys, "search", "--workdir", str(BASELINE), "--out", str(out), "--method", "random",
+                              "--agent-option", "candidates=2", "--episodes", "3", "--reward-images", "64")
+    assert status == 0, err
+    summary = json.loads(stdout)
+    assert summary["macs_ratio"] <= 0.5 * (1 + 1e-6)
+    assert len((out / "episodes.jsonl").read_text().splitlines()) == 3  # 2 rounds of 2, the last one half played
+    assert checkpoint.metadata(out / "search_state")["agent"] == {"candidates": 2}
+    policy = json.loads((out / "policy.json").read_text())
+    assert policy["macs"] == summary["macs"] and (out / "slim" / "network.json").exists()
 
 
 def test_corrupt_checkpoint_is_reported_and_left_alone(capsys, tmp_path):
@@ -96,8 +130,8 @@ def test_least_squares_beats_magnitude_on_the_consuming_layer():
     calibration, held_out = images[:256], images[256:]
     net = trace(module, variables, images[:1])
     keep = {g: 0.5 for g in range(len(net.group_sizes))}
-    masks = net.masks(variables, keep, "l2")
-    refitted = net.reconstruct(variables, masks, calibration)
+    masks = prune.channel_masks(net, variables, keep, "l2")
+    refitted = prune.reconstruct(net, variables, masks, calibration)
 
     program = _program_at_batch(net, len(held_out))
     conv_out = program.ops[net.layers[1].op_index].outputs[0]  # Conv_1 consumes the pruned Conv_0 channels
@@ -107,8 +141,8 @@ def test_least_squares_beats_magnitude_on_the_consuming_layer():
         return np.asarray(captured[conv_out])
 
     reference = consumer_output(variables)
-    magnitude_error = np.mean((consumer_output(net.apply_masks(variables, masks)) - reference) ** 2)
-    refitted_error = np.mean((consumer_output(net.apply_masks(refitted, masks)) - reference) ** 2)
+    magnitude_error = np.mean((consumer_output(prune.apply_masks(net, variables, masks)) - reference) ** 2)
+    refitted_error = np.mean((consumer_output(prune.apply_masks(net, refitted, masks)) - reference) ** 2)
     assert refitted_error < 0.8 * magnitude_error
 
 

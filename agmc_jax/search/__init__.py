@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from agmc_jax import checkpoint
 from agmc_jax.agents import agent_config
-from agmc_jax.env import EnvConfig, Environment
+from agmc_jax.env import EnvConfig, Environment, check_config
 from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.graph import trace
 from agmc_jax.search.loop import Runner, make_chunk, place
@@ -146,8 +146,22 @@ def build_config(method: Method, episodes, seed, target_macs, target_params, age
     if target_macs is None and target_params is None:
         target_macs, target_params = (method.kind.default_budget.get(k) for k in ("target_macs", "target_params"))
     agent = None if method.agent is None else agent_config(method.agent, agent_options, episodes)
-    return SearchConfig(method=method.name, episodes=episodes, seed=seed, agent=agent,
-                        env=EnvConfig(target_macs=target_macs, target_params=target_params, **env_options))
+    try:
+        env = EnvConfig(target_macs=target_macs, target_params=target_params, **env_options)
+    except TypeError as error:
+        raise AgmcError(f"unknown environment option: {error}; EnvConfig fields are "
+                        f"{', '.join(EnvConfig._fields)}") from None
+    check_config(env)
+    return _check_lengths(SearchConfig(method=method.name, episodes=episodes, seed=seed, agent=agent, env=env))
+
+
+def _check_lengths(config: SearchConfig) -> SearchConfig:
+    """`config`, after checking that it plays at least one episode per chunk and in all."""
+    if config.episodes < 1:
+        raise AgmcError(f"--episodes must be positive, got {config.episodes}")
+    if config.chunk < 1:
+        raise AgmcError(f"SearchConfig.chunk (episodes per compiled chunk) must be positive, got {config.chunk}")
+    return config
 
 
 def environment(method: Method, module, variables, data, config: SearchConfig, mesh=None) -> Environment:
@@ -177,8 +191,7 @@ def search(module, variables, data, method="agmc", target_macs=None, target_para
     chosen = get_method(config.method)
     if chosen.agent is not None and config.agent is None:
         config = config._replace(agent=agent_config(chosen.agent, None, config.episodes))
-    if config.episodes < 1 or config.chunk < 1:
-        raise AgmcError(f"episodes and chunk must be positive, got {config.episodes} and {config.chunk}")
+    _check_lengths(config)
     out = None if out is None else Path(out)
     if out is not None and out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file; choose a directory for --out")

@@ -2,10 +2,10 @@
 
 An episode is a `lax.scan` over steps (observe, act, wall). A round plays the agent's `width`
 episodes from one agent state, scores them in one batched evaluation, then observes and learns
-from each in turn. A chunk is a `lax.scan` over rounds: one jitted function of (runner, key, data,
+from each in turn. A chunk is a loop over rounds: one jitted function of (runner, key, data,
 limit); the host sees the run once per chunk. Episode e draws its randomness from
 `fold_in(key, e)`, so a search cut into chunks anywhere, or resumed, plays the same episodes, and
-rounds past `limit` change nothing, so the chunk length never depends on the search length.
+no round starts past `limit`, so the chunk length never depends on the search length.
 """
 from typing import Any, NamedTuple
 
@@ -44,40 +44,50 @@ def play_episode(env, state, agent, agent_state, key):
 
 
 def make_chunk(env, state, agent, rounds: int):
-    """The jitted chunk: `rounds` rounds of `agent.width` episodes, scored, observed and learned from."""
+    """The jitted chunk: up to `rounds` rounds of `agent.width` episodes, scored, observed and learned from."""
     width = agent.width
 
-    def learn(agent_state, episode):
-        observations, actions, reward, active, key = episode
+    def observe_and_update(agent_state, episode):
+        observations, actions, reward, key = episode
+        agent_state = agent.observe(agent_state, observations, actions, reward)
+        keys = jax.random.split(key, agent.updates)
+        return jax.lax.scan(lambda s, k: (agent.update(s, k)[0], None), agent_state, keys)[0]
 
-        def observe_and_update(agent_state):
-            agent_state = agent.observe(agent_state, observations, actions, reward)
-            keys = jax.random.split(key, agent.updates)
-            return jax.lax.scan(lambda s, k: (agent.update(s, k)[0], None), agent_state, keys)[0]
-
-        return jax.lax.cond(active, observe_and_update, lambda s: s, agent_state), None
+    def learn(agent_state, episode, active):
+        if width == 1:  # a round only starts below the limit: its one episode always counts
+            return observe_and_update(agent_state, episode), None
+        return jax.lax.cond(active, observe_and_update, lambda s, e: s, agent_state, episode), None
 
     def play_round(runner, key, data, limit):
         index = runner.episode + jnp.arange(width)
         keys = jax.vmap(lambda e: jax.random.split(jax.random.fold_in(key, e)))(index)
         counts, actions, observations = jax.vmap(
             lambda k: play_episode(env, state, agent, runner.agent, k))(keys[:, 0])
-        accuracy = env.scores(data, counts)
+        accuracy = env.scores(data, counts).astype(jnp.float32)
         reward = jax.vmap(env.reward)(accuracy, counts).astype(jnp.float32)
         active = index < limit
-        agent_state, _ = jax.lax.scan(learn, runner.agent, (observations, actions, reward, active, keys[:, 1]))
+        agent_state, _ = jax.lax.scan(lambda s, x: learn(s, x[:4], x[4]), runner.agent,
+                                      (observations, actions, reward, keys[:, 1], active))
         return Runner(agent_state, runner.episode + jnp.sum(active).astype(jnp.int32)), Played(counts, accuracy,
                                                                                               reward)
 
-    def idle(runner, key, data, limit):
-        nothing = Played(jnp.zeros((width, env.steps), jnp.int32), jnp.zeros(width, jnp.float32),
-                         jnp.zeros(width, jnp.float32))
-        return runner, nothing
-
     def chunk(runner, key, data, limit):
-        def one(runner, _):
-            return jax.lax.cond(runner.episode < limit, play_round, idle, runner, key, data, limit)
-        return jax.lax.scan(one, runner, None, length=rounds)
+        """Rounds while fewer than `limit` episodes are finished (a while loop: no work past the limit)."""
+        played = Played(jnp.zeros((rounds, width, env.steps), jnp.int32), jnp.zeros((rounds, width), jnp.float32),
+                        jnp.zeros((rounds, width), jnp.float32))
+
+        def more(carry):
+            round_, runner, _ = carry
+            return (round_ < rounds) & (runner.episode < limit)
+
+        def one(carry):
+            round_, runner, played = carry
+            runner, new = play_round(runner, key, data, limit)
+            played = jax.tree.map(lambda all_, x: all_.at[round_].set(x), played, new)
+            return round_ + 1, runner, played
+
+        _, runner, played = jax.lax.while_loop(more, one, (jnp.zeros((), jnp.int32), runner, played))
+        return runner, played
 
     replicated = NamedSharding(env.mesh, P())
     return jax.jit(chunk, out_shardings=replicated)
