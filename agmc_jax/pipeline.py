@@ -1,6 +1,7 @@
 """The command-line pipelines: search a trained network, fine-tune the result, and compress end to end."""
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -32,16 +33,20 @@ def run_search(workdir, out, method="agmc", target_macs=None, target_params=None
         raise CheckpointError(f"{out} already holds a finished search; choose a new --out")
     result = search(module, variables, (images, labels), out=out, resume=resume, config=search_config)
     policy = result.policy()
-    if result.history:
-        plot_rewards(result.history, out / "rewards.png")
+    plot_rewards(result.history, out / "rewards.png")
     plot_keep(policy, out / "keep.png")
     info = {"source": str(workdir), "method": method, "macs": policy["macs"], "params": policy["params"],
             "macs_ratio": policy["macs_ratio"], "params_ratio": policy["params_ratio"],
             "unit": policy["unit"], "keep": [step["keep"] for step in policy["steps"]]}
     if not (out / "slim" / "network.json").exists():
         pruned, masks = result.pruned()
-        save_network(out / "masked", "masked", config, pruned, info)
-        save_network(out / "slim", result.env.kind.export_name, config, result.env.kind.export(pruned, masks)[1], info)
+        exported = result.env.kind.export(pruned, masks)[1]
+        for name, kind, tree in (("masked", "masked", pruned), ("slim", result.env.kind.export_name, exported)):
+            if (out / name / "network.json").exists():
+                continue
+            if (out / name).exists():  # a write cut short: network.json is written last
+                shutil.rmtree(out / name)
+            save_network(out / name, kind, config, tree, info)
     return result
 
 

@@ -1,8 +1,10 @@
 """The exact cost model of channel pruning as linear tables, evaluated with NumPy (float64) or jax.numpy.
 
-Kept indices of every (leaf, axis) are `fixed + mult @ counts`; a layer's MACs scale with the kept
-fractions of its input and output axes, a parameter leaf's size is the product of its kept axes.
-The same tables serve the host (reports, exact checks) and compiled episodes (the action wall).
+Kept indices of every (leaf, axis) are `fixed + mult @ counts`; a layer's MACs are its MACs per
+(input, output) index pair times the kept indices of both axes, a parameter leaf's size is the
+product of its kept axes. Every table entry is an integer for the zoo's networks, so float32 sums
+are exact up to 2^24 MACs or parameters and within float32 rounding (1e-7) beyond. The same tables
+serve the host (float64: reports, exact checks) and compiled episodes (float32: the action wall).
 """
 from typing import NamedTuple
 
@@ -16,7 +18,7 @@ class CostModel(NamedTuple):
     mult: np.ndarray  # float64[A, G]: fraction of group g's channels found on each (leaf, axis)
     axis_size: np.ndarray  # float64[A]
     layer_axes: np.ndarray  # int64[L, 2]: the (input, output) axis rows of each layer's kernel
-    layer_macs: np.ndarray  # float64[L]
+    pair_macs: np.ndarray  # float64[L]: MACs per kept (input index, output index) pair of each layer
     param_axes: np.ndarray  # int64[P, D]: axis rows of each parameter leaf, padded with row A (size 1)
 
 
@@ -37,9 +39,10 @@ def cost_model(axis_maps, is_param, layer_ops, group_sizes) -> CostModel:
     params = [[index[leaf, a] for a in range(len(maps))] for leaf, maps in enumerate(axis_maps) if is_param[leaf]]
     width = max([len(p) for p in params] + [1])
     param_axes = np.array([p + [rows] * (width - len(p)) for p in params], np.int64).reshape(-1, width)
-    return CostModel(np.array(fixed, np.float64), np.array(mult, np.float64).reshape(rows, n_groups),
-                     np.array(axis_size, np.float64), layer_axes,
-                     np.array([op.macs for op in layer_ops], np.float64), param_axes)
+    axis_size = np.array(axis_size, np.float64)
+    pairs = np.maximum(axis_size[layer_axes[:, 0]] * axis_size[layer_axes[:, 1]], 1)
+    return CostModel(np.array(fixed, np.float64), np.array(mult, np.float64).reshape(rows, n_groups), axis_size,
+                     layer_axes, np.array([op.macs for op in layer_ops], np.float64) / pairs, param_axes)
 
 
 def kept_per_axis(model: CostModel, counts, xp=np):
@@ -51,8 +54,7 @@ def kept_per_axis(model: CostModel, counts, xp=np):
 def evaluate_cost(model: CostModel, counts, xp=np):
     """(MACs per example, parameters) of the network keeping `counts`; `xp` is numpy (exact) or jax.numpy."""
     kept = kept_per_axis(model, counts, xp)
-    fraction = kept / xp.maximum(xp.asarray(model.axis_size, kept.dtype), 1)
-    macs = xp.sum(xp.asarray(model.layer_macs, kept.dtype) * xp.prod(fraction[model.layer_axes], axis=1))
+    macs = xp.sum(xp.asarray(model.pair_macs, kept.dtype) * xp.prod(kept[model.layer_axes], axis=1))
     padded = xp.concatenate([kept, xp.ones(1, kept.dtype)])
     params = xp.sum(xp.prod(padded[model.param_axes], axis=1))
     return macs, params
@@ -60,5 +62,4 @@ def evaluate_cost(model: CostModel, counts, xp=np):
 
 def layer_macs(model: CostModel, counts):
     """MACs per layer for a policy of kept counts per group (NumPy)."""
-    fraction = kept_per_axis(model, counts) / np.maximum(model.axis_size, 1)
-    return model.layer_macs * np.prod(fraction[model.layer_axes], axis=1)
+    return model.pair_macs * np.prod(kept_per_axis(model, counts)[model.layer_axes], axis=1)

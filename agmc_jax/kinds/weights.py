@@ -30,14 +30,16 @@ class Weights:
         self.step_layers = [[layer] for layer in net.layers]
         self.step_macs = np.array([l.macs for l in net.layers], np.float64)
         self.node_steps = node_layers(net)
+        self._weight_macs = self.step_macs / self.sizes  # MACs of one weight: its output positions (an integer)
+        self._other_macs = float(net.macs - self.step_macs.sum())
+        self._other_params = float(net.params - self.sizes.sum())
 
     def cost(self, counts, xp=np):
         """Non-zero parameters, and the MACs of non-zero weights, when layer t keeps counts[t] weights."""
         dtype = xp.float64 if xp is np else xp.float32
-        kept = xp.asarray(counts, dtype) / xp.asarray(self.sizes, dtype)
-        macs = self.net.macs - xp.sum(xp.asarray(self.step_macs, dtype) * (1 - kept))
-        params = self.net.params - float(self.sizes.sum()) + xp.sum(xp.asarray(counts, dtype))
-        return macs, params
+        counts = xp.asarray(counts, dtype)
+        macs = self._other_macs + xp.sum(xp.asarray(self._weight_macs, dtype) * counts)
+        return macs, self._other_params + xp.sum(counts)
 
     def layer_usage(self, counts):
         """Per layer: name, weights, weights kept (for reports)."""
