@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from agmc_jax.agents import Agent, AgentType, OptionError
-from agmc_jax.cli import main
 from agmc_jax.data import load_arrays
 from agmc_jax.embed import STATES
 from agmc_jax.errors import AgmcError
@@ -17,6 +16,7 @@ from agmc_jax.kinds import KINDS
 from agmc_jax.models import create_model, init_model
 from agmc_jax.networks import load_network
 from agmc_jax.search import METHODS, Method, register_method, search
+from tests.test_cli import run
 
 BASELINE = Path(__file__).parents[1] / "agmc_jax" / "baselines" / "lenet5_fashion_mnist"
 MODULE = create_model("lenet5", 10)
@@ -77,16 +77,6 @@ def register():
 def toy(register):
     register(TOY)
     return TOY
-
-
-def run(capsys, *argv):
-    try:
-        main(list(argv))
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def keeps(counts, sizes):
