@@ -28,6 +28,7 @@ from agmc_jax.errors import AgmcError, CheckpointError, InputShapeError
 from agmc_jax.models import check_input_shape, create_model, init_model
 
 SCHEDULES = ("cosine", "onecycle")
+LOSSES = "losses"  # a module adds terms to its training loss by sowing them into this collection (a KL term, a penalty)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,12 +181,15 @@ def _sums(logits, labels, mask):
 
 
 def train_step(module, optimizer: OptimizerSpec, state: TrainState, batch) -> tuple[TrainState, dict]:
-    """One SGD step on a batch of images and integer labels; returns the new state and metric sums."""
+    """One SGD step on a batch of images and integer labels; returns the new state and metric sums.
+
+    The loss is the mean cross-entropy plus every term the module sows into the `LOSSES` collection."""
     def loss_fn(params):
         logits, updates = module.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                       train=True, mutable=["batch_stats"])
+                                       train=True, mutable=["batch_stats", LOSSES])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, (logits, updates.get("batch_stats", state.batch_stats))
+        extra = sum(jnp.sum(term) for term in jax.tree.leaves(updates.get(LOSSES, {})))
+        return loss + extra, (logits, updates.get("batch_stats", state.batch_stats))
 
     (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = make_optimizer(optimizer).update(grads, state.opt_state, state.params)
