@@ -41,3 +41,7 @@ class MaskError(AgmcError, ValueError):
 
 class BudgetError(AgmcError, ValueError):
     """A budget outside (0, 1) or below what the smallest allowed policy reaches, or settings that cannot run."""
+
+
+class QuantizationError(AgmcError, ValueError):
+    """Bit widths outside 1..16, or given for leaves that are not kernels of the network."""
