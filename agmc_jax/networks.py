@@ -3,6 +3,9 @@
 A pruned directory holds `network.json` (the training config it came from, whether it is `slim`
 or `masked`, its counts) and `variables/` (an orbax checkpoint). A slim network reloads as
 `Slimmed(zoo module)` with the smaller arrays, with no masks and no reference to the original.
+A quantized directory adds the bit widths, whether its base is slim, and `model.packed` (the packed
+export, whose size is the network's); its `variables/` are the latent float weights, and it reloads as
+`Quantized(zoo module or Slimmed(zoo module), bits)`, so it can be evaluated and fine-tuned further.
 """
 import json
 from pathlib import Path
@@ -13,6 +16,7 @@ from agmc_jax import checkpoint, data
 from agmc_jax.errors import CheckpointError
 from agmc_jax.graph import trace
 from agmc_jax.prune import Slimmed, apply_masks, channel_masks, recalibrate, reconstruct, slim
+from agmc_jax.quant import Quantized, freeze_bits, save_packed
 from agmc_jax.train import (build_module, config_from_dict, data_mesh, evaluate_source, load_trained,
                             make_eval_step)
 
@@ -32,6 +36,40 @@ def mark_trained_slim(workdir, config_dict):
                                                            indent=1) + "\n")
 
 
+PACKED = "model.packed"
+
+
+def _bits_json(bits):
+    """Bit widths as JSON: [[kernel path, bits], ...]."""
+    return [[list(path), width] for path, width in freeze_bits(bits)]
+
+
+def save_quantized(out, config_dict, variables, bits, slim_base, info):
+    """Write a quantized network (latent float `variables`, `bits`: kernel path -> width, `slim_base`: whether it
+    runs on `Slimmed`) and its packed export to the new directory `out`; returns the packed file's bytes."""
+    out = Path(out)
+    if (out / "network.json").exists():
+        raise CheckpointError(f"{out} already holds a network; choose a new --out")
+    size = save_packed(out / PACKED, variables, bits)
+    save_network(out, "quantized", config_dict, variables,
+                 {**info, "slim": slim_base, "bits": _bits_json(bits), "packed": PACKED, "packed_bytes": size})
+    return size
+
+
+def mark_trained_quantized(workdir, config_dict, bits, slim_base):
+    """Mark a training workdir as holding a quantization-aware fine-tuned network (latent weights in its checkpoints)."""
+    (Path(workdir) / "network.json").write_text(json.dumps(
+        {"kind": "quantized", "trained": True, "slim": slim_base, "bits": _bits_json(bits), "config": config_dict},
+        indent=1) + "\n")
+
+
+def _wrapped(module, values):
+    """The zoo module as a directory's kind runs it: slimmed, quantized (on a slim or full base), or as is."""
+    if values["kind"] == "quantized":
+        return Quantized(Slimmed(module) if values.get("slim") else module, values.get("bits"))
+    return Slimmed(module) if values["kind"] == "slim" else module
+
+
 def load_network(path):
     """(module, variables, config dict) of a trained workdir or a pruned network directory."""
     path = Path(path)
@@ -49,7 +87,7 @@ def load_network(path):
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     else:
         variables = checkpoint.restore(path / "variables")
-    return (Slimmed(module) if values["kind"] == "slim" else module), variables, values["config"]
+    return _wrapped(module, values), variables, values["config"]
 
 
 def evaluate_variables(module, variables, config_dict, split="test", data_dir=None, source=None, batch_size=256):
