@@ -57,7 +57,7 @@ def save_quantized(out, config_dict, variables, bits, slim_base, info):
 
 
 def mark_trained_quantized(workdir, config_dict, bits, slim_base):
-    """Mark a training workdir as holding a quantization-aware fine-tuned network (latent weights in its checkpoints)."""
+    """Mark a training workdir as holding a quantization-aware fine-tuned network (its checkpoints: latent weights)."""
     (Path(workdir) / "network.json").write_text(json.dumps(
         {"kind": "quantized", "trained": True, "slim": slim_base, "bits": _bits_json(bits), "config": config_dict},
         indent=1) + "\n")

@@ -159,7 +159,7 @@ def qat(tmp_path_factory):
     module, shape = RESNET
     config = dataclasses.replace(resolve_config(CONFIG), epochs=1, learning_rate=0.05)
     start = jax.device_get(init_model(module, shape, 0))  # train donates its arrays
-    bits = _bits(start, (2, 3, 4, 5, 8))
+    bits = _bits(start, (1, 3, 4, 5, 6, 7, 8, 12))
     workdir = tmp_path_factory.mktemp("qat")
     summary = train(config, workdir, SOURCES, module=Quantized(module, bits), variables=start)
     mark_trained_quantized(workdir, config_to_dict(config), bits, False)
@@ -168,26 +168,21 @@ def qat(tmp_path_factory):
 
 def test_fine_tuned_network_stays_on_its_bit_grid(qat, tmp_path):
     """After training, the stored (latent) kernels have moved and what the network computes with is on their grids:
-    integer codes in [-(2^(b-1) - 1), 2^(b-1) - 1] times one scale per output channel (at most 2^b - 1 values per
-    channel, as NumPy quantizes the latent kernels); the exported codes and scales are exactly those weights."""
+    integer codes in [-(2^(b-1) - 1), 2^(b-1) - 1] times one scale per output channel, at most 2^b - 1 values per
+    channel (one bit: +-scale), as NumPy quantizes the latent kernels; the packed export stores exactly these."""
     workdir, start, bits, _, _ = qat
     module, variables, _ = load_trained(workdir)
     flat, before = _flat(variables), _flat(start)
-    effective = _flat(jax.jit(lambda v: quantized_variables(v, bits))(variables))
-    save_packed(tmp_path / "net.packed", variables, bits)
-    exported = _flat(load_packed(tmp_path / "net.packed", variables))
+    effective = _flat(_effective(variables, freeze_bits(bits)))
     for path, width in bits.items():
         assert not np.allclose(flat[path], before[path]), path
         codes, scale = numpy_quantize(flat[path], width)
-        assert np.abs(codes).max() == 2 ** (width - 1) - 1
+        assert np.abs(codes).max() == max(2 ** (width - 1) - 1, 1)
         np.testing.assert_allclose(effective[path], codes * scale, rtol=1e-6, atol=0, err_msg=str(path))
         steps = np.asarray(effective[path]) / scale
         np.testing.assert_allclose(steps, np.round(steps), atol=1e-4, err_msg=str(path))
-        assert max(np.unique(channel).size for channel in np.moveaxis(steps, -1, 0)) <= 2 ** width - 1
-        np.testing.assert_array_equal(exported[path], effective[path], err_msg=str(path))
-    x = _x(RESNET[1])
-    np.testing.assert_allclose(_apply(module, load_packed(tmp_path / "net.packed", variables), x, train=False),
-                               _apply(Quantized(module, bits), variables, x, train=False), rtol=1e-5, atol=1e-5)
+        assert max(np.unique(channel).size for channel in np.moveaxis(steps, -1, 0)) <= max(2 ** width - 1, 2)
+    _check_packed(tmp_path / "net.packed", module, variables, bits, _x(RESNET[1]))
 
 
 def test_quantized_workdir_and_directory_reload(qat, tmp_path):
@@ -204,12 +199,36 @@ def test_quantized_workdir_and_directory_reload(qat, tmp_path):
     reloaded, reloaded_variables, _ = load_network(tmp_path / "q")
     assert reloaded == module
     x = _x(RESNET[1])
-    np.testing.assert_array_equal(_apply(reloaded, reloaded_variables, x), _apply(module, variables, x))
+    np.testing.assert_array_equal(_apply(reloaded, reloaded_variables, x, train=False),
+                                  _apply(module, variables, x, train=False))
     with pytest.raises(CheckpointError):
         save_quantized(tmp_path / "q", config_dict, variables, bits, False, {})
 
 
 # ----- the packed export --------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=1)
+def _effective(variables, bits):
+    return quantized_variables(variables, bits)
+
+
+def _check_packed(path, module, variables, bits, x):
+    """Save, check the file's size against its parts, reload: the kernels are exactly the quantized network's
+    weights, the other leaves the float32 ones, and the outputs the quantized network's."""
+    written = save_packed(path, variables, bits)
+    raw = path.read_bytes()
+    header = 12 + int.from_bytes(raw[8:12], "little")
+    expected = header + sum(math.ceil(bits[p] * leaf.size / 8) + 4 * leaf.shape[-1] if p in bits else 4 * leaf.size
+                            for p, leaf in _flat(variables).items())
+    assert written == path.stat().st_size == expected
+    assert header < 200 * len(_flat(variables))
+    loaded = load_packed(path, jax.eval_shape(lambda: variables))
+    effective = _flat(_effective(variables, freeze_bits(bits)))
+    for p, leaf in _flat(loaded).items():
+        np.testing.assert_array_equal(leaf, effective[p], err_msg=str(p))
+    np.testing.assert_allclose(_apply(module, loaded, x, train=False),
+                               _apply(Quantized(module, bits), variables, x, train=False), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("count", [1, 13, 37])
 def test_codes_packed_densely_most_significant_bit_first(count, monkeypatch):
     """Every width 1..16: the bytes are the codes' binary digits concatenated (zero-padded to a byte), also across
@@ -225,28 +244,13 @@ def test_codes_packed_densely_most_significant_bit_first(count, monkeypatch):
         np.testing.assert_array_equal(packed.unpack_codes(expected, bits, count), values)
 
 
-@pytest.mark.parametrize("network, widths", [("lenet", (3, 5, 7, 2, 16)), ("resnet", (1, 3, 4, 5, 6, 7, 8, 12))])
-def test_packed_file_size_and_reloaded_outputs(network, widths, tmp_path):
-    """The file is the header plus ceil(b * n / 8) bytes of codes and 4 bytes per scale for each quantized kernel,
-    4 bytes per value for everything else; reloaded, the network's outputs equal the quantized network's."""
-    module, shape = RESNET if network == "resnet" else LENET
+def test_packed_file_size_and_reloaded_outputs(tmp_path):
+    """LeNet-5 at 3, 5, 7, 2 and 16 bits (the ResNet with BatchNorm: the fine-tuning test); its file is the header
+    plus ceil(b * n / 8) bytes of codes and 4 bytes per scale for each quantized kernel, 4 bytes per value for
+    everything else; reloaded, it computes what the quantized network does."""
+    module, shape = LENET
     variables = _variables(module, shape)
-    bits = _bits(variables, widths)
-    path = tmp_path / "net.packed"
-    written = save_packed(path, variables, bits)
-    raw = path.read_bytes()
-    header = 12 + int.from_bytes(raw[8:12], "little")
-    expected = header + sum(math.ceil(bits[p] * leaf.size / 8) + 4 * leaf.shape[-1] if p in bits else 4 * leaf.size
-                            for p, leaf in _flat(variables).items())
-    assert written == path.stat().st_size == expected
-    assert header < 200 * len(_flat(variables))
-    loaded = load_packed(path, jax.eval_shape(lambda: variables))
-    x = _x(shape)
-    reference = _apply(Quantized(module, bits), variables, x, train=False)
-    np.testing.assert_allclose(_apply(module, loaded, x, train=False), reference, rtol=1e-5, atol=1e-5)
-    effective = _flat(jax.jit(lambda v: quantized_variables(v, bits))(variables))
-    for p, leaf in _flat(loaded).items():
-        np.testing.assert_allclose(leaf, effective[p], rtol=1e-6, atol=0, err_msg=str(p))
+    _check_packed(tmp_path / "net.packed", module, variables, _bits(variables, (3, 5, 7, 2, 16)), _x(shape))
 
 
 # ----- bad input ----------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ def _top(bits: int) -> int:
 def pack_codes(values, bits: int) -> bytes:
     """Unsigned integers below 2^bits, `bits` bits each, most significant bit first, in ceil(bits * n / 8) bytes."""
     values = np.asarray(values).reshape(-1).astype(">u2")
-    return b"".join(np.packbits(np.unpackbits(values[start:start + _CHUNK].view(np.uint8)).reshape(-1, 16)[:, 16 - bits:])
-                    .tobytes() for start in range(0, values.size, _CHUNK))
+    planes = (np.unpackbits(values[start:start + _CHUNK].view(np.uint8)).reshape(-1, 16)[:, 16 - bits:]
+              for start in range(0, values.size, _CHUNK))
+    return b"".join(np.packbits(chunk).tobytes() for chunk in planes)
 
 
 def unpack_codes(data: bytes, bits: int, count: int) -> np.ndarray:
