@@ -1,6 +1,7 @@
 """Channel pruning: one step per channel group, counts are channels kept, the export is physically smaller.
 
-A count keeps the group's channels of largest weight norm (`l1`, `l2`); with `lstsq` the layers
+A count keeps the group's highest-ranked channels by the criterion (weight norm `l1`, `l2`; `infodrop`
+learns its ranks on the calibration images when the search is prepared); with `lstsq` the layers
 that lose input channels are then refitted by least squares, AMC's reconstruction, inside the
 compiled masking: the Gram matrices of the original network's inputs at sampled positions of the
 calibration images do not depend on the policy, so they are computed once and each policy only
@@ -12,7 +13,7 @@ import numpy as np
 from agmc_jax.graph.cost import evaluate_cost
 from agmc_jax.graph.graphs import node_groups
 from agmc_jax.prune.lstsq import refit_kernel, refit_layers, refit_systems
-from agmc_jax.prune.masks import channel_ranks, masks_from_vectors, top_channels
+from agmc_jax.prune.masks import channel_ranks, masks_from_vectors
 from agmc_jax.prune.slim import slim
 
 
@@ -57,13 +58,14 @@ class Channels:
 
     # ----- masking ----------------------------------------------------------------------------
     def prepare(self, variables, calibration):
-        """The arrays `mask` reads: the variables, each masked axis's table and, for lstsq, the refit systems."""
-        ranks = channel_ranks(self.net, variables, self.criterion)
+        """The arrays `mask` reads: the variables, each masked axis's table and, for lstsq, the refit systems; and
+        the channel ranks `masks` reads (criteria such as infodrop learn them on the calibration images)."""
+        ranks = channel_ranks(self.net, variables, self.criterion, calibration)
         tables = tuple(tuple(_axis_table(self.net.axis_maps[leaf][axis], ranks) for axis in axes)
                        for leaf, axes in enumerate(self._masked_axes))
         refits = tuple({"system": system, "table": _axis_table(m, ranks)} for m, system in
                        zip(self._refit_maps, refit_systems(self.net, variables, calibration, self._refit_layers)))
-        return {"variables": variables, "tables": tables, "refits": refits}
+        return {"variables": variables, "tables": tables, "refits": refits, "ranks": tuple(ranks)}
 
     def mask(self, data, counts):
         """The variables of the policy `counts` at full size: dropped channels zeroed (pure, traceable)."""
@@ -81,8 +83,8 @@ class Channels:
 
     def masks(self, data, counts):
         """The 0/1 mask pytree of the policy (host), as `agmc_jax.prune` and the slimming read it."""
-        criterion = "l2" if self.criterion == "lstsq" else self.criterion
-        return masks_from_vectors(self.net, top_channels(self.net, data["variables"], counts, criterion))
+        vectors = [np.asarray(rank) < int(count) for count, rank in zip(counts, data["ranks"])]
+        return masks_from_vectors(self.net, vectors)
 
     def export(self, variables, masks):
         """The physically smaller (module, variables) computing what the masked network does."""
