@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 def levels(bits):
     """The largest code of a b-bit symmetric quantizer, 2^(b-1) - 1 (1 for one bit: codes are -1 and +1)."""
-    return jnp.maximum(jnp.exp2(jnp.asarray(bits, jnp.float32) - 1) - 1, 1.0)
+    return jnp.maximum(jnp.ldexp(jnp.float32(1), jnp.asarray(bits, jnp.int32) - 1) - 1, 1.0)  # exact to 16 bits
 
 
 def _reduce_axes(w):
@@ -36,10 +36,12 @@ def quantize(w, bits, scale=None):
 
 
 def fake_quantize(w, bits, scale=None):
-    """w on its b-bit grid, float; the gradient is the straight-through estimator: 1 where w lies inside the
-    clipping range [-levels * scale, levels * scale], 0 outside (the scale itself is not differentiated)."""
+    """w on its b-bit grid (exactly codes times scales); the gradient is the straight-through estimator: 1 where
+    w lies inside the clipping range [-levels * scale, levels * scale], 0 outside (the scale is not
+    differentiated). Inside is judged on w / scale, the value that is rounded, so a channel's largest weight
+    is always inside."""
     scale = jax.lax.stop_gradient(channel_scale(w, bits) if scale is None else scale)
     codes, _ = quantize(w, bits, scale)
     quantized = jax.lax.stop_gradient(codes.astype(w.dtype) * scale.astype(w.dtype))
-    inside = jnp.abs(w) <= levels(bits) * scale
-    return jnp.where(inside, w + jax.lax.stop_gradient(quantized - w), quantized)
+    inside = jnp.abs(w / scale) <= levels(bits) * (1 + 1e-6)
+    return quantized + jnp.where(inside, w - jax.lax.stop_gradient(w), 0.0)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from agmc_jax.errors import QuantizationError
-from agmc_jax.quant.fake import channel_scale, fake_quantize, quantize
+from agmc_jax.quant.fake import fake_quantize
 
 MIN_BITS, MAX_BITS = 1, 16
 
@@ -64,19 +64,9 @@ def map_kernels(fn, variables, bits):
     return jax.tree_util.tree_map_with_path(visit, variables)
 
 
-def on_grid(kernel, width):
-    """`fake_quantize(kernel, width)` with its forward value exactly codes times scales (what the export stores):
-    `fake_quantize` returns w + (q - w) inside the clipping range, which can miss q by a rounding step."""
-    scale = jax.lax.stop_gradient(channel_scale(kernel, width))
-    codes, _ = quantize(kernel, width, scale)
-    grid = jax.lax.stop_gradient(codes.astype(kernel.dtype) * scale.astype(kernel.dtype))
-    fake = fake_quantize(kernel, width, scale)
-    return grid + (fake - jax.lax.stop_gradient(fake))
-
-
 def quantized_variables(variables, bits):
     """The variables a `Quantized(module, bits)` network computes with: its kernels exactly on their b-bit grids."""
-    return map_kernels(on_grid, variables, bits)
+    return map_kernels(fake_quantize, variables, bits)
 
 
 def _forward(wrapper, *args, **kwargs):
