@@ -99,7 +99,14 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     """`config` validated, with the input shape and number of classes filled in from the dataset spec."""
     spec = data.dataset_spec(config.dataset)
     _check(config.schedule in SCHEDULES, f"unknown schedule {config.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-    _check(config.epochs >= 1 and config.batch_size >= 1, "epochs and batch_size must be at least 1")
+    _check(config.epochs >= 1, f"epochs must be at least 1, got {config.epochs}")
+    _check(config.batch_size >= 1, f"batch_size must be at least 1, got {config.batch_size}")
+    _check(bool(np.isfinite(config.learning_rate)) and config.learning_rate > 0,
+           f"the learning rate (--lr) must be a positive finite number, got {config.learning_rate}")
+    _check(bool(np.isfinite(config.weight_decay)) and config.weight_decay >= 0,
+           f"weight_decay must be a finite number at least 0, got {config.weight_decay}")
+    _check(bool(np.isfinite(config.momentum)) and 0 <= config.momentum < 1,
+           f"momentum must be in [0, 1), got {config.momentum}")
     _check(0 <= config.warmup_epochs < config.epochs, "warmup_epochs must be at least 0 and less than epochs")
     _check(min(config.eval_every, config.checkpoint_every, config.keep) >= 1,
            "eval_every, checkpoint_every and keep must be at least 1")
@@ -322,7 +329,9 @@ def _check_same_run(saved: Mapping, current: Mapping, where: str) -> None:
 
 
 def _check_workdir(workdir: Path, config: TrainConfig) -> None:
-    """Refuse a workdir whose config or checkpoints belong to a different run; touches no file."""
+    """Refuse a workdir that is a file, or whose config or checkpoints belong to a different run; touches no file."""
+    if workdir.exists() and not workdir.is_dir():
+        raise CheckpointError(f"{workdir} is a file; choose a directory for --workdir")
     path = workdir / "config.json"
     if path.exists():
         _check_same_run(_read_json(path), config_to_dict(config), str(path))
@@ -357,8 +366,8 @@ def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, var
     """The latest checkpoint's state and epoch when there is one, else a fresh state and epoch 0 (replicated)."""
     directory, replicated = workdir / "checkpoints", NamedSharding(mesh, P())
     if checkpoint.latest_step(directory) is None:
-        fresh = (create_train_state(module, config.input_shape, config) if variables is None
-                 else state_from_variables(variables, config))
+        fresh = (create_train_state(module, config.input_shape, config) if variables is None  # a copy: the
+                 else state_from_variables(jax.tree.map(jnp.array, variables), config))  # steps donate the state
         return jax.device_put(fresh, replicated), 0
     meta = _run_metadata(directory)
     _check_same_run(meta["config"], config_to_dict(config), f"the latest checkpoint in {directory}")
@@ -366,11 +375,21 @@ def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, var
     return checkpoint.restore(directory, target=target), int(meta["epoch"])
 
 
+def _records(path: Path) -> list:
+    """The records of metrics.jsonl ([] when there is none); a line cut short by a kill is dropped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def _trim_metrics(path: Path, epoch: int) -> None:
-    """Drop lines for epochs after `epoch` (written after the checkpoint a run resumes from)."""
+    """Drop lines for epochs after `epoch` (logged before the checkpoint of a run killed in between)."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
-        path.write_text("".join(line + "\n" for line in lines))
+        checkpoint.write_text(path, "".join(json.dumps(r) + "\n" for r in _records(path) if r["epoch"] <= epoch))
 
 
 def _log(workdir: Path, writer, record: Mapping) -> None:
@@ -393,7 +412,7 @@ def _open_workdir(workdir: Path, config: TrainConfig, epoch: int):
     if jax.process_index() != 0:
         return None
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    checkpoint.write_text(workdir / "config.json", json.dumps(config_to_dict(config), indent=2) + "\n")
     _trim_metrics(workdir / "metrics.jsonl", epoch)
     return SummaryWriter(str(workdir / "tb"))
 
@@ -433,10 +452,25 @@ def _epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict]:
 
 
 def _last_record(workdir: Path) -> dict:
-    """The last line of metrics.jsonl ({} when there is none): the record of a run that resumes complete."""
-    path = workdir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+    """The last record of metrics.jsonl ({} when there is none): the record of a run that resumes complete."""
+    records = _records(workdir / "metrics.jsonl")
+    return records[-1] if records else {}
+
+
+def _check_variables(module, config: TrainConfig, variables) -> None:
+    """Refuse starting variables whose leaves or shapes differ from those `config`'s network initialises."""
+    expected = jax.eval_shape(lambda: init_model(module, config.input_shape, config.seed))
+
+    def shapes(tree):
+        return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in
+                jax.tree_util.tree_flatten_with_path({k: tree.get(k, {}) for k in ("params", "batch_stats")})[0]}
+
+    want, have = shapes(expected), shapes(variables)
+    if want != have:
+        path = sorted(set(want) ^ set(have) or {p for p in want if want[p] != have[p]})[0]
+        raise CheckpointError(f"the starting variables (--init-from) do not fit {config.model} with "
+                              f"{config.num_classes} classes ({path}: {have.get(path, 'missing')} where the network "
+                              f"has {want.get(path, 'nothing')}); start from a workdir of the same model")
 
 
 def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_after: int | None = None,
@@ -454,6 +488,8 @@ def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_aft
     steps = data.steps_per_epoch(train_source, config.batch_size)
     _check(steps >= 1, f"batch size {config.batch_size} exceeds the {len(train_source)} training examples")
     mesh, optimizer = data_mesh(), optimizer_spec(config, steps)
+    if module is None and variables is not None:
+        _check_variables(build_module(config), config, variables)
     module = build_module(config) if module is None else module
     run = _Run(config, mesh, steps, config.epochs if stop_after is None else min(stop_after, config.epochs),
                make_train_step(mesh, module, optimizer), make_eval_step(mesh, module),
@@ -464,10 +500,10 @@ def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_aft
     try:
         for epoch in range(start, run.last):
             state, record = _epoch(run, state, epoch)
+            _log(workdir, writer, record)  # before the checkpoint: a resume drops the lines after its epoch
             if record["epoch"] % config.checkpoint_every == 0 or record["epoch"] == run.last:
                 checkpoint.save(workdir / "checkpoints", record["step"], state,
                                 {"epoch": record["epoch"], "config": config_to_dict(config)}, keep=config.keep)
-            _log(workdir, writer, record)
         if run.last < config.epochs:
             return record
         test = evaluate_source(_variables(state), run.eval_fn, _source(sources, config, "test"), config, mesh,
@@ -475,7 +511,7 @@ def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_aft
         summary = {**record, "test_loss": test["loss"], "test_acc": test["accuracy"], "test_count": test["count"]}
         if writer is not None:
             writer.add_scalar("test_acc", test["accuracy"], int(state.step))
-            (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            checkpoint.write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
         if writer is not None:
