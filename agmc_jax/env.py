@@ -1,12 +1,13 @@
 """The compression environment over a kind: the budget and its action wall, and the reward, in jax.numpy.
 
-One episode visits the kind's steps in order. An action in [0, 1] is a keep ratio in [lbound,
-rbound]; AMC's "action wall" caps it so that, with every later step at lbound, the budget stays
-reachable, so every finished policy meets it. The reward is the accuracy of the masked network on
-held-out images, after its BatchNorm statistics are re-estimated on the first of them (else a
-pruned ResNet scores near chance whatever the policy). Everything a step or a reward computes is
-pure and traceable; the images are sharded over the mesh's data axis and every array the
-evaluation reads is an argument (`Environment.data`), never a constant of the executable.
+One episode visits the kind's steps in order. The kind's action space maps an action in [0, 1] to a
+count (channels and weights: a keep ratio in [lbound, rbound]; bits: HAQ's bit width in [min_bit,
+max_bit]); AMC's "action wall" caps it so that, with every later step at its lowest count, the
+budget stays reachable, so every finished policy meets it. The reward is the accuracy of the
+masked network on held-out images, after its BatchNorm statistics are re-estimated on the first of
+them (else a pruned ResNet scores near chance whatever the policy). Everything a step or a reward
+computes is pure and traceable; the images are sharded over the mesh's data axis and every array
+the evaluation reads is an argument (`Environment.data`), never a constant of the executable.
 """
 from typing import NamedTuple
 
@@ -30,34 +31,58 @@ class EnvConfig(NamedTuple):
     lbound: float = 0.2
     rbound: float = 1.0
     round_to: int = 1  # counts rounded down to a multiple of this (8 for accelerators)
-    reward: str = "acc"  # acc | acc_flops
+    reward: str = "acc"  # acc | acc_flops | acc_norm (see REWARDS)
     criterion: str = "l2"  # l1 | l2 | lstsq (L2 choice, then AMC's least-squares refit of the next layers)
     calibration_images: int = 100  # reward images (labels unused) for BatchNorm statistics and the lstsq refit
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics of each pruned network before scoring it
     eval_batch: int = 500
+    target_size: float | None = None  # fraction of the float32 size in bits: the bits kind's budget
+    min_bit: int = 2  # the bits kind's weight bit widths, HAQ's defaults
+    max_bit: int = 8
+    pinned_bits: int | None = 8  # bits of the first and last quantized layers, not searched; None: search them
 
 
-def _accuracy_reward(accuracy, macs):
-    """`acc`: top-1 of the pruned network."""
+def _accuracy_reward(accuracy, resource, bounds):
+    """`acc`: top-1 of the compressed network."""
     return accuracy
 
 
-def _error_flops_reward(accuracy, macs):
-    """`acc_flops`: -error * log(MACs), AMC's resource-aware reward (MACs as the kind counts them)."""
-    return -(1.0 - accuracy) * jnp.log(macs)
+def _error_flops_reward(accuracy, resource, bounds):
+    """`acc_flops`: -error * log(resource), AMC's resource-aware reward (MACs; size in bits for bit widths)."""
+    return -(1.0 - accuracy) * jnp.log(resource)
 
 
-REWARDS = {"acc": _accuracy_reward, "acc_flops": _error_flops_reward}
+def _normalised_reward(accuracy, resource, bounds):
+    """`acc_norm`: the two-stage DRL paper's synthetic reward, (accuracy + saving) / 2 in [0, 1], where saving =
+    (high - resource) / (high - low) normalises the resource (MACs; size in bits for bit widths) by the lowest
+    and highest a walled policy can have (the paper's lowest and highest FLOPs observed, known in advance here
+    so the reward stays pure). Our reconstruction: the paper's formula was lost from its text."""
+    low, high = bounds
+    saving = (high - resource) / max(high - low, 1.0)
+    return (accuracy + jnp.clip(saving, 0.0, 1.0)) / 2
+
+
+REWARDS = {"acc": _accuracy_reward, "acc_flops": _error_flops_reward, "acc_norm": _normalised_reward}
+MAX_BITS = 16  # the widest bit width the bits kind searches or pins
 
 
 def check_config(config: EnvConfig) -> None:
     """Raise `BudgetError` on a budget or setting that cannot run."""
-    for name in ("target_macs", "target_params"):
+    for name in ("target_macs", "target_params", "target_size"):
         value = getattr(config, name)
         if value is not None and not 0 < value < 1:
             raise BudgetError(f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
-    if config.target_macs is None and config.target_params is None:
-        raise BudgetError("give a budget: --target-macs or --target-params")
+    if config.target_macs is None and config.target_params is None and config.target_size is None:
+        raise BudgetError("give a budget: --target-macs or --target-params (--target-size for bit widths)")
+    for name in ("min_bit", "max_bit", "pinned_bits"):
+        value = getattr(config, name)
+        if value is None and name == "pinned_bits":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_BITS:
+            raise BudgetError(f"--{name.replace('_', '-')} must be a whole number of bits in 1..{MAX_BITS}, "
+                              f"got {value}")
+    if config.min_bit > config.max_bit:
+        raise BudgetError(f"--min-bit {config.min_bit} is above --max-bit {config.max_bit}; swap them")
     if not 0 < config.lbound <= config.rbound <= 1:
         raise BudgetError(f"need 0 < lbound <= rbound <= 1, got {config.lbound}, {config.rbound}")
     if config.reward not in REWARDS:
@@ -70,51 +95,118 @@ def check_config(config: EnvConfig) -> None:
         raise BudgetError("calibration_images and eval_batch must be positive")
 
 
-class Budget:
-    """A kind's steps under a budget: rounding, the action wall and feasibility, in NumPy or jax.numpy."""
+class KeepRatios:
+    """The action space of channels and weights: an action is a keep ratio in [lbound, rbound] of the step's
+    size, rounded down to a multiple of round_to; budgets on MACs and parameters (fractions of the dense ones).
 
-    def __init__(self, kind, config: EnvConfig = EnvConfig()):
-        check_config(config)
-        self.kind, self.net, self.config = kind, kind.net, config
-        self.sizes = np.asarray(kind.sizes, np.int64)
-        self.steps = len(self.sizes)
-        if self.steps == 0:
+    An action space gives `low` and `high` counts per step, the traceable `wanted(t, action, dtype)`
+    (before the wall), `round_down(t, count)`, `action(t, count)` (the inverse), `feasible(counts, xp)`,
+    `uniform()` (the handcrafted policy), and the `resources` its cost vector counts, their `totals` and
+    `targets`.
+    """
+
+    resources = ("macs", "params")
+
+    def __init__(self, kind, config: EnvConfig):
+        if config.target_size is not None:
+            raise BudgetError(f"--target-size budgets bit widths; pruning {kind.unit} takes --target-macs or "
+                              "--target-params")
+        self.kind, self.config = kind, config
+        self.high = np.asarray(kind.sizes, np.int64)
+        if len(self.high) == 0:
             raise BudgetError(f"{type(kind.net.module).__name__} has no prunable {kind.unit}")
-        if config.round_to > self.sizes.max():
-            raise BudgetError(f"--round-to {config.round_to} is larger than every step ({self.sizes.max()} "
+        if config.round_to > self.high.max():
+            raise BudgetError(f"--round-to {config.round_to} is larger than every step ({self.high.max()} "
                               f"{kind.unit} at most); choose a smaller multiple")
-        self.min_counts = np.array([self._floor(max(1, int(np.ceil(config.lbound * s))), s, np) for s in self.sizes])
-        full = self.cost(self.sizes)
+        self.low = np.array([self.floor(max(1, int(np.ceil(config.lbound * s))), s, np) for s in self.high])
+        full = kind.cost(self.high)
         self.totals = np.array([full[0], full[1]], np.float64)
         targets = [config.target_macs, config.target_params]
         self.targets = np.array([np.inf if v is None else v * t for v, t in zip(targets, self.totals)], np.float64)
-        if not self.feasible(self.min_counts):
-            macs, params = self.cost(self.min_counts)
+        if not self.feasible(self.low):
+            macs, params = kind.cost(self.low)
             raise BudgetError(
                 f"the budget is below what lbound={config.lbound} allows: every step at lbound keeps "
                 f"{macs / self.totals[0]:.3f} of the MACs and {params / self.totals[1]:.3f} of the "
                 "parameters; raise the budget or lower --lbound")
-        self._walked = jax.jit(self._walk)
-
-    def cost(self, counts, xp=np):
-        """(MACs, parameters) of a policy, as the kind counts them."""
-        return self.kind.cost(counts, xp)
 
     def feasible(self, counts, xp=np):
         """Whether a policy meets every budget: in float32 when traced (the wall), up to `SLACK` on the host."""
-        macs, params = self.cost(counts, xp)
+        macs, params = self.kind.cost(counts, xp)
         slack = 1 + (SLACK if xp is np else 0.0)
         return (macs <= self.targets[0] * slack) & (params <= self.targets[1] * slack)
 
-    def _floor(self, count, size, xp=jnp):
+    def floor(self, count, size, xp=jnp):
         """`count` rounded down to a multiple of round_to, at least round_to and at most `size`."""
         step = self.config.round_to
         if step == 1:
             return count
         return xp.minimum(size, xp.maximum(step, count // step * step))
 
+    def round_down(self, t, count):
+        """A count of step t on the rounding grid (traceable)."""
+        return self.floor(count, jnp.asarray(self.high)[t])
+
+    def wanted(self, t, action, dtype):
+        """The count an action in [0, 1] asks for at step t, before the wall (traceable)."""
+        ratio = self.config.lbound + jnp.clip(action, 0.0, 1.0) * (self.config.rbound - self.config.lbound)
+        size = jnp.asarray(self.high)[t]
+        return self.floor(jnp.floor(ratio * size + 1e-4).astype(dtype), size)  # float32 lands below n
+
+    def action(self, t, count):
+        """The action in [0, 1] whose ratio is exactly count / size (what the agent is told it did)."""
+        ratio = count / jnp.asarray(self.high, jnp.float32)[t]
+        span = max(self.config.rbound - self.config.lbound, 1e-12)
+        return jnp.clip((ratio - self.config.lbound) / span, 0.0, 1.0)
+
+    def uniform(self):
+        """The largest single keep ratio that meets the budget (the handcrafted baseline)."""
+        def uniform(ratio):
+            counts = np.array([self.floor(max(1, int(round(ratio * s))), s, np) for s in self.high])
+            return np.maximum(counts, self.low)
+
+        low, high = self.config.lbound, self.config.rbound
+        for _ in range(40):
+            middle = (low + high) / 2
+            low, high = (middle, high) if self.feasible(uniform(middle)) else (low, middle)
+        return uniform(low)
+
+
+def action_space(kind, config: EnvConfig):
+    """The kind's own action space and budget (`kind.action_space(config)`, e.g. bit widths), else keep ratios."""
+    own = getattr(kind, "action_space", None)
+    return KeepRatios(kind, config) if own is None else own(config)
+
+
+class Budget:
+    """A kind's steps under a budget: the action space, the action wall and feasibility, in NumPy or jax.numpy."""
+
+    def __init__(self, kind, config: EnvConfig = EnvConfig()):
+        check_config(config)
+        self.kind, self.net, self.config = kind, kind.net, config
+        self.space = action_space(kind, config)
+        self.sizes, self.min_counts = self.space.high, self.space.low
+        self.steps = len(self.sizes)
+        self.resources, self.totals, self.targets = self.space.resources, self.space.totals, self.space.targets
+        lowest = float(self.cost(self.min_counts)[0])  # of the first resource, the one rewards read
+        self.bounds = (lowest, float(min(self.targets[0], self.totals[0])))
+        self._walked = jax.jit(self._walk)
+
+    def cost(self, counts, xp=np):
+        """The policy's cost vector (`resources`: MACs and parameters; size in bits for bit widths)."""
+        return self.kind.cost(counts, xp)
+
+    def ratios(self, counts):
+        """Each resource of a policy as a fraction of its total, e.g. {"macs_ratio": 0.49, "params_ratio": 0.6}."""
+        return {f"{name}_ratio": float(value / total)
+                for name, value, total in zip(self.resources, self.cost(counts), self.totals)}
+
+    def feasible(self, counts, xp=np):
+        """Whether a policy meets the budget (traceable with `xp=jnp`: what the wall decides with)."""
+        return self.space.feasible(counts, xp)
+
     def max_count(self, t, counts):
-        """The largest count for step t that keeps the budget reachable with later steps at lbound (traceable)."""
+        """The largest count for step t that keeps the budget reachable with later steps lowest (traceable)."""
         later = jnp.arange(self.steps) > t
         trial = jnp.where(later, jnp.asarray(self.min_counts), counts)
         low, high = jnp.asarray(self.min_counts)[t], jnp.asarray(self.sizes)[t]
@@ -126,20 +218,16 @@ class Budget:
             return jnp.where(fits, middle, low), jnp.where(fits, high, middle - 1)
 
         low, _ = jax.lax.fori_loop(0, int(self.sizes.max()).bit_length() + 1, bisect, (low, high))
-        return jnp.maximum(self._floor(low, jnp.asarray(self.sizes)[t]), jnp.asarray(self.min_counts)[t])
+        return jnp.maximum(self.space.round_down(t, low), jnp.asarray(self.min_counts)[t])
 
     def action_count(self, t, action, counts):
-        """The count an action in [0, 1] becomes at step t once scaled, rounded and walled (traceable)."""
-        ratio = self.config.lbound + jnp.clip(action, 0.0, 1.0) * (self.config.rbound - self.config.lbound)
-        size = jnp.asarray(self.sizes)[t]
-        wanted = self._floor(jnp.floor(ratio * size + 1e-4).astype(counts.dtype), size)  # float32 lands below n
+        """The count an action in [0, 1] becomes at step t once mapped by the action space and walled (traceable)."""
+        wanted = self.space.wanted(t, action, counts.dtype)
         return jnp.clip(wanted, jnp.asarray(self.min_counts)[t], self.max_count(t, counts))
 
     def count_action(self, t, count):
-        """The action in [0, 1] whose ratio is exactly count / size (what the agent is told it did)."""
-        ratio = count / jnp.asarray(self.sizes, jnp.float32)[t]
-        span = max(self.config.rbound - self.config.lbound, 1e-12)
-        return jnp.clip((ratio - self.config.lbound) / span, 0.0, 1.0)
+        """The action in [0, 1] that asks for exactly `count` at step t (what the agent is told it did)."""
+        return self.space.action(t, count)
 
     def policy_counts(self, actions):
         """Counts of a whole policy of actions in [0, 1], walled step by step (host convenience)."""
@@ -151,16 +239,8 @@ class Budget:
         return jax.lax.scan(step, jnp.asarray(self.sizes, jnp.int32), jnp.arange(self.steps))[0]
 
     def uniform_counts(self):
-        """The largest single keep ratio that meets the budget (the handcrafted baseline)."""
-        def uniform(ratio):
-            counts = np.array([self._floor(max(1, int(round(ratio * s))), s, np) for s in self.sizes])
-            return np.maximum(counts, self.min_counts)
-
-        low, high = self.config.lbound, self.config.rbound
-        for _ in range(40):
-            middle = (low + high) / 2
-            low, high = (middle, high) if self.feasible(uniform(middle)) else (low, middle)
-        return uniform(low)
+        """The handcrafted baseline: one level everywhere (keep ratio, bit width), the largest within budget."""
+        return self.space.uniform()
 
 
 def _layout(images, labels, first, batch, devices):
@@ -228,8 +308,9 @@ class Environment(Budget):
         return jax.lax.map(lambda counts: self.score(data, counts), counts_batch)
 
     def reward(self, accuracy, counts):
-        """The configured reward of a policy from its accuracy and the kind's MACs (traceable)."""
-        return REWARDS[self.config.reward](accuracy, self.cost(counts, jnp)[0])
+        """The configured reward of a policy from its accuracy and the kind's first resource (MACs; size in bits
+        for bit widths) within its `bounds` (traceable)."""
+        return REWARDS[self.config.reward](accuracy, self.cost(counts, jnp)[0], self.bounds)
 
     # ----- host conveniences ------------------------------------------------------------------
     def accuracy(self, counts_batch) -> np.ndarray:

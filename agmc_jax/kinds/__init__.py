@@ -3,9 +3,10 @@
 A kind is built from a traced network and the environment's config; `prepare` turns the variables into
 the arrays its pure `mask(data, counts)` reads, so compiled evaluations take them as arguments.
 """
+from agmc_jax.kinds.bits import Bits, BitWidths
 from agmc_jax.kinds.channels import Channels
 from agmc_jax.kinds.weights import Weights
 
-KINDS = {"channels": Channels, "weights": Weights}
+KINDS = {"channels": Channels, "weights": Weights, "bits": Bits}
 
-__all__ = ["KINDS", "Channels", "Weights"]
+__all__ = ["KINDS", "Bits", "BitWidths", "Channels", "Weights"]

@@ -7,6 +7,7 @@ and replays it identically.
 import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,11 +19,12 @@ from tqdm.auto import tqdm
 from agmc_jax import checkpoint
 from agmc_jax.agents import agent_config
 from agmc_jax.env import EnvConfig, Environment, check_config
-from agmc_jax.errors import AgmcError, CheckpointError
+from agmc_jax.errors import AgmcError, CheckpointError, CheckpointWarning, DataError
 from agmc_jax.graph import trace
+from agmc_jax.quant import FLOAT_BITS, save_packed
 from agmc_jax.search.loop import Runner, make_chunk, place
 from agmc_jax.search.registry import (METHODS, Method, UnknownMethodError, describe_methods, get_method,
-                                      register_method)
+                                      register_method, with_kind)
 
 
 class SearchConfig(NamedTuple):
@@ -35,6 +37,7 @@ class SearchConfig(NamedTuple):
     agent: Any = None
     gnn_hidden: int = 32  # GCN and LSTM width of the agmc state; the decoder runs in every update, ~ width^2
     chunk: int = 10  # episodes per compiled chunk: the host logs and checkpoints between chunks
+    kind: str | None = None  # a compression kind (KINDS) searched instead of the method's own
 
 
 @dataclasses.dataclass
@@ -56,13 +59,43 @@ class SearchResult:
     def keep(self):
         return self.counts / self.env.sizes
 
+    def _resource(self, name, unchanged):
+        """The policy's cost in resource `name`, or `unchanged` when the kind does not change it."""
+        return int(round(float(dict(zip(self.env.resources, self.env.cost(self.counts))).get(name, unchanged))))
+
     @property
     def macs(self):
-        return int(round(float(self.env.cost(self.counts)[0])))
+        return self._resource("macs", self.net.macs)
 
     @property
     def params(self):
-        return int(round(float(self.env.cost(self.counts)[1])))
+        return self._resource("params", self.net.params)
+
+    @property
+    def bits(self):
+        """Weight bits per conv/dense layer (name -> bits), pinned layers included; 32 (float32) for kinds that
+        do not quantize."""
+        widths = getattr(self.env.kind, "bit_widths", None)
+        by_path = {} if widths is None else widths(self.counts)
+        return {l.name: by_path.get(l.kernel_path, FLOAT_BITS) for l in self.net.layers}
+
+    @property
+    def size_bits(self):
+        """The model's size in bits: for bit widths, kernels at their bits plus float32 per-channel scales and
+        every other variable (the packed file's payload); for other kinds, the exported network's variables in
+        float32."""
+        if "size" in self.env.resources:
+            return self._resource("size", None)
+        return FLOAT_BITS * sum(int(np.size(leaf)) for leaf in jax.tree.leaves(self.slim()[1]))
+
+    def export(self, path, overwrite: bool = False) -> int:
+        """Write the searched bit widths' network to the packed file `path` (kernels as integers of their bits,
+        float32 scales and other variables; `agmc_jax.quant.load_packed` reads it); returns the bytes written."""
+        if "size" not in self.env.resources:
+            raise AgmcError(f"export(path) packs bit widths; a {self.env.kind.unit} search exports with slim() "
+                            "(save it with agmc_jax.networks.save_network)")
+        variables, widths = self.pruned()
+        return save_packed(path, variables, widths, overwrite=overwrite)
 
     def pruned(self):
         """(variables, masks) of the best policy: the network the search scored, at full size."""
@@ -79,9 +112,11 @@ class SearchResult:
     def policy(self):
         """A JSON-ready description of the policy, per step and per layer."""
         kind = self.env.kind
+        sizes = ({"size_bits": self.size_bits, **self.env.ratios(self.counts), "bits": self.bits}
+                 if "size" in self.env.resources else {})
         return {
             "unit": kind.unit, "macs": self.macs, "params": self.params, "macs_ratio": self.macs / self.net.macs,
-            "params_ratio": self.params / self.net.params, "reward": self.reward, "accuracy": self.accuracy,
+            "params_ratio": self.params / self.net.params, **sizes, "reward": self.reward, "accuracy": self.accuracy,
             "steps": [{"index": t, "size": int(size), "kept": int(c), "keep": float(c / size),
                        "layers": [l.name for l in layers]}
                       for t, (size, c, layers) in enumerate(zip(self.env.sizes, self.counts, kind.step_layers))],
@@ -99,18 +134,74 @@ def _digest(*trees) -> str:
 
 def _fingerprint(env, config, variables, data):
     return {"model": type(env.net.module).__name__, "sizes": [int(s) for s in env.sizes], "macs": int(env.net.macs),
-            "method": config.method, "seed": config.seed, "env": config.env._asdict(),
+            "method": config.method, "kind": config.kind, "seed": config.seed, "env": config.env._asdict(),
             "agent": None if config.agent is None else config.agent._asdict(), "gnn_hidden": config.gnn_hidden,
             "chunk": config.chunk, "variables": _digest(variables), "data": _digest(data)}
 
 
-def _check_resume(directory, fingerprint):
-    saved = checkpoint.metadata(directory)
-    changed = [k for k in fingerprint if saved.get(k) != json.loads(json.dumps(fingerprint[k]))]
-    if changed:
+def _changes(saved, fingerprint) -> list:
+    """What differs between a saved fingerprint and this search's, as 'field saved -> now' (hashes by name)."""
+    changes = []
+    for key, value in json.loads(json.dumps(fingerprint)).items():
+        old = saved.get(key)
+        if old == value:
+            continue
+        if key == "agent" and isinstance(old, dict) and isinstance(value, dict):
+            changes += [f"agent option {field} {old.get(field)!r} -> {value.get(field)!r} (--agent-option "
+                        f"{field}={old.get(field)} keeps the saved one)"
+                        for field in sorted(set(old) | set(value)) if old.get(field) != value.get(field)]
+        elif isinstance(old, dict) and isinstance(value, dict):
+            changes += [f"{key}.{field} {old.get(field)!r} -> {value.get(field)!r}"
+                        for field in sorted(set(old) | set(value)) if old.get(field) != value.get(field)]
+        elif key in ("variables", "data"):
+            changes.append(f"{key} (another hash)")
+        else:
+            changes.append(f"{key} {old!r} -> {value!r}")
+    return changes
+
+
+def _check_resume(directory, saved, fingerprint, episodes):
+    """The number of finished episodes of the saved search, after checking that this search continues it."""
+    changes = _changes(saved, fingerprint)
+    if changes:
         raise CheckpointError(f"{directory} holds a search of another network, data or setting "
-                              f"({', '.join(changed)} differ); choose a new --out directory")
-    return int(saved.get("finished", 0))
+                              f"({'; '.join(changes)}); resume with the saved settings or choose a new --out directory")
+    finished = int(saved.get("finished", 0))
+    if finished > episodes:
+        raise CheckpointError(f"{directory} holds {finished} finished episodes; --episodes must be at least "
+                              f"{finished} to resume it")
+    return finished
+
+
+def _resume(directory, fingerprint, episodes, target):
+    """(finished episodes, state) of the newest readable checkpoint of this search (None when there is none).
+
+    Unreadable newer steps are passed over with one warning and removed: their episodes are played again."""
+    found = checkpoint.steps(directory)
+    lost = []
+    for step in reversed(found):
+        try:
+            saved = checkpoint.metadata(directory, step)
+        except CheckpointError as error:
+            lost.append((step, error))
+            continue
+        finished = _check_resume(directory, saved, fingerprint, episodes)
+        try:
+            state = checkpoint.restore(directory, step, target=target(finished))
+        except CheckpointError as error:
+            lost.append((step, error))
+            continue
+        if lost:
+            warnings.warn(f"resuming from checkpoint {step} ({finished} episodes): unreadable newer step(s) "
+                          f"{', '.join(str(s) for s, _ in lost)} removed, their episodes are played again "
+                          f"[{lost[0][1]}]", CheckpointWarning, stacklevel=3)
+            for bad, _ in lost:
+                checkpoint.delete(directory, bad)
+        return finished, state
+    if lost:
+        raise CheckpointError(f"no readable checkpoint in {directory} ({lost[0][1]}); delete {directory.parent} "
+                              "to start over")
+    return 0, None
 
 
 class _History:
@@ -135,24 +226,26 @@ class _History:
     def record(self, env, episode):
         """The log line of a finished episode."""
         counts = self.counts[episode]
-        macs, params = env.cost(counts)
         return {"episode": episode, "reward": float(self.rewards[episode]), "accuracy": float(self.accuracies[episode]),
-                "macs_ratio": float(macs / env.net.macs), "params_ratio": float(params / env.net.params),
-                "best_reward": float(self.rewards[:episode + 1].max()), "keep": (counts / env.sizes).round(4).tolist()}
+                **env.ratios(counts), "best_reward": float(self.rewards[:episode + 1].max()), "keep": (counts / env.sizes).round(4).tolist()}
 
 
-def build_config(method: Method, episodes, seed, target_macs, target_params, agent_options, env_options):
-    """A `SearchConfig` from the library's keywords: the kind's default budget, the agent's options checked."""
-    if target_macs is None and target_params is None:
-        target_macs, target_params = (method.kind.default_budget.get(k) for k in ("target_macs", "target_params"))
+def build_config(method: Method, episodes, seed, target_macs, target_params, agent_options, env_options,
+                 target_size=None, kind=None):
+    """A `SearchConfig` from the library's keywords: the kind's default budget, the agent's options checked.
+    `kind` (a name in KINDS) replaces the method's compression kind."""
+    budget = {"target_macs": target_macs, "target_params": target_params, "target_size": target_size}
+    if all(value is None for value in budget.values()):
+        budget.update(with_kind(method, kind).kind.default_budget)
     agent = None if method.agent is None else agent_config(method.agent, agent_options, episodes)
     try:
-        env = EnvConfig(target_macs=target_macs, target_params=target_params, **env_options)
+        env = EnvConfig(**budget, **env_options)
     except TypeError as error:
         raise AgmcError(f"unknown environment option: {error}; EnvConfig fields are "
                         f"{', '.join(EnvConfig._fields)}") from None
     check_config(env)
-    return _check_lengths(SearchConfig(method=method.name, episodes=episodes, seed=seed, agent=agent, env=env))
+    return _check_lengths(SearchConfig(method=method.name, episodes=episodes, seed=seed, agent=agent, env=env,
+                                       kind=kind))
 
 
 def _check_lengths(config: SearchConfig) -> SearchConfig:
@@ -164,22 +257,61 @@ def _check_lengths(config: SearchConfig) -> SearchConfig:
     return config
 
 
+def _check_data(data):
+    """(images, labels) as arrays, after checking that there is one integer label per image."""
+    try:
+        images, labels = (np.asarray(a) for a in data)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"the reward data must be two arrays (images, labels): {error}") from None
+    if images.ndim < 2 or images.shape[0] == 0:
+        raise DataError(f"the reward data needs at least one image (an array [N, ...]); got shape {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"labels must have shape (N,), one class index per image; got {labels.shape} "
+                        "(flatten them: y.reshape(-1))")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"the reward data needs as many labels as images; got {images.shape[0]} images and "
+                        f"{labels.shape[0]} labels")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"labels must be integer class indices; got dtype {labels.dtype}")
+    return images, labels
+
+
+def _check_classes(module, variables, images, labels, call_kwargs):
+    """Refuse labels outside [0, the network's number of outputs)."""
+    logits = jax.eval_shape(lambda v, x: module.apply(v, x, **call_kwargs), variables, images[:1])
+    classes = logits.shape[-1]
+    if labels.min() < 0 or labels.max() >= classes:
+        raise DataError(f"labels must lie in [0, {classes}) for a network with {classes} outputs; got labels from "
+                        f"{labels.min()} to {labels.max()}")
+
+
 def environment(method: Method, module, variables, data, config: SearchConfig, mesh=None) -> Environment:
     """The environment of a search: the network traced, its kind, the reward images placed on the mesh."""
-    images, labels = (np.asarray(a) for a in data)
-    if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
-        raise AgmcError(f"the reward data needs as many labels as images (at least one); got {images.shape[0]} "
-                        f"images and {labels.shape[0]} labels")
+    images, labels = _check_data(data)
     net = trace(module, variables, images[:1])
+    _check_classes(module, variables, images, labels, net.call_kwargs)
     return Environment(method.kind(net, config.env), variables, images, labels, config.env, mesh)
+
+
+def check_output(out, resume=False) -> None:
+    """Refuse an `out` that is a file, or that holds a search when not resuming; reads nothing else."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file; choose a directory for --out")
+    if not resume and any((out / name).exists() for name in ("search_state", "episodes.jsonl", "policy.json")):
+        raise CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose a new --out")
 
 
 def search(module, variables, data, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
            out=None, resume=False, progress=True, config: SearchConfig | None = None, agent_options=None,
-           ddpg_options=None, mesh=None, **env_options):
+           ddpg_options=None, mesh=None, kind=None, target_size=None, **env_options):
     """Search a registered method's policy on labelled arrays `data = (x_val, y_val)`.
 
-    The budget defaults to the kind's (half the MACs for channels, half the parameters for weights).
+    `kind` ("channels", "weights", "bits") replaces the method's compression kind. The budget defaults
+    to the kind's (half the MACs for channels, half the parameters for weights, a quarter of the
+    float32 size in bits, `target_size`, for bit widths).
     `agent_options` (or its older name `ddpg_options`) override fields of the agent's config;
     `env_options` those of `EnvConfig`. With `out`, writes a checkpoint per chunk, `episodes.jsonl`
     and `policy.json`; `resume=True` continues a killed search there. The reward images are sharded
@@ -187,21 +319,18 @@ def search(module, variables, data, method="agmc", target_macs=None, target_para
     """
     if config is None:
         config = build_config(get_method(method), episodes, seed, target_macs, target_params,
-                              {**(ddpg_options or {}), **(agent_options or {})}, env_options)
-    chosen = get_method(config.method)
+                              {**(ddpg_options or {}), **(agent_options or {})}, env_options, target_size, kind)
+    chosen = with_kind(get_method(config.method), config.kind)
     if chosen.agent is not None and config.agent is None:
         config = config._replace(agent=agent_config(chosen.agent, None, config.episodes))
     _check_lengths(config)
+    check_output(out, resume)
     out = None if out is None else Path(out)
-    if out is not None and out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} is a file; choose a directory for --out")
     env = environment(chosen, module, variables, data, config, mesh)
     directory = None if out is None else out.absolute() / "search_state"
-    if directory is not None and checkpoint.latest_step(directory) is not None and not resume:
-        raise CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose a new --out")
-    if chosen.rule is not None:
-        return _finish(_rule(env, chosen.rule), out)
     fingerprint = _fingerprint(env, config, variables, data)
+    if chosen.rule is not None:
+        return _finish(_rule(env, chosen.rule, directory, fingerprint), out)
     history, agent_state = _run(env, chosen, config, directory, fingerprint, out, progress)
     best = int(np.argmax(history.rewards))
     result = SearchResult(env, history.counts[best].copy(), float(history.rewards[best]),
@@ -210,13 +339,18 @@ def search(module, variables, data, method="agmc", target_macs=None, target_para
     return _finish(result, out)
 
 
-def _rule(env, rule):
-    """The result of a rule: one policy, scored once."""
+def _rule(env, rule, directory, fingerprint):
+    """The result of a rule: one policy, scored once; with a directory, saved as a one-episode search so a
+    resume checks it like any other."""
+    history = _History(env.steps)
+    if directory is not None:
+        _resume(directory, fingerprint, 1, lambda finished: {"history": _History(env.steps, finished).tree()})
     counts = np.asarray(rule(env))
     accuracy = float(env.accuracy(counts[None])[0])
     reward = float(env.reward(jnp.float32(accuracy), jnp.asarray(counts)))
-    history = _History(env.steps)
     history.extend(counts[None].astype(np.int32), np.float32([accuracy]), np.float32([reward]))
+    if directory is not None and checkpoint.latest_step(directory) is None:
+        checkpoint.save(directory, 1, {"history": history.tree()}, {**fingerprint, "finished": 1})
     return SearchResult(env, counts, reward, accuracy, [history.record(env, 0)])
 
 
@@ -227,12 +361,12 @@ def _run(env, method, config, directory, fingerprint, out, progress):
     key, init_key = jax.random.split(jax.random.key(config.seed))
     runner = Runner(agent.init(init_key, state.example), jnp.zeros((), jnp.int32))
     history = _History(env.steps)
-    if directory is not None and checkpoint.latest_step(directory) is not None:
-        finished = _check_resume(directory, fingerprint)
-        history = _History(env.steps, finished)
-        tree = checkpoint.restore(directory, target={"runner": runner, "history": history.tree()})
-        runner = jax.tree.map(jnp.asarray, tree["runner"])
-        history.load(tree["history"])
+    if directory is not None:
+        finished, tree = _resume(directory, fingerprint, config.episodes,
+                                 lambda finished: {"runner": runner, "history": _History(env.steps, finished).tree()})
+        if tree is not None:
+            runner = jax.tree.map(jnp.asarray, tree["runner"])
+            history.load(tree["history"])
     runner = place(env, runner)
     chunk = make_chunk(env, state, agent, rounds=max(1, -(-config.chunk // agent.width)))
     limit = jax.device_put(jnp.int32(config.episodes))
@@ -248,7 +382,8 @@ def _run(env, method, config, directory, fingerprint, out, progress):
         records = [history.record(env, e) for e in range(done, finished)]
         done = finished
         bar.update(len(records))
-        bar.set_postfix(best=f"{records[-1]['best_reward']:.4f}", macs=f"{records[-1]['macs_ratio']:.3f}")
+        bar.set_postfix({"best": f"{records[-1]['best_reward']:.4f}",
+                         env.resources[0]: f"{records[-1][env.resources[0] + '_ratio']:.3f}"})
         if log is not None:
             log.write("".join(json.dumps(r) + "\n" for r in records))
             log.flush()
@@ -265,16 +400,17 @@ def _open_log(out, env, history):
     """episodes.jsonl rewritten from the checkpoint's finished episodes, open for appending."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "episodes.jsonl"
-    path.write_text("".join(json.dumps(history.record(env, e)) + "\n" for e in range(len(history.rewards))))
+    checkpoint.write_text(path, "".join(json.dumps(history.record(env, e)) + "\n" for e in range(len(history.rewards))))
     return open(path, "a")
 
 
 def _finish(result, out):
+    """`result`, after writing its policy.json (atomically: a resumed search rewrites it)."""
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "policy.json").write_text(json.dumps(result.policy(), indent=1))
+        checkpoint.write_text(out / "policy.json", json.dumps(result.policy(), indent=1))
     return result
 
 
 __all__ = ["METHODS", "Method", "SearchConfig", "SearchResult", "UnknownMethodError", "build_config",
-           "describe_methods", "environment", "get_method", "register_method", "search"]
+           "check_output", "describe_methods", "environment", "get_method", "register_method", "search", "with_kind"]
