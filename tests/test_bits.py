@@ -17,7 +17,7 @@ from agmc_jax.kinds import KINDS, Bits, Channels
 from agmc_jax.models import create_model, init_model
 from agmc_jax.quant import load_packed
 from agmc_jax.quant.size import limbs
-from agmc_jax.search import get_method, search
+from agmc_jax.search import build_config, get_method, search
 from tests.test_env import NETS
 
 MODULE = create_model("lenet5", 10)
@@ -243,6 +243,16 @@ def test_haq_is_amc_state_ddpg_and_bits_and_channels_do_not_pack():
         channels.export("never-written.pak")
 
 
+def test_the_size_budget_defaults_to_a_quarter_and_may_come_with_the_environment_options():
+    """The CLI can pass every EnvConfig field, target_size included, in one dictionary."""
+    method = get_method("haq")
+    assert build_config(method, 3, 0, None, None, None, {}).env.target_size == 0.25
+    config = build_config(method, 3, 0, None, None, None, {"target_size": 0.2, "max_bit": 6})
+    assert (config.env.target_size, config.env.max_bit, config.env.target_macs) == (0.2, 6, None)
+    config = build_config(get_method("random"), 3, 0, None, None, None, {}, target_size=0.3, kind="bits")
+    assert (config.kind, config.env.target_size, config.env.target_macs) == ("bits", 0.3, None)
+
+
 class TwoLayers(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -269,8 +279,9 @@ def test_bad_bit_settings_are_one_line_budget_errors(options, message):
 
 
 def test_bad_kind_budget_and_pinned_network_through_the_library():
-    with pytest.raises(BudgetError, match="unknown kind 'int4'; choose one of: channels, weights, bits"):
+    with pytest.raises(BudgetError, match="unknown kind 'int4'; choose one of: ") as error:
         search(MODULE, VARIABLES, DATA, method="random", kind="int4")
+    assert all(name in str(error.value) for name in KINDS)
     with pytest.raises(BudgetError, match="--max-bit"):
         search(MODULE, VARIABLES, DATA, method="haq", max_bit=20)
     module = TwoLayers()

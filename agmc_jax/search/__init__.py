@@ -176,8 +176,10 @@ class _History:
 def build_config(method: Method, episodes, seed, target_macs, target_params, agent_options, env_options,
                  target_size=None, kind=None):
     """A `SearchConfig` from the library's keywords: the kind's default budget, the agent's options checked.
-    `kind` (a name in KINDS) replaces the method's compression kind."""
+    `kind` (a name in KINDS) replaces the method's compression kind; budgets may also come in `env_options`."""
+    env_options = dict(env_options)
     budget = {"target_macs": target_macs, "target_params": target_params, "target_size": target_size}
+    budget = {name: env_options.pop(name, None) if value is None else value for name, value in budget.items()}
     if all(value is None for value in budget.values()):
         budget.update(with_kind(method, kind).kind.default_budget)
     agent = None if method.agent is None else agent_config(method.agent, agent_options, episodes)
