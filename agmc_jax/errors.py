@@ -45,3 +45,7 @@ class BudgetError(AgmcError, ValueError):
 
 class QuantizationError(AgmcError, ValueError):
     """Bit widths outside 1..16, or given for leaves that are not kernels of the network."""
+
+
+class AdmmError(AgmcError, ValueError):
+    """ADMM or AutoCompress settings that cannot run: rho or its growth not positive, an unknown structure."""

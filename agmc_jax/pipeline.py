@@ -10,6 +10,7 @@ import numpy as np
 
 from agmc_jax import data
 from agmc_jax.agents import parse_options
+from agmc_jax.autocompress import AUTOCOMPRESS, compress_autocompress
 from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.networks import evaluate_variables, load_network, mark_trained_slim, save_network
 from agmc_jax.prune.slim import Slimmed
@@ -88,6 +89,8 @@ def latency_ms(module, variables, input_shape, batch, repeats=5):
 
 def compress(args):
     """baseline -> search -> slim -> fine-tune -> report (report.md and report.json in --out)."""
+    if args.method == AUTOCOMPRESS:  # not a search: rounds of annealing, ADMM, purification and retraining
+        return compress_autocompress(args, latency_ms, markdown_report)
     out = Path(args.out)
     module, variables, config = load_network(args.workdir)
     shape = tuple(config["input_shape"])

@@ -1,9 +1,12 @@
 """Agents that choose one action per step: (init, act, observe, update) pure functions, and their registry."""
+from agmc_jax.agents.annealing import (AnnealingConfig, AnnealingState, annealing, annealing_observation,
+                                       experience_interval)
 from agmc_jax.agents.base import Agent
 from agmc_jax.agents.ddpg import DDPGConfig, DDPGState, ddpg
 from agmc_jax.agents.heads import MLP, Actor, Critic
 from agmc_jax.agents.random_agent import RandomConfig, random_agent
 from agmc_jax.agents.registry import AGENTS, AgentType, OptionError, agent_config, parse_options
 
-__all__ = ["AGENTS", "Agent", "AgentType", "Actor", "Critic", "DDPGConfig", "DDPGState", "MLP", "OptionError",
-           "RandomConfig", "agent_config", "ddpg", "parse_options", "random_agent"]
+__all__ = ["AGENTS", "Agent", "AgentType", "Actor", "AnnealingConfig", "AnnealingState", "Critic", "DDPGConfig",
+           "DDPGState", "MLP", "OptionError", "RandomConfig", "agent_config", "annealing", "annealing_observation",
+           "ddpg", "experience_interval", "parse_options", "random_agent"]

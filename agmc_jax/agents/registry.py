@@ -6,6 +6,7 @@ the command line) which `agent_config` checks against the agent's config class.
 import typing
 from typing import Callable, NamedTuple
 
+from agmc_jax.agents.annealing import AnnealingConfig, annealing
 from agmc_jax.agents.base import Agent
 from agmc_jax.agents.ddpg import DDPGConfig, ddpg
 from agmc_jax.agents.heads import Actor, Critic
@@ -38,6 +39,8 @@ def _ddpg_defaults(episodes):
 AGENTS = {
     "ddpg": AgentType("ddpg", DDPGConfig, _build_ddpg, _ddpg_defaults),
     "random": AgentType("random", RandomConfig, lambda config, state, steps: random_agent(config)),
+    "annealing": AgentType("annealing", AnnealingConfig, lambda config, state, steps: annealing(config),
+                           lambda episodes: {"cooling_episodes": episodes}),
 }
 
 

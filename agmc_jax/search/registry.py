@@ -5,10 +5,13 @@ this table; adding a method is one entry (`register_method`), from inside the pa
 """
 from typing import Callable, NamedTuple
 
-from agmc_jax.agents import AGENTS, AgentType
-from agmc_jax.embed import STATES
+import jax.numpy as jnp
+
+from agmc_jax.agents import AGENTS, AgentType, annealing_observation
+from agmc_jax.embed import STATES, State
 from agmc_jax.errors import AgmcError, BudgetError
 from agmc_jax.kinds import KINDS
+from agmc_jax.kinds.columns import Columns
 
 
 class UnknownMethodError(AgmcError, ValueError):
@@ -30,6 +33,12 @@ class Method(NamedTuple):
 def _uniform(env):
     """The largest single keep ratio within the budget (the handcrafted baseline)."""
     return env.uniform_counts()
+
+
+def _annealing_state(env, hidden: int = 32) -> State:
+    """Annealing's view: the step, the actions so far, each step's weights and the start policy."""
+    observe = annealing_observation(env)
+    return State(observe, None, observe(0, None, jnp.zeros(env.steps, jnp.float32)))
 
 
 METHODS: dict[str, Method] = {}
@@ -77,5 +86,9 @@ for _method in (
         Method("fg", "GNN encoder-decoder states + DDPG, weights per layer (fine-grained)", KINDS["weights"],
                STATES["agmc"], AGENTS["ddpg"]),
         Method("haq", "AMC's rule-based states + DDPG, weight bits per layer (HAQ's setting)", KINDS["bits"],
-               STATES["amc"], AGENTS["ddpg"])):
+               STATES["amc"], AGENTS["ddpg"]),
+        Method("annealing", "simulated annealing with the experience rule, channels (one-shot masks)",
+               KINDS["channels"], _annealing_state, AGENTS["annealing"]),
+        Method("annealing_columns", "simulated annealing with the experience rule, columns per layer (masked)",
+               Columns, _annealing_state, AGENTS["annealing"])):
     register_method(_method)

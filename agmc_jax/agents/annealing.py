@@ -1,0 +1,138 @@
+"""Simulated annealing with AutoCompress's experience rule, as an agent of the compiled search.
+
+A policy is one action per step (per channel group, or per layer). An episode plays a neighbour of
+the current policy: every step's action moves by a Gaussian step whose scale shrinks with the
+temperature (`step * T / temperature`), then is clipped so that the experience rule holds: a step
+with more weights than an earlier one keeps at most its ratio (prunes at least as much), one with
+fewer keeps at least its ratio (steps of equal size are free). The action wall has the last word,
+so every played policy meets the budget.
+
+Acceptance is Metropolis on normalised scores: a reward difference is divided by a running scale
+of the differences seen (the mean |reward - current reward|, exponentially weighted), so a move
+worse by one typical difference is accepted with probability exp(-1 / T): about 0.37 at T = 1,
+below 1e-21 at T = 0.02. (NNI compares T in [20, 100] with accuracy differences in [0, 1] and so
+accepts almost every worse move.) The temperature cools geometrically from `temperature` to
+`final_temperature` over `cooling_episodes`. The `width` neighbours of a round are played from one
+current policy and then tested one after another, each against the policy current at its turn.
+
+Observations are dicts: "t" (the step), "actions" (the actions played before t), "weights" (each
+step's weights) and "start" (the first current policy): `annealing_observation(env)`.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from agmc_jax.agents.base import Agent
+from agmc_jax.errors import AgmcError
+
+TINY = 1e-12  # smallest scale a reward difference is divided by
+
+
+class AnnealingConfig(NamedTuple):
+    """Annealing's settings; `cooling_episodes` defaults to the search length."""
+
+    neighbours: int = 4  # neighbours played from one policy and scored in one compiled call
+    temperature: float = 1.0  # start, in units of the running reward-difference scale
+    final_temperature: float = 0.02
+    cooling_episodes: int = 100  # episodes from `temperature` to `final_temperature`
+    step: float = 0.3  # the neighbour's step (std of the action change) at the start temperature
+    scale_decay: float = 0.9  # weight of the past in the running scale of reward differences
+
+
+class AnnealingState(NamedTuple):
+    """The current policy and its reward, the running scale, the temperature and the next uniform draw."""
+
+    current: jax.Array  # float32[T] actions
+    reward: jax.Array  # float32[]; -inf before the first episode
+    scale_sum: jax.Array  # exponentially weighted sum of |reward differences|
+    scale_weight: jax.Array  # the same sum of weights (bias correction)
+    temperature: jax.Array
+    draw: jax.Array  # uniform on [0, 1) for the next acceptance test
+    episode: jax.Array  # int32[]
+
+
+def check_config(config: AnnealingConfig) -> None:
+    """Raise `AgmcError` on settings that cannot run."""
+    if config.neighbours < 1 or config.cooling_episodes < 1:
+        raise AgmcError("annealing: neighbours and cooling_episodes must be positive, got "
+                        f"{config.neighbours} and {config.cooling_episodes}")
+    if not 0 < config.final_temperature <= config.temperature:
+        raise AgmcError(f"annealing: need 0 < final_temperature <= temperature, got {config.final_temperature} "
+                        f"and {config.temperature}")
+    if not config.step > 0 or not 0 <= config.scale_decay < 1:
+        raise AgmcError(f"annealing: step must be positive and scale_decay in [0, 1), got {config.step} and "
+                        f"{config.scale_decay}")
+
+
+def annealing_observation(env):
+    """`observe(t, counts, actions)` for annealing on an environment (duck-typed: `steps`, `kind`, `count_action`,
+    `uniform_counts`): a step's weights are the parameters of the layers it prunes; the start policy is the
+    uniform one at the budget (one keep ratio everywhere), which obeys the experience rule."""
+    weights = jnp.asarray([sum(layer.params for layer in layers) for layers in env.kind.step_layers], jnp.float32)
+    steps = jnp.arange(env.steps)
+    start = env.count_action(steps, jnp.asarray(env.uniform_counts(), jnp.float32))
+
+    def observe(t, counts, actions):
+        return {"t": jnp.asarray(t, jnp.int32), "actions": jnp.where(steps < t, actions, 0.0),
+                "weights": weights, "start": start}
+
+    return observe
+
+
+def experience_interval(obs):
+    """(low, high): the actions step t may take given the earlier steps' actions under the experience rule."""
+    t, actions, weights = obs["t"], obs["actions"], obs["weights"]
+    earlier = jnp.arange(weights.shape[0]) < t
+    bigger = earlier & (weights > weights[t])
+    smaller = earlier & (weights < weights[t])
+    low = jnp.max(jnp.where(bigger, actions, 0.0))
+    high = jnp.min(jnp.where(smaller, actions, 1.0))
+    return low, jnp.maximum(low, high)
+
+
+def acceptance(delta, scale, temperature):
+    """Probability of accepting a move that changes the reward by `delta` (Metropolis on delta / scale)."""
+    return jnp.minimum(1.0, jnp.exp(delta / jnp.maximum(scale, TINY) / temperature))
+
+
+def annealing(config: AnnealingConfig = AnnealingConfig()) -> Agent:
+    """The annealing agent: act proposes a neighbour step by step, observe accepts or rejects, update cools."""
+    check_config(config)
+    cooling = float(np.exp(np.log(config.final_temperature / config.temperature) / config.cooling_episodes))
+
+    def init(key, example_obs):
+        """Start at the observation's start policy, with no reward yet and the start temperature."""
+        return AnnealingState(jnp.asarray(example_obs["start"], jnp.float32), jnp.float32(-jnp.inf), jnp.float32(0),
+                              jnp.float32(0), jnp.float32(config.temperature), jax.random.uniform(key, ()),
+                              jnp.zeros((), jnp.int32))
+
+    def act(state, obs, key, explore):
+        """The current action at step t, moved by a temperature-scaled Gaussian step when exploring, within the
+        experience rule's interval."""
+        t = obs["t"]
+        size = config.step * state.temperature / config.temperature
+        moved = state.current[t] + jnp.where(explore, size * jax.random.normal(key, ()), 0.0)
+        low, high = experience_interval(obs)
+        return jnp.clip(moved, low, high)
+
+    def observe(state, episode_obs, episode_actions, reward):
+        """Metropolis test of the played policy against the current one (the first one is always taken)."""
+        first = jnp.isneginf(state.reward)
+        delta = jnp.where(first, 0.0, reward - state.reward)
+        decay = config.scale_decay
+        scale_sum = jnp.where(first, state.scale_sum, decay * state.scale_sum + jnp.abs(delta))
+        scale_weight = jnp.where(first, state.scale_weight, decay * state.scale_weight + 1.0)
+        scale = scale_sum / jnp.maximum(scale_weight, TINY)
+        accept = first | (state.draw < acceptance(delta, scale, state.temperature))
+        return state._replace(current=jnp.where(accept, episode_actions, state.current),
+                              reward=jnp.where(accept, reward, state.reward).astype(jnp.float32),
+                              scale_sum=scale_sum, scale_weight=scale_weight, episode=state.episode + 1)
+
+    def update(state, key):
+        """Cool by one episode's factor and draw the next acceptance test's uniform."""
+        temperature = jnp.maximum(state.temperature * cooling, config.final_temperature)
+        return state._replace(temperature=temperature.astype(jnp.float32), draw=jax.random.uniform(key, ())), {}
+
+    return Agent(init, act, observe, update, width=config.neighbours, updates=1)

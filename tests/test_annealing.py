@@ -1,0 +1,103 @@
+"""Simulated annealing with the experience rule: a known optimum, Metropolis acceptance, the rule, determinism."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agmc_jax.agents import AGENTS, AnnealingConfig, agent_config, annealing
+from agmc_jax.agents.annealing import acceptance
+from agmc_jax.errors import AgmcError
+
+WEIGHTS = jnp.array([10.0, 40.0, 20.0, 30.0, 5.0])
+OPTIMUM = jnp.array([0.8, 0.2, 0.55, 0.4, 0.9])  # more weights, lower keep: the experience rule holds
+START = jnp.full(5, 0.5)
+
+
+def observation(t, actions):
+    return {"t": t, "actions": jnp.where(jnp.arange(5) < t, actions, 0.0), "weights": WEIGHTS, "start": START}
+
+
+def anneal(config, seed, episodes):
+    """The search loop's shape without an environment: rounds of `neighbours` episodes played from one state,
+    rewarded -||actions - OPTIMUM||^2, then observed one by one. Returns (final state, played actions)."""
+    return compiled(config, episodes)(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(config, episodes):
+    """The jitted search of `anneal` as a function of the seed's key (compiled once per config and length)."""
+    agent = annealing(config)
+
+    def episode(state, key):
+        def step(actions, t):
+            return actions.at[t].set(agent.act(state, observation(t, actions), jax.random.fold_in(key, t), True)), None
+        return jax.lax.scan(step, jnp.zeros(5), jnp.arange(5))[0]
+
+    def one_round(state, key):
+        keys = jax.random.split(key, agent.width + 1)
+        actions = jax.vmap(lambda k: episode(state, k))(keys[1:])
+        rewards = -jnp.sum((actions - OPTIMUM) ** 2, axis=1)
+
+        def learn(state, played):
+            state = agent.observe(state, None, played[0], played[1])
+            return agent.update(state, played[2])[0], None
+
+        return jax.lax.scan(learn, state, (actions, rewards, jax.random.split(keys[0], agent.width)))[0], actions
+
+    def run(key):
+        key, init = jax.random.split(key)
+        state = agent.init(init, observation(0, jnp.zeros(5)))
+        return jax.lax.scan(one_round, state, jax.random.split(key, episodes // agent.width))
+
+    return jax.jit(run)
+
+
+CONFIG = AnnealingConfig(neighbours=4, cooling_episodes=600)
+
+
+def test_annealing_finds_the_known_optimum():
+    state, _ = anneal(CONFIG, 0, 600)
+    assert float(jnp.max(jnp.abs(state.current - OPTIMUM))) < 0.05
+    assert float(state.temperature) == pytest.approx(CONFIG.final_temperature, rel=1e-3)
+
+
+def test_every_played_policy_obeys_the_experience_rule():
+    _, played = anneal(CONFIG, 1, 200)
+    played = np.asarray(played).reshape(-1, 5)
+    bigger = np.asarray(WEIGHTS)[:, None] > np.asarray(WEIGHTS)[None, :]
+    assert np.all((played[:, :, None] <= played[:, None, :]) | ~bigger)
+
+
+def test_the_same_seed_plays_the_same_search():
+    first, second, other = anneal(CONFIG, 3, 40), anneal(CONFIG, 3, 40), anneal(CONFIG, 4, 40)
+    assert np.array_equal(np.asarray(first[1]), np.asarray(second[1]))
+    assert not np.array_equal(np.asarray(first[1]), np.asarray(other[1]))
+
+
+def test_acceptance_of_a_move_one_scale_worse_is_exp_minus_one_over_t():
+    assert float(acceptance(-0.01, 0.01, 1.0)) == pytest.approx(np.exp(-1.0))
+    assert float(acceptance(-0.01, 0.01, 0.02)) == pytest.approx(np.exp(-50.0))
+    assert float(acceptance(0.01, 0.01, 0.02)) == 1.0
+
+
+@pytest.mark.parametrize("temperature, rate", [(1.0, np.exp(-1.0)), (0.25, np.exp(-4.0)), (0.02, 0.0)])
+def test_the_agent_accepts_worse_moves_at_the_documented_rate(temperature, rate):
+    agent = annealing(AnnealingConfig(temperature=1.0, final_temperature=0.01))
+    base = agent.init(jax.random.key(0), observation(0, jnp.zeros(5)))
+    # current reward 0.5, a running scale of exactly 0.1 after the move: a move to 0.4 is one scale worse
+    state = base._replace(reward=jnp.float32(0.5), scale_sum=jnp.float32(0.1), scale_weight=jnp.float32(1.0),
+                          temperature=jnp.float32(temperature))
+    draws = jax.random.uniform(jax.random.key(1), (20000,))
+    accepted = jax.vmap(lambda d: agent.observe(state._replace(draw=d), None, OPTIMUM, jnp.float32(0.4)).reward)(draws)
+    assert float(jnp.mean(accepted == jnp.float32(0.4))) == pytest.approx(rate, abs=0.01)
+    better = agent.observe(state, None, OPTIMUM, jnp.float32(0.6))
+    assert float(better.reward) == pytest.approx(0.6) and np.array_equal(better.current, OPTIMUM)
+
+
+def test_settings_are_checked_and_cooling_follows_the_search_length():
+    with pytest.raises(AgmcError, match="final_temperature <= temperature"):
+        annealing(AnnealingConfig(temperature=0.01, final_temperature=0.1))
+    assert agent_config(AGENTS["annealing"], {"neighbours": "2"}, episodes=30) == AnnealingConfig(
+        neighbours=2, cooling_episodes=30)
