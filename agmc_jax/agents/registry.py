@@ -10,6 +10,7 @@ from agmc_jax.agents.annealing import AnnealingConfig, annealing
 from agmc_jax.agents.base import Agent
 from agmc_jax.agents.ddpg import DDPGConfig, ddpg
 from agmc_jax.agents.heads import Actor, Critic
+from agmc_jax.agents.ppo import PPOConfig, ppo
 from agmc_jax.agents.random_agent import RandomConfig, random_agent
 from agmc_jax.errors import AgmcError
 
@@ -36,9 +37,15 @@ def _ddpg_defaults(episodes):
     return {"warmup_episodes": min(100, max(1, episodes // 4))}
 
 
+def _build_ppo(config, state, steps):
+    heads = (config.hidden,)
+    return ppo(Actor(state.encoder, heads), Critic(state.encoder, heads), config, steps)
+
+
 AGENTS = {
     "ddpg": AgentType("ddpg", DDPGConfig, _build_ddpg, _ddpg_defaults),
     "random": AgentType("random", RandomConfig, lambda config, state, steps: random_agent(config)),
+    "ppo": AgentType("ppo", PPOConfig, _build_ppo, lambda episodes: {"anneal_episodes": episodes}),
     "annealing": AgentType("annealing", AnnealingConfig, lambda config, state, steps: annealing(config),
                            lambda episodes: {"cooling_episodes": episodes}),
 }
