@@ -1,8 +1,16 @@
-"""Orbax checkpoints of any pytree, numbered by step, with JSON metadata; read failures are CheckpointErrors.
+"""Durable outputs: orbax checkpoints of any pytree, numbered by step, with JSON metadata, and atomic files.
 
-Training state and search state both use these four functions. Reading never modifies a checkpoint
-directory (the manager is opened read-only).
+Training state, search state and saved networks use these functions. Reading never modifies a
+checkpoint directory (the manager is opened read-only), read failures are `CheckpointError`s, and
+orbax's log chatter (absl warnings, asyncio task errors) is held back: what matters reaches the
+caller as the error. Files and directories are written under a temporary name and renamed into
+place, so a process killed at any moment leaves either the old output or the new one.
 """
+import contextlib
+import logging
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -11,51 +19,129 @@ import orbax.checkpoint as ocp
 from agmc_jax.errors import CheckpointError
 
 
+class _Held(logging.Filter):
+    """Drops the records of the loggers it filters, keeping those at ERROR or above."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors = []
+
+    def filter(self, record):
+        if record.levelno >= logging.ERROR:
+            self.errors.append(record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _quiet():
+    """absl's (orbax's) and asyncio's log records held back; yields the errors orbax logged and went on after."""
+    held, loggers = _Held(), [logging.getLogger(name) for name in ("absl", "asyncio")]
+    for logger in loggers:
+        logger.addFilter(held)
+    try:
+        yield held.errors
+    finally:
+        for logger in loggers:
+            logger.removeFilter(held)
+
+
 def _manager(directory, read_only: bool, keep: int | None = None) -> ocp.CheckpointManager:
-    """An orbax manager on `directory`; read-only managers neither create nor clean up files."""
+    """An orbax manager on `directory`; read-only managers neither create nor clean up files. No step's
+    metadata is read when it opens, so one unreadable step does not hide the others."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                           save_interval_steps=0 if read_only else 1)
+                                           save_interval_steps=0 if read_only else 1, lightweight_initialize=True,
+                                           cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                  item_handlers=ocp.StandardCheckpointHandler())
 
 
-def _first_line(error: Exception) -> str:
-    """The first line of an error's message (orbax and tensorstore messages run to pages)."""
+def _first_line(error: Exception | str) -> str:
+    """The first line of an error's message (orbax and tensorstore messages run to pages), without object reprs."""
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    line = text.splitlines()[0] if text else ""
+    line = line.split(" <bound method")[0].split(" <function")[0][:200]
+    return line if isinstance(error, str) else f"{type(error).__name__}: {line}"
 
 
-def _unreadable(directory, step: int, error: Exception) -> CheckpointError:
+def _unreadable(directory, step: int, reason: str) -> CheckpointError:
     """The error for a checkpoint that orbax cannot read back."""
     return CheckpointError(f"checkpoint {Path(directory) / str(step)} is corrupt or belongs to another network "
-                           f"({_first_line(error)}); delete it or restore another step")
+                           f"({reason}); delete it or restore another step")
+
+
+def _closed_loop_reports_dropped():
+    """Drop Python's reports of tensorstore callbacks into orbax's closed event loop (others go on as before).
+
+    After a failed read orbax closes its event loop while tensorstore finishes the reads it started;
+    each late callback, even after the read has returned, is reported as an unraisable 'Event loop is
+    closed', which means nothing. Installed once, before the first read."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _reading(directory, step: int):
+    """Orbax reads of `step`: any failure, raised or only logged, becomes one `CheckpointError`."""
+    _closed_loop_reports_dropped()
+    with _quiet() as errors:
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as error:  # orbax and tensorstore raise many unrelated types on bad files
+            raise _unreadable(directory, step, _first_line(error)) from error
+    if errors:
+        raise _unreadable(directory, step, _first_line(errors[0]))
+
+
+def steps(directory) -> list[int]:
+    """The complete checkpoints' steps in `directory`, oldest first ([] when there is none)."""
+    if not Path(directory).is_dir():
+        return []
+    with _quiet(), _manager(directory, read_only=True) as manager:
+        return sorted(manager.all_steps())
 
 
 def latest_step(directory) -> int | None:
     """The newest complete checkpoint's step in `directory`, or None when there is none."""
-    if not Path(directory).is_dir():
-        return None
-    with _manager(directory, read_only=True) as manager:
-        return manager.latest_step()
+    found = steps(directory)
+    return found[-1] if found else None
 
 
 def save(directory, step: int, pytree, metadata: dict | None = None, keep: int | None = None) -> None:
-    """Write `pytree` (and JSON-able `metadata`) as checkpoint `step`, keeping the newest `keep` steps."""
-    with _manager(directory, read_only=False, keep=keep) as manager:
+    """Write `pytree` (and JSON-able `metadata`) as checkpoint `step`, keeping the newest `keep` steps.
+
+    Orbax writes the step under a temporary name and renames it when complete."""
+    with _quiet(), _manager(directory, read_only=False, keep=keep) as manager:
         manager.save(step, args=ocp.args.StandardSave(pytree), custom_metadata=metadata or {}, force=True)
         manager.wait_until_finished()
 
 
-def _checked_step(manager: ocp.CheckpointManager, directory, step: int | None) -> int:
+def delete(directory, step: int) -> None:
+    """Remove checkpoint `step` from `directory` (an unreadable one, before its step is written again)."""
+    shutil.rmtree(Path(directory) / str(step))
+
+
+def _checked_step(directory, step: int | None) -> int:
     """`step`, or the latest one, after checking that the directory holds it."""
-    steps = manager.all_steps()
-    if not steps:
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"no checkpoint directory {directory}: train first or fix the path")
+    found = steps(directory)
+    if not found:
         raise CheckpointError(f"no checkpoint in {directory}: train first or point at a directory with one")
     if step is None:
-        return max(steps)
-    if step not in steps:
+        return found[-1]
+    if step not in found:
         raise CheckpointError(f"no checkpoint for step {step} in {directory}; available: "
-                              f"{', '.join(map(str, sorted(steps)))}")
+                              f"{', '.join(map(str, found))}")
     return step
 
 
@@ -68,24 +154,56 @@ def _abstract(target):
 
 def restore(directory, step: int | None = None, target=None):
     """Checkpoint `step` (default: latest) as a pytree shaped, typed and sharded like `target`."""
-    if not Path(directory).is_dir():
-        raise CheckpointError(f"no checkpoint directory {directory}: train first or fix the path")
-    with _manager(directory, read_only=True) as manager:
-        step = _checked_step(manager, directory, step)
-        args = ocp.args.StandardRestore(None if target is None else _abstract(target))
-        try:
-            return manager.restore(step, args=args)
-        except Exception as error:  # orbax and tensorstore raise many unrelated types on bad files
-            raise _unreadable(directory, step, error) from error
+    step = _checked_step(directory, step)
+    args = ocp.args.StandardRestore(None if target is None else _abstract(target))
+    with _reading(directory, step), _manager(directory, read_only=True) as manager:
+        return manager.restore(step, args=args)
 
 
 def metadata(directory, step: int | None = None) -> dict:
     """The JSON metadata saved with checkpoint `step` (default: latest)."""
-    if not Path(directory).is_dir():
-        raise CheckpointError(f"no checkpoint directory {directory}: train first or fix the path")
-    with _manager(directory, read_only=True) as manager:
-        step = _checked_step(manager, directory, step)
-        try:
-            return dict(manager.metadata(step).custom_metadata or {})
-        except Exception as error:  # orbax raises many unrelated types on bad files
-            raise _unreadable(directory, step, error) from error
+    step = _checked_step(directory, step)
+    with _reading(directory, step), _manager(directory, read_only=True) as manager:
+        return dict(manager.metadata(step).custom_metadata or {})
+
+
+def _partial(path: Path, suffix: str) -> Path:
+    """A hidden sibling of `path` that a write goes through (a fixed name: a rerun replaces what a kill left)."""
+    return path.with_name(f".{path.name}.{suffix}")
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` under a temporary name, then rename it into place (replacing any old file)."""
+    path = Path(path)
+    partial = _partial(path, "partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def write_text(path, text: str) -> None:
+    """`write_bytes` for UTF-8 text."""
+    write_bytes(path, text.encode())
+
+
+@contextlib.contextmanager
+def new_directory(path, replace: bool = False):
+    """Yields an empty temporary sibling of `path` to write into; when the block ends it becomes `path` by a
+    rename, replacing an existing `path` only if `replace` (its own earlier output, rewritten on resume)."""
+    path = Path(path)
+    partial, old = _partial(path, "partial"), _partial(path, "old")
+    for stale in (partial, old):  # what a killed write left
+        shutil.rmtree(stale, ignore_errors=True)
+    if path.exists() and not replace:
+        raise CheckpointError(f"{path} already exists; choose a new --out")
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if path.exists():
+        os.rename(path, old)
+        os.rename(partial, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, path)

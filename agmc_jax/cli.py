@@ -1,13 +1,57 @@
 """The `agmc` command: summary, train, evaluate, prune, search, finetune, compress.
 
-Every user mistake is an `AgmcError`: one line on stderr and exit status 2.
+Every user mistake is one line on stderr and exit status 2: an `AgmcError` from the library, or an
+option that does not parse or is out of range (checked where it is parsed, naming the option).
+Warnings are one line each too.
 """
 import argparse
 import json
+import math
 import sys
+import warnings
 
-from agmc_jax.errors import AgmcError, InputShapeError
+from agmc_jax.errors import AgmcError, InputShapeError, UsageError
 from agmc_jax.search.registry import describe_methods
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage lines) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite `kind` in the given range (the error names the option through argparse)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or below or above:
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            span = (f"in {left}{low}, {high}{right}" if high is not None
+                    else f"{'above' if low_open else 'at least'} {low}" if low is not None else "finite")
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        return value
+    return parse
+
+
+_COUNT = _number(int, low=1)  # episodes, epochs, images, batch sizes, classes
+_NATURAL = _number(int, low=0)  # warm-up lengths
+_POSITIVE = _number(float, low=0, low_open=True)  # learning rates, width multipliers
+_FRACTION = _number(float, low=0, high=1, low_open=True, high_open=True)  # budgets
+_RATIO = _number(float, low=0, high=1, low_open=True)  # keep ratios, decay factors
+
+
+def _one_line_warnings(command):
+    """`warnings.showwarning` for `agmc command`: each warning one line on stderr, like errors."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"agmc {command}: warning: {message}", file=sys.stderr if file is None else file)
+    return show
 
 
 def _shape(text):
@@ -20,13 +64,26 @@ def _shape(text):
     return shape
 
 
+def _model_kwargs(args):
+    """The zoo model's keyword arguments from `--width`, checked against the model (only MobileNets take it)."""
+    from agmc_jax.models import create_model
+
+    kwargs = {"width": args.width} if args.width is not None else {}
+    try:
+        create_model(args.model, args.classes, **kwargs)
+    except TypeError:
+        raise UsageError(f"--width applies to mobilenet_v1 and mobilenet_v2; {args.model} has no width "
+                         "multiplier") from None
+    return kwargs
+
+
 def cmd_summary(args):
     from agmc_jax.graph import trace
     from agmc_jax.models import check_input_shape, create_model, model_spec
     from agmc_jax.report import layer_table
 
     shape = check_input_shape(args.model, args.input or model_spec(args.model).input_shape)
-    module = create_model(args.model, args.classes, **({"width": args.width} if args.width else {}))
+    module = create_model(args.model, args.classes, **_model_kwargs(args))
     variables = _abstract_variables(module, shape)
     net = trace(module, variables, shape)
     summary = net.summary()
@@ -55,7 +112,7 @@ def cmd_train(args):
                          learning_rate=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
                          warmup_epochs=args.warmup_epochs, seed=args.seed, data_dir=args.data_dir,
                          input_shape=args.input, num_classes=args.classes,
-                         model_kwargs={"width": args.width} if args.width else {})
+                         model_kwargs=_model_kwargs(args))
     variables = load_network(args.init_from)[1] if args.init_from else None
     print(json.dumps(train(config, args.workdir, variables=variables), indent=1))
 
@@ -94,14 +151,14 @@ def cmd_compress(args):
 
 def _search_arguments(parser):
     parser.add_argument("--method", default="agmc", help=describe_methods())
-    parser.add_argument("--target-macs", type=float, default=None, help="MACs budget as a fraction (0, 1)")
-    parser.add_argument("--target-params", type=float, default=None, help="parameter budget as a fraction (0, 1)")
-    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--target-macs", type=_FRACTION, default=None, help="MACs budget as a fraction (0, 1)")
+    parser.add_argument("--target-params", type=_FRACTION, default=None, help="parameter budget as a fraction (0, 1)")
+    parser.add_argument("--episodes", type=_COUNT, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reward", default="acc", help="acc | acc_flops")
-    parser.add_argument("--reward-images", type=int, default=1000, help="validation images scoring each policy")
-    parser.add_argument("--lbound", type=float, default=0.2, help="smallest keep ratio per group")
-    parser.add_argument("--round-to", type=int, default=1, help="round channel counts to multiples of this")
+    parser.add_argument("--reward-images", type=_COUNT, default=1000, help="validation images scoring each policy")
+    parser.add_argument("--lbound", type=_RATIO, default=0.2, help="smallest keep ratio per group")
+    parser.add_argument("--round-to", type=_COUNT, default=1, help="round channel counts to multiples of this")
     parser.add_argument("--criterion", default="l2",
                         help="which channels a count keeps: l1 | l2 | lstsq (l2, then least-squares refit)")
     parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
@@ -110,38 +167,38 @@ def _search_arguments(parser):
     parser.add_argument("--agent-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a field of the method's agent config, e.g. sigma_decay=0.99 or candidates=8 "
                              "(repeatable; an unknown name lists the valid ones)")
-    parser.add_argument("--warmup-episodes", type=int, default=None,
+    parser.add_argument("--warmup-episodes", type=_NATURAL, default=None,
                         help="DDPG: episodes of random actions before learning (default: a quarter, at most 100)")
-    parser.add_argument("--sigma-decay", type=float, default=None,
+    parser.add_argument("--sigma-decay", type=_RATIO, default=None,
                         help="DDPG: exploration noise factor per episode after warm-up (default 0.95, AMC's)")
 
 
 def parser():
-    top = argparse.ArgumentParser(prog="agmc", description="Automatic graph-based compression of CNNs in JAX.")
+    top = _Parser(prog="agmc", description="Automatic graph-based compression of CNNs in JAX.")
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("summary", help="per-layer table, parameters and MACs, traced from the program")
     p.add_argument("--model", required=True)
     p.add_argument("--input", type=_shape, help="H,W,C (default: the model's standard input)")
-    p.add_argument("--classes", type=int)
-    p.add_argument("--width", type=float, help="width multiplier (MobileNets)")
+    p.add_argument("--classes", type=_COUNT)
+    p.add_argument("--width", type=_POSITIVE, help="width multiplier (MobileNets)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_summary)
 
     p = sub.add_parser("train", help="train a zoo network on a dataset")
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=_COUNT, default=30)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=_COUNT, default=128)
+    p.add_argument("--lr", type=_POSITIVE, default=0.1)
+    p.add_argument("--weight-decay", type=_number(float, low=0), default=5e-4)
     p.add_argument("--schedule", default="cosine", help="cosine | onecycle")
-    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--warmup-epochs", type=_NATURAL, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--input", type=_shape)
-    p.add_argument("--classes", type=int)
-    p.add_argument("--width", type=float)
+    p.add_argument("--classes", type=_COUNT)
+    p.add_argument("--width", type=_POSITIVE)
     p.add_argument("--data-dir")
     p.add_argument("--init-from", help="start from the variables of this trained workdir (same model)")
     p.set_defaults(run=cmd_train)
@@ -154,7 +211,7 @@ def parser():
 
     p = sub.add_parser("prune", help="one keep ratio for every channel group (the handcrafted baseline)")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--keep", type=float, required=True)
+    p.add_argument("--keep", type=_RATIO, required=True)
     p.add_argument("--criterion", default="l2", help="l1 | l2 | lstsq")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="re-estimate BatchNorm statistics on 256 validation images (default: on)")
@@ -172,8 +229,8 @@ def parser():
 
     p = sub.add_parser("finetune", help="train the slimmed network of a search directory")
     p.add_argument("search_dir")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--epochs", type=_COUNT, default=3)
+    p.add_argument("--lr", type=_POSITIVE, default=0.02)
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("compress", help="baseline -> search -> slim -> fine-tune -> report")
@@ -181,8 +238,8 @@ def parser():
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--data-dir")
-    p.add_argument("--finetune-epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--finetune-epochs", type=_COUNT, default=1)
+    p.add_argument("--lr", type=_POSITIVE, default=0.02)
     _search_arguments(p)
     p.set_defaults(run=cmd_compress)
     return top
@@ -190,11 +247,15 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(args.command)
     try:
         args.run(args)
     except AgmcError as error:
         print(f"agmc {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

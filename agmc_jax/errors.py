@@ -47,5 +47,17 @@ class QuantizationError(AgmcError, ValueError):
     """Bit widths outside 1..16, or given for leaves that are not kernels of the network."""
 
 
+class DataError(AgmcError, ValueError):
+    """Labelled arrays a network cannot be scored on: labels of the wrong shape, length, type or range."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that could not be read and was passed over (a resume goes back to an older one)."""
+
+
 class AdmmError(AgmcError, ValueError):
     """ADMM or AutoCompress settings that cannot run: rho or its growth not positive, an unknown structure."""
+
+
+class UsageError(AgmcError, ValueError):
+    """An option that does not apply to what it is given for (e.g. --width for a model without a width multiplier)."""

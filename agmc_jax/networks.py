@@ -27,13 +27,13 @@ def save_network(out, kind, config_dict, variables, info):
     if (out / "network.json").exists():
         raise CheckpointError(f"{out} already holds a network; choose a new --out")
     checkpoint.save(out / "variables", 0, variables)
-    (out / "network.json").write_text(json.dumps({"kind": kind, "config": config_dict, **info}, indent=1) + "\n")
+    checkpoint.write_text(out / "network.json", json.dumps({"kind": kind, "config": config_dict, **info}, indent=1) + "\n")
 
 
 def mark_trained_slim(workdir, config_dict):
     """Mark a training workdir as holding a slimmed network (its shapes come from the checkpoint)."""
-    (Path(workdir) / "network.json").write_text(json.dumps({"kind": "slim", "trained": True, "config": config_dict},
-                                                           indent=1) + "\n")
+    checkpoint.write_text(Path(workdir) / "network.json",
+                          json.dumps({"kind": "slim", "trained": True, "config": config_dict}, indent=1) + "\n")
 
 
 PACKED = "model.packed"
@@ -111,9 +111,23 @@ def calibration_images(config_dict, count=256, data_dir=None):
     return data.load_arrays(config.dataset, "validation", data_dir or config.data_dir, limit=count)[0]
 
 
+def check_new_output(workdir, out, resume=None):
+    """Refuse an `out` that is the input `workdir`, a file, or (unless `resume`) a directory holding files;
+    `resume` is None for commands that cannot resume."""
+    out = Path(out)
+    if out.exists() and Path(workdir).exists() and out.resolve() == Path(workdir).resolve():
+        raise CheckpointError(f"--out {out} is the --workdir it reads; choose a new --out")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file; choose a directory for --out")
+    if out.is_dir() and not resume and any(out.iterdir()):
+        raise CheckpointError(f"{out} already holds files; choose a new --out"
+                              + (" or pass --resume to continue what is there" if resume is not None else ""))
+
+
 def prune_uniform(workdir, keep, criterion, out, data_dir=None, recalibrate_bn=True):
     """Apply one keep ratio to every channel group (refit for lstsq, BatchNorm statistics re-estimated on
     256 validation images unless `recalibrate_bn` is False), slim, save to `out`; returns the counts and accuracy."""
+    check_new_output(workdir, out)
     module, variables, config = load_network(workdir)
     net = trace(module, variables, tuple(config["input_shape"]))
     masks = channel_masks(net, variables, keep, criterion)
@@ -127,7 +141,8 @@ def prune_uniform(workdir, keep, criterion, out, data_dir=None, recalibrate_bn=T
     info = {"source": str(workdir), "keep": keep, "criterion": criterion, "recalibrate_bn": recalibrate_bn,
             "macs": int(macs), "params": int(params),
             "macs_ratio": macs / net.macs, "params_ratio": params / net.params}
-    save_network(out, "slim", config, slim_variables, info)
+    with checkpoint.new_directory(out) as partial:
+        save_network(partial, "slim", config, slim_variables, info)
     validation = evaluate_variables(slim_module, slim_variables, config, "validation", data_dir)
     return {**info, "validation_accuracy": validation["accuracy"]}
 

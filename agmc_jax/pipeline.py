@@ -1,54 +1,63 @@
 """The command-line pipelines: search a trained network, fine-tune the result, and compress end to end."""
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from agmc_jax import data
+from agmc_jax import checkpoint, data
 from agmc_jax.agents import parse_options
 from agmc_jax.autocompress import AUTOCOMPRESS, compress_autocompress
-from agmc_jax.errors import AgmcError, CheckpointError
-from agmc_jax.networks import evaluate_variables, load_network, mark_trained_slim, save_network
+from agmc_jax.errors import AgmcError
+from agmc_jax.networks import check_new_output, evaluate_variables, load_network, mark_trained_slim, save_network
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.report import plot_keep, plot_rewards
-from agmc_jax.search import build_config, get_method, search
-from agmc_jax.train import config_from_dict, config_to_dict, train
+from agmc_jax.search import SearchConfig, build_config, get_method, search
+from agmc_jax.train import TrainConfig, config_from_dict, config_to_dict, resolve_config, train
+
+
+def check_search(workdir, out, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
+                 resume=False, reward_images=1000, agent_options=None, data_dir=None, **env_options) -> SearchConfig:
+    """The settings of `run_search` checked, and `out` checked against `workdir`, before anything is loaded."""
+    if reward_images < 1:
+        raise AgmcError(f"--reward-images must be at least 1, got {reward_images}")
+    config = build_config(get_method(method), episodes, seed, target_macs, target_params, agent_options, env_options)
+    check_new_output(workdir, out, resume)
+    return config
 
 
 def run_search(workdir, out, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
                resume=False, reward_images=1000, data_dir=None, agent_options=None, **env_options):
-    """Search a trained workdir's network on its validation split; writes policy, plots and networks to `out`."""
-    search_config = build_config(get_method(method), episodes, seed, target_macs, target_params, agent_options,
-                                 env_options)  # settings are checked before anything is loaded
-    if reward_images < 1:
-        raise AgmcError(f"--reward-images must be positive, got {reward_images}")
+    """Search a trained workdir's network on its validation split; writes policy, plots and networks to `out`.
+
+    Every output is rewritten whole from the search's checkpointed state, so a resumed run finishes with the
+    outputs of an uninterrupted one."""
+    search_config = check_search(workdir, out, method=method, target_macs=target_macs, target_params=target_params,
+                                 episodes=episodes, seed=seed, resume=resume, reward_images=reward_images,
+                                 agent_options=agent_options, **env_options)
     module, variables, config = load_network(workdir)
     images, labels = data.load_arrays(config["dataset"], "validation", data_dir or config["data_dir"],
                                       limit=reward_images)
-    out = Path(out)
-    if (out / "slim" / "network.json").exists() and not resume:
-        raise CheckpointError(f"{out} already holds a finished search; choose a new --out")
     result = search(module, variables, (images, labels), out=out, resume=resume, config=search_config)
+    write_search(result, Path(out), workdir, method, config)
+    return result
+
+
+def write_search(result, out, source, method, config):
+    """The plots and the masked and exported networks of a search in `out`, each replaced in one rename."""
     policy = result.policy()
     plot_rewards(result.history, out / "rewards.png")
     plot_keep(policy, out / "keep.png")
-    info = {"source": str(workdir), "method": method, "macs": policy["macs"], "params": policy["params"],
+    info = {"source": str(source), "method": method, "macs": policy["macs"], "params": policy["params"],
             "macs_ratio": policy["macs_ratio"], "params_ratio": policy["params_ratio"],
             "unit": policy["unit"], "keep": [step["keep"] for step in policy["steps"]]}
-    if not (out / "slim" / "network.json").exists():
-        pruned, masks = result.pruned()
-        exported = result.env.kind.export(pruned, masks)[1]
-        for name, kind, tree in (("masked", "masked", pruned), ("slim", result.env.kind.export_name, exported)):
-            if (out / name / "network.json").exists():
-                continue
-            if (out / name).exists():  # a write cut short: network.json is written last
-                shutil.rmtree(out / name)
-            save_network(out / name, kind, config, tree, info)
-    return result
+    pruned, masks = result.pruned()
+    exported = result.env.kind.export(pruned, masks)[1]
+    for name, kind, tree in (("masked", "masked", pruned), ("slim", result.env.kind.export_name, exported)):
+        with checkpoint.new_directory(out / name, replace=True) as partial:
+            save_network(partial, kind, config, tree, info)
 
 
 def search_options(args):
@@ -64,14 +73,19 @@ def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None):
     """Train the slimmed (or sparse: its zeros stay zero) network of `search_dir` in `search_dir/finetune`;
     returns its final metrics."""
     module, variables, config = load_network(Path(search_dir) / "slim")
-    base = config_from_dict(config)
     sparse = not isinstance(module, Slimmed)  # a sparse (fg) export keeps the original module and shapes
-    tuned = dataclasses.replace(base, epochs=epochs, learning_rate=learning_rate, warmup_epochs=0,
-                                data_dir=data_dir or base.data_dir, sparse=sparse)
+    tuned = finetune_config(config, epochs, learning_rate, data_dir, sparse)
     workdir = Path(search_dir) / "finetune"
     summary = train(tuned, workdir, module=module, variables=variables)
     mark_trained_slim(workdir, config_to_dict(tuned))
     return summary
+
+
+def finetune_config(config_dict, epochs, learning_rate, data_dir=None, sparse=False) -> TrainConfig:
+    """The checked training config that fine-tunes a network trained with `config_dict`."""
+    base = config_from_dict(config_dict)
+    return resolve_config(dataclasses.replace(base, epochs=epochs, learning_rate=learning_rate, warmup_epochs=0,
+                                              data_dir=data_dir or base.data_dir, sparse=sparse))
 
 
 def latency_ms(module, variables, input_shape, batch, repeats=5):
@@ -87,18 +101,31 @@ def latency_ms(module, variables, input_shape, batch, repeats=5):
     return 1000 * float(np.median(times))
 
 
+def check_compress(args):
+    """Every option of `agmc compress` checked, and the trained network and its data found, before the first
+    expensive step; returns the network (module, variables, config dict)."""
+    check_search(args.workdir, args.out, **search_options(args))
+    module, variables, config = load_network(args.workdir)
+    finetune_config(config, args.finetune_epochs, args.lr, args.data_dir)
+    data.load(config["dataset"], "validation", args.data_dir or config["data_dir"])
+    return module, variables, config
+
+
 def compress(args):
-    """baseline -> search -> slim -> fine-tune -> report (report.md and report.json in --out)."""
+    """baseline -> search -> slim -> fine-tune -> report (report.md and report.json in --out).
+
+    With `args.resume` every stage continues or redoes its work from what is saved: the search from its
+    checkpoints, the fine-tuning from its own, and the evaluations and report are recomputed."""
     if args.method == AUTOCOMPRESS:  # not a search: rounds of annealing, ADMM, purification and retraining
         return compress_autocompress(args, latency_ms, markdown_report)
     out = Path(args.out)
-    module, variables, config = load_network(args.workdir)
+    module, variables, config = check_compress(args)
     shape = tuple(config["input_shape"])
-    print(f"[1/4] baseline {config['model']} on {config['dataset']}", flush=True)
+    print(f"[1/4] search: {args.method}, {args.episodes} episodes", flush=True)
+    result = run_search(args.workdir, out / "search", **search_options(args))  # checks the agent before compiling
+    print(f"[2/4] baseline {config['model']} on {config['dataset']}, and the pruned network", flush=True)
     dense = {split: evaluate_variables(module, variables, config, split, args.data_dir)["accuracy"]
              for split in ("validation", "test")}
-    print(f"[2/4] search: {args.method}, {args.episodes} episodes", flush=True)
-    result = run_search(args.workdir, out / "search", **search_options(args))
     slim_module, slim_variables, _ = load_network(out / "search" / "slim")
     pruned = {split: evaluate_variables(slim_module, slim_variables, config, split, args.data_dir)["accuracy"]
               for split in ("validation", "test")}
@@ -117,8 +144,8 @@ def compress(args):
     }
     print("[4/4] report", flush=True)
     text = markdown_report(report)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(text)
+    checkpoint.write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    checkpoint.write_text(out / "report.md", text)
     print(text)
 
 

@@ -1,8 +1,12 @@
-"""Human-readable output: per-layer tables and PNG plots of a search."""
+"""Human-readable output: per-layer tables and PNG plots of a search (written atomically: a rerun replaces them)."""
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from agmc_jax import checkpoint  # noqa: E402
 
 
 def layer_table(net) -> str:
@@ -30,9 +34,7 @@ def plot_rewards(history, path):
     axis.set_xlabel("episode")
     axis.set_ylabel("reward")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_keep(policy, path):
@@ -46,6 +48,13 @@ def plot_keep(policy, path):
     axis.set_ylabel("output channels" if policy["unit"] == "channels" else "weights")
     axis.set_title(f"MACs {policy['macs_ratio']:.1%} of the original, parameters {policy['params_ratio']:.1%}")
     axis.legend()
+    _save(figure, path)
+
+
+def _save(figure, path):
+    """Write `figure` as a PNG to `path` in one rename, and close it."""
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
+    checkpoint.write_bytes(path, buffer.getvalue())

@@ -55,7 +55,7 @@ def test_summary_table_for_another_input(capsys):
     (("search", "--workdir", "{tmp}/missing", "--out", "{tmp}/s"), "does not exist"),
     (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--target-macs", "1.5"), "(0, 1)"),
     (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--method", "ppo9"), "unknown method"),
-    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--sigma-decay", "1.5"), "sigma_decay"),
+    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--sigma-decay", "1.5"), "--sigma-decay"),
     (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--agent-option", "sigma_dcay=0.5"), "sigma_decay"),
     (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--agent-option", "nonsense"), "KEY=VALUE"),
     (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--method", "random", "--sigma-decay", "0.9"),

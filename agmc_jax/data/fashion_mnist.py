@@ -8,6 +8,7 @@ lock keeps two processes from preparing at once.
 import contextlib
 import fcntl
 import gzip
+import hashlib
 import os
 
 import numpy as np
@@ -107,9 +108,17 @@ def _file_lock(path: str):
 
 
 def prepared_builder(idx_dir: str | None = None) -> FashionMnistIdx:
-    """The builder over the tfds cache, preparing it from `idx_dir` first if it is not there yet."""
+    """The builder over the tfds cache, preparing it from `idx_dir` first if it is not there yet.
+
+    A given `idx_dir` must hold the files even when a cache exists, and files other than the default
+    ones get a cache of their own (keyed by the directory's path), so `--data-dir` is never ignored."""
+    if idx_dir is not None:
+        check_idx_dir(idx_dir)
+    given = idx_dir is not None and os.path.realpath(idx_dir) != os.path.realpath(DEFAULT_IDX_DIR)
     idx_dir = idx_dir or DEFAULT_IDX_DIR
     cache = tfds_cache_dir()
+    if given:
+        cache = os.path.join(cache, "from-" + hashlib.sha256(os.path.realpath(idx_dir).encode()).hexdigest()[:16])
     if not FashionMnistIdx(data_dir=cache).is_prepared():
         check_idx_dir(idx_dir)
         with _file_lock(os.path.join(cache, "fashion_mnist_idx.lock")):

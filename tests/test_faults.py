@@ -1,0 +1,244 @@
+"""Killed anywhere, resumed, finished: real `agmc search` and `agmc compress` processes are SIGKILLed at
+many points (inside orbax checkpoint writes, inside the writes of the exported networks, between
+every two outputs, during the fine-tuning) and resumed with --resume until they finish; the outputs
+must equal those of an uninterrupted run, and nothing half-written may remain.
+
+A kill point is a path that the running process creates or replaces (polled every half millisecond),
+so the process dies right after it appears: for a temporary directory, in the middle of the write. A
+kill inside a write too short to be seen by polling (a JSON file, a PNG) leaves a hidden
+`.NAME.partial` file, or a line cut short in episodes.jsonl; before each resume those leftovers are
+planted as such a kill leaves them. The default run covers a subset of the kill points;
+`pytest -m faults tests/test_faults.py` runs them all, plus kills at random times.
+"""
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agmc_jax import checkpoint
+from agmc_jax.data.fashion_mnist import DEFAULT_IDX_DIR, IDX_FILES, idx_path, read_idx
+
+BASELINE = Path(__file__).parents[1] / "agmc_jax" / "baselines" / "lenet5_fashion_mnist"
+TRAIN_IMAGES, TEST_IMAGES = 5000 + 512, 500  # 512 training images after the 5,000 held out for validation
+SEARCH = ("--method", "random", "--episodes", "25", "--reward-images", "200", "--seed", "1")  # chunks of 12
+COMPRESS = ("--method", "uniform", "--reward-images", "200", "--finetune-epochs", "2")
+
+# Kill points: glob patterns under the output directory, in the order a run meets them.
+SEARCH_POINTS = {
+    "first checkpoint, mid-write": "search_state/*orbax-checkpoint-tmp*",
+    "after the first checkpoint": "search_state/12",
+    "second checkpoint, mid-write": "search_state/*orbax-checkpoint-tmp*",
+    "after the second checkpoint": "search_state/24",
+    "last checkpoint, mid-write": "search_state/*orbax-checkpoint-tmp*",
+    "after policy.json": "policy.json",
+    "after rewards.png": "rewards.png",
+    "after keep.png": "keep.png",
+    "masked network, mid-write": ".masked.partial/variables",
+    "after the masked network": "masked",
+    "slim network, mid-write": ".slim.partial/variables",
+    "after the slim network": "slim",
+}
+COMPRESS_POINTS = {
+    "search checkpoint, mid-write": "search/search_state/*orbax-checkpoint-tmp*",
+    "slim network, mid-write": "search/.slim.partial/variables",
+    "after the slim network": "search/slim",
+    "fine-tuning config written": "search/finetune/config.json",
+    "first fine-tuning checkpoint, mid-write": "search/finetune/checkpoints/*orbax-checkpoint-tmp*",
+    "after the first fine-tuning epoch": "search/finetune/checkpoints/4",
+    "last fine-tuning checkpoint, mid-write": "search/finetune/checkpoints/*orbax-checkpoint-tmp*",
+    "after the fine-tuning summary": "search/finetune/summary.json",
+    "after the fine-tuned network's description": "search/finetune/network.json",
+    "after report.json": "report.json",
+}
+QUICK_SEARCH = ("first checkpoint, mid-write", "after the second checkpoint", "after policy.json",
+                "masked network, mid-write", "slim network, mid-write")
+QUICK_COMPRESS = ("slim network, mid-write", "first fine-tuning checkpoint, mid-write",
+                  "after the first fine-tuning epoch", "after the fine-tuning summary")
+SMALL_WRITES = ("policy.json", "rewards.png", "keep.png", "report.json", "report.md", "search/policy.json",
+                "search/rewards.png", "search/keep.png")
+TIMING = ("seconds", "latency_ms_batch128")  # wall times: the only outputs two runs cannot share
+
+
+def _write_idx(path, array):
+    """An IDX file of unsigned bytes: two zero bytes, type 0x08, rank, big-endian sizes, data."""
+    sizes = b"".join(int(size).to_bytes(4, "big") for size in array.shape)
+    path.write_bytes(bytes([0, 0, 8, array.ndim]) + sizes + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """A small Fashion-MNIST (512 training, 5,000 validation, 500 test images), its own data cache, and the
+    uninterrupted runs the killed ones must reproduce."""
+    root = tmp_path_factory.mktemp("faults")
+    idx = root / "idx"
+    idx.mkdir()
+    for split, count in (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)):
+        for stem in IDX_FILES[split]:
+            _write_idx(idx / stem, read_idx(idx_path(DEFAULT_IDX_DIR, stem))[:count])
+    env = {"AGMC_TFDS_DIR": str(root / "tfds"), "PATH": "/usr/bin:/bin", "HOME": str(root),
+           "JAX_PLATFORMS": "cpu"}
+    data = ("--workdir", str(BASELINE), "--data-dir", str(idx))
+    reference = {"search": root / "reference_search", "compress": root / "reference_compress"}
+    assert _run(["search", *data, *SEARCH, "--out", str(reference["search"])], env, root).returncode == 0
+    assert _run(["compress", *data, *COMPRESS, "--out", str(reference["compress"])], env, root).returncode == 0
+    return {"root": root, "env": env, "data": data, "reference": reference}
+
+
+def _run(argv, env, root):
+    """`agmc argv` to the end in a subprocess; its stderr is kept in root/stderr.log."""
+    with open(root / "stderr.log", "ab") as log:
+        return subprocess.run([sys.executable, "-m", "agmc_jax.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                              stderr=log, cwd=Path(__file__).parents[1])
+
+
+def _present(out, pattern):
+    """(path, inode) of everything matching `pattern` under `out` now: a path replaced by a rename is new."""
+    found = set()
+    for path in out.glob(pattern):
+        try:
+            found.add((path, path.stat().st_ino))
+        except FileNotFoundError:  # renamed or removed while listed
+            continue
+    return found
+
+
+def _kill_when(argv, env, root, out, pattern, delay=None):
+    """Run `agmc argv` and SIGKILL it once a path matching `pattern` appears under `out` (or after `delay`
+    seconds); returns True if it was killed, False if it finished first (exit status 0 checked)."""
+    before, start = _present(out, pattern) if pattern else set(), time.monotonic()
+    with open(root / "stderr.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "agmc_jax.cli", *argv], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=log, cwd=Path(__file__).parents[1])
+    while process.poll() is None:
+        due = (time.monotonic() - start >= delay) if delay is not None else bool(_present(out, pattern) - before)
+        if due:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.0005)
+    assert process.returncode == 0, (root / "stderr.log").read_text()[-3000:]
+    return False
+
+
+def _plant_leftovers(out, reference):
+    """What a kill inside one of the short writes leaves: half of each small file under its temporary
+    name, and a line cut short at the end of episodes.jsonl."""
+    for name in SMALL_WRITES:
+        source = reference / name
+        if source.exists() and (out / name).parent.is_dir():
+            (out / name).with_name(f".{source.name}.partial").write_bytes(source.read_bytes()[:source.stat().st_size // 2])
+    for log in out.glob("**/episodes.jsonl"):
+        with open(log, "a") as file:
+            file.write('{"episode": 99, "rew')
+
+
+def _chain(setting, command, options, points, kills_at_random=0):
+    """Kill `agmc command` at each point in turn, resuming each time, then finish it; returns the output
+    directory and how many kills happened."""
+    root, env = setting["root"], setting["env"]
+    out = root / f"{command}_{len(list(root.glob(command + '_*')))}"
+    argv = [command, *setting["data"], *options, "--out", str(out)]
+    kills = 0
+    schedule = [(pattern, None) for pattern in points]
+    rng = random.Random(0)
+    schedule += [(None, rng.uniform(3.0, 25.0)) for _ in range(kills_at_random)]
+    for pattern, delay in schedule:
+        if _kill_when(argv + ["--resume"] * (kills > 0), env, root, out, pattern, delay):
+            kills += 1
+            _plant_leftovers(out, setting["reference"][command])
+    assert _run(argv + ["--resume"], env, root).returncode == 0, (root / "stderr.log").read_text()[-3000:]
+    return out, kills
+
+
+def _network(path):
+    """A saved network directory as comparable values: its description and its variables' arrays."""
+    variables = checkpoint.restore(path / "variables")
+    return (path / "network.json").read_text(), [np.asarray(leaf) for leaf in _leaves(variables)]
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def _without_timing(value):
+    """A JSON value with its wall-time fields removed."""
+    if isinstance(value, dict):
+        return {k: _without_timing(v) for k, v in value.items() if k not in TIMING}
+    if isinstance(value, list):
+        return [_without_timing(v) for v in value]
+    return value
+
+
+def _outputs(out):
+    """Everything a run leaves in `out` except its internal state (search and training checkpoints,
+    TensorBoard events), as comparable values; a leftover temporary file shows up as an extra name."""
+    internal = ("search_state", "checkpoints", "tb", "variables")
+    values = {}
+    for path in sorted(out.rglob("*")):
+        name = str(path.relative_to(out))
+        if any(part in internal for part in path.relative_to(out).parts):
+            continue
+        if path.is_dir():
+            values[name] = _network(path) if (path / "variables").is_dir() else "directory"
+        elif name.endswith("network.json") and (path.parent / "variables").is_dir():
+            continue  # compared with its network
+        elif path.suffix in (".json", ".jsonl"):
+            values[name] = [_without_timing(json.loads(line)) for line in path.read_text().splitlines()] \
+                if path.suffix == ".jsonl" else _without_timing(json.loads(path.read_text()))
+        elif path.suffix == ".md":
+            values[name] = [line for line in path.read_text().splitlines() if "latency" not in line]
+        else:
+            values[name] = path.read_bytes()
+    for trained in out.rglob("finetune/checkpoints"):
+        values[f"{trained} latest"] = [np.asarray(leaf) for leaf in _leaves(checkpoint.restore(trained))]
+    return values
+
+
+def _assert_same(out, reference):
+    """The outputs of `out` equal those of the uninterrupted run, name by name and array by array."""
+    got, want = _outputs(out), _outputs(reference)
+    got = {k.replace(str(out), str(reference)): v for k, v in got.items()}
+    assert sorted(got) == sorted(want)
+    for name in want:
+        if isinstance(want[name], tuple):
+            assert got[name][0] == want[name][0], name
+            assert all(np.array_equal(a, b) for a, b in zip(got[name][1], want[name][1], strict=True)), name
+        elif isinstance(want[name], list) and want[name] and isinstance(want[name][0], np.ndarray):
+            assert all(np.array_equal(a, b) for a, b in zip(got[name], want[name], strict=True)), name
+        else:
+            assert got[name] == want[name], name
+
+
+def test_a_search_killed_anywhere_resumes_to_the_uninterrupted_outputs(setting):
+    out, kills = _chain(setting, "search", SEARCH, [SEARCH_POINTS[p] for p in QUICK_SEARCH])
+    assert kills >= len(QUICK_SEARCH) - 1
+    _assert_same(out, setting["reference"]["search"])
+
+
+def test_a_compression_killed_anywhere_resumes_to_the_uninterrupted_outputs(setting):
+    out, kills = _chain(setting, "compress", COMPRESS, [COMPRESS_POINTS[p] for p in QUICK_COMPRESS])
+    assert kills >= len(QUICK_COMPRESS) - 1
+    _assert_same(out, setting["reference"]["compress"])
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("command, options, points", [("search", SEARCH, SEARCH_POINTS),
+                                                      ("compress", COMPRESS, COMPRESS_POINTS)])
+def test_every_kill_point_and_random_kills(setting, command, options, points):
+    """All kill points in one chain, then a chain of kills at random times."""
+    out, kills = _chain(setting, command, options, list(points.values()))
+    print(f"{command}: {kills} of {len(points)} kill points hit")
+    assert kills >= len(points) - 2
+    _assert_same(out, setting["reference"][command])
+    out, kills = _chain(setting, command, options, [], kills_at_random=8)
+    print(f"{command}: {kills} random kills")
+    _assert_same(out, setting["reference"][command])
