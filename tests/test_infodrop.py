@@ -20,7 +20,7 @@ from agmc_jax.errors import MaskError
 from agmc_jax.graph import trace
 from agmc_jax.kinds import Channels
 from agmc_jax.prune import (InfoDropConfig, channel_masks, channel_ranks, fit_alphas, information_dropout,
-                            split_variables, vectors_from_masks, weight_importance, weight_masks)
+                            layer_alphas, split_variables, vectors_from_masks, weight_importance, weight_masks)
 from agmc_jax.train import LOSSES, OptimizerSpec, TrainConfig, learning_rate_schedule, state_from_variables, train_step
 from realistic import realistic
 
@@ -140,6 +140,10 @@ def test_the_wrapped_network_trains_through_train_step_with_the_kl_in_its_loss()
     own, rho = split_variables(trained)
     assert set(own) == {"params"} and jax.tree.structure(own) == jax.tree.structure(variables)
     assert set(rho) == {"Conv_1", "Dense_0"}
+    sigmoid = {site: 1 / (1 + np.exp(-np.asarray(r, np.float64))) for site, r in rho.items()}
+    alphas = layer_alphas(net, rho, 0.7)  # per input feature: Dense_0's feature f reads channel f % 8
+    np.testing.assert_allclose(alphas["Conv_1"], 0.7 * sigmoid["Conv_1"], rtol=1e-6)
+    np.testing.assert_allclose(alphas["Dense_0"], np.tile(0.7 * sigmoid["Dense_0"], 16), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(wrapped_module.apply(trained, images[:4])),
                                   np.asarray(module.apply(own, images[:4])))
 

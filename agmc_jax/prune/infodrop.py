@@ -37,12 +37,13 @@ NAME = "infodrop"  # the param subtree of the alphas' logits and the batch_stats
 
 
 class InfoDropConfig(NamedTuple):
-    """The noise, the KL weight and the short phase that learns the alphas (beta and steps chosen on LeNet-5,
-    Fashion-MNIST: beta 1e-4 ranked better than 1e-3, 100 steps as well as 400)."""
+    """The noise, the KL weight and the short phase that learns the alphas. Measured on LeNet-5 and ResNet-20
+    (Fashion-MNIST), uniform channel pruning: beta 1e-5 ranked better than 1e-4, 1e-3 (most alphas at the
+    bound) and 1e-6; 100 steps as well as 400; batches of 32 ranked less steadily across seeds."""
 
     alpha_max: float = 0.7  # Achille & Soatto's bound on the noise scale
     alpha_init: float = 0.35  # the middle of (0, alpha_max): rho = 0
-    beta: float = 1e-4  # weight of the KL term (per example, summed over units)
+    beta: float = 1e-5  # weight of the KL term (per example, summed over units)
     steps: int = 100
     batch_size: int = 64
     learning_rate: float = 0.05  # Adam, on the alphas' logits
