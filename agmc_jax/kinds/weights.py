@@ -21,9 +21,9 @@ class Weights:
     default_budget = {"target_params": 0.5}
 
     def __init__(self, net, config):
-        if config.criterion == "lstsq":
-            raise BudgetError("fine-grained pruning keeps the largest weights; --criterion lstsq applies to "
-                              "channel pruning only")
+        if config.criterion not in ("l1", "l2"):
+            raise BudgetError(f"fine-grained pruning keeps the largest weights; --criterion {config.criterion} "
+                              "applies to channel pruning only")
         self.net = net
         self._leaves = tuple(op.leaf for op in net.analysis.layers)
         self.sizes = np.array([int(np.prod(net.shapes[leaf])) for leaf in self._leaves], np.int64)

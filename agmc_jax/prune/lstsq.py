@@ -112,7 +112,7 @@ def prune_counts(net, variables, counts, criterion="l2", calibration=None):
     With `lstsq` the channels are chosen by L2 and the layers that lose inputs are refitted on the
     `calibration` images, as AMC does, so a search scores exactly the network it exports.
     """
-    vectors = top_channels(net, variables, counts, criterion)
+    vectors = top_channels(net, variables, counts, criterion, calibration)
     masks = masks_from_vectors(net, vectors)
     if criterion == "lstsq":
         variables = reconstruct_vectors(net, variables, vectors, calibration)
