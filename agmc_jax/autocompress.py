@@ -7,7 +7,8 @@ that rounding never compounds. A stage:
 
 1. searches per-step keep counts on the current network by simulated annealing with the experience
    rule (`annealing` for filters: one step per channel group; `annealing_columns`: one per layer),
-   scoring each neighbour by the compiled masked evaluation with BatchNorm re-estimated;
+   scoring each neighbour by the compiled masked evaluation with BatchNorm re-estimated; the search's
+   `lbound` applies to what earlier stages left (lbound times the fraction of the MACs still there);
 2. trains with ADMM towards that structure (`prune.admm`), then takes its hard masks;
 3. purifies (`prune.purify`): drops the channels the masks left useless, checking that the outputs
    do not change, and slims the network (channels removed physically; column zeros stay masked);
@@ -54,10 +55,10 @@ class AutoCompressConfig(NamedTuple):
     learning_rate: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    rho: float = 1e-3
+    rho: float = 0.1
     rho_growth: float = 1.3
     rho_max: float = 1.0
-    admm_interval: int = 300
+    admm_interval: int = 200
 
 
 def check_config(config: AutoCompressConfig) -> None:
@@ -210,8 +211,9 @@ def _stage(module, base, variables, validation, feed, config, kind, budget, seed
     smaller = isinstance(module, Slimmed) or not all(v.all() for v in purified.vectors)
     slimmed = Slimmed(base) if smaller else module
     probe = images[:min(len(images), 256)]
-    change = float(np.max(np.abs(_logits(module, net, masked, probe) - _logits(slimmed, net, small, probe))))
-    if change > TOLERANCE * max(1.0, float(np.max(np.abs(_logits(module, net, masked, probe))))):
+    before = _logits(module, net, masked, probe)
+    change = float(np.max(np.abs(before - _logits(slimmed, net, small, probe))))
+    if change > TOLERANCE * max(1.0, float(np.max(np.abs(before)))):
         raise AdmmError(f"purification changed the outputs by {change:.3g}: the network maps 0 to something else "
                         "than 0 between layers (e.g. a sigmoid); use structure 'filter' without purification")
     pruned = accuracy(slimmed, small, images, labels, **net.call_kwargs)
@@ -292,15 +294,18 @@ def _export_note(result, dense_net):
 def _markdown(report, markdown_report):
     lines = [markdown_report(report), "## AutoCompress", "",
              f"structure {report['autocompress']['structure']}, {report['autocompress']['rounds']} round(s); export: "
-             f"{report['autocompress']['export']}. MACs and parameters count the weights kept (columns included).", "",
+             f"{report['autocompress']['export']}. MACs and parameters count the weights kept (columns included); "
+             "purification removed {channels} channels, {macs:,.0f} MACs and {params:,.0f} parameters beyond the "
+             "hard masks.".format(**report["autocompress"]["purified"]), "",
              "| stage | structure | budget MACs | MACs | params | purified channels | purified MACs | "
              "purified params | accuracy pruned | retrained |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["autocompress"]["stages"]:
+        budget = "-" if s["budget"]["macs"] is None else f"{s['budget']['macs']:,.0f}"
         if "skipped" in s:
-            lines.append(f"| {s['stage']} | {s['structure']} | {s['budget']['macs'] or '-'} | {s['skipped']} |")
+            lines.append(f"| {s['stage']} | {s['structure']} | {budget} | {s['skipped']} |")
             continue
         p = s["purified"]
-        lines.append(f"| {s['stage']} | {s['structure']} | {s['budget']['macs'] or 0:,.0f} | {s['macs']:,.0f} | "
+        lines.append(f"| {s['stage']} | {s['structure']} | {budget} | {s['macs']:,.0f} | "
                      f"{s['params']:,.0f} | {p['channels']} | {p['macs']:,.0f} | {p['params']:,.0f} | "
                      f"{s['pruned_accuracy']:.4f} | {s['retrained_accuracy']:.4f} |")
     return "\n".join(lines) + "\n"
@@ -357,7 +362,8 @@ def compress_autocompress(args, latency_ms, markdown_report):
                                 "slim": latency_ms(result.module, tuned, shape, 128)},
         "layers": _layers(dense_net, trace(result.module, tuned, shape)),
         "autocompress": {"structure": config.structure, "rounds": config.rounds, "export": _export_note(
-            result, dense_net), "stages": result.stages},
+            result, dense_net), "purified": {key: sum(s["purified"][key] for s in result.stages if "purified" in s)
+                                             for key in ("channels", "macs", "params")}, "stages": result.stages},
     }
     print("[4/4] report", flush=True)
     text = _markdown(report, markdown_report)

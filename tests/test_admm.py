@@ -15,8 +15,10 @@ import pytest
 
 from agmc_jax.autocompress import AutoCompressConfig, autocompress, split_options, structure_masks
 from agmc_jax.cli import main
-from agmc_jax.errors import AdmmError, BudgetError
+from agmc_jax.env import EnvConfig
+from agmc_jax.errors import AdmmError, BudgetError, CheckpointError
 from agmc_jax.graph import trace
+from agmc_jax.kinds.columns import Columns
 from agmc_jax.models import create_model, init_model
 from agmc_jax.prune import slim_variables
 from agmc_jax.prune.admm import (AdmmConfig, FitConfig, Sparsity, Target, admm_train, array_feed,
@@ -113,6 +115,16 @@ def test_hard_masks_remove_a_channel_from_every_leaf_that_carries_it():
     masks = SPARSITY.masks(VARIABLES, Target(filters=[2, 3]))
     kept, _ = sparse_cost(NET, masks)
     assert kept == NET.cost(np.array([2, 3]))[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_columns_kind_costs_exactly_what_its_masks_keep(seed):
+    kind = Columns(NET, EnvConfig())
+    counts = np.random.default_rng(seed).integers(1, kind.sizes + 1)
+    masks = kind.masks(kind.prepare(VARIABLES, None), counts)
+    assert sparse_cost(NET, masks) == tuple(float(c) for c in kind.cost(counts))
+    projected = SPARSITY.masks(VARIABLES, Target(columns=counts))  # what the search scores is what ADMM targets
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(projected)))
 
 
 # ----- bad input ---------------------------------------------------------------------------------
@@ -237,12 +249,14 @@ def test_purification_of_a_column_pruned_resnet_keeps_its_outputs():
 
 
 # ----- AutoCompress end to end --------------------------------------------------------------------
-def test_autocompress_meets_the_budget_with_both_structures_and_exports_what_it_scored():
+def test_autocompress_meets_the_budget_with_both_structures_and_resumes_from_its_stages(tmp_path):
     x, y = teacher_data(192)
     config = AutoCompressConfig(structure="both", rounds=1, episodes=4, admm_epochs=1, retrain_epochs=1,
                                 admm_interval=2, rho=0.01)
-    result = autocompress(TINY, VARIABLES, array_feed(x, y, 32), (x[:64], y[:64]), target_macs=0.4, config=config,
-                          eval_batch=32, calibration_images=32)
+    run = lambda **resume: autocompress(TINY, VARIABLES, array_feed(x, y, 32), (x[:64], y[:64]),  # noqa: E731
+                                        target_macs=0.4, config=config, eval_batch=32, calibration_images=32,
+                                        out=tmp_path, **resume)
+    result = run()
     assert result.macs <= 0.4 * NET.macs
     assert [s["structure"] for s in result.stages] == ["filter", "column"]
     filters = result.stages[0]
@@ -251,6 +265,12 @@ def test_autocompress_meets_the_budget_with_both_structures_and_exports_what_it_
     final = trace(result.module, result.variables, SHAPE)
     assert sparse_cost(final, structure_masks(result.variables)) == (result.macs, result.params)
     assert np.isfinite(np.asarray(result.module.apply(result.variables, x[:4]))).all()
+    with pytest.raises(CheckpointError, match="pass --resume"):
+        run()
+    resumed = run(resume=True)  # every stage is done: nothing runs again
+    assert resumed.stages == result.stages and (resumed.macs, resumed.params) == (result.macs, result.params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(resumed.variables),
+                                                    jax.tree.leaves(result.variables)))
 
 
 # ----- the command line ----------------------------------------------------------------------------

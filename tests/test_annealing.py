@@ -9,6 +9,8 @@ import pytest
 from agmc_jax.agents import AGENTS, AnnealingConfig, agent_config, annealing
 from agmc_jax.agents.annealing import acceptance
 from agmc_jax.errors import AgmcError
+from agmc_jax.models import create_model, init_model
+from agmc_jax.search import search
 
 WEIGHTS = jnp.array([10.0, 40.0, 20.0, 30.0, 5.0])
 OPTIMUM = jnp.array([0.8, 0.2, 0.55, 0.4, 0.9])  # more weights, lower keep: the experience rule holds
@@ -16,7 +18,8 @@ START = jnp.full(5, 0.5)
 
 
 def observation(t, actions):
-    return {"t": t, "actions": jnp.where(jnp.arange(5) < t, actions, 0.0), "weights": WEIGHTS, "start": START}
+    return {"t": t, "actions": jnp.where(jnp.arange(5) < t, actions, 0.0), "weights": WEIGHTS, "start": START,
+            "cap": jnp.float32(1.0)}
 
 
 def anneal(config, seed, episodes):
@@ -101,3 +104,20 @@ def test_settings_are_checked_and_cooling_follows_the_search_length():
         annealing(AnnealingConfig(temperature=0.01, final_temperature=0.1))
     assert agent_config(AGENTS["annealing"], {"neighbours": "2"}, episodes=30) == AnnealingConfig(
         neighbours=2, cooling_episodes=30)
+
+
+def test_searched_policies_meet_the_budget_and_the_rule_up_to_one_channel():
+    """On a network, the action wall never cuts a step under the rule's floor: the agent's cap foresees it."""
+    module = create_model("lenet5", 10)
+    variables = init_model(module, (28, 28, 1))
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(64, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 64).astype(np.int32)
+    result = search(module, variables, data, method="annealing", target_macs=0.3, episodes=8, seed=0,
+                    progress=False, eval_batch=32)
+    sizes = result.env.sizes
+    weights = np.array([sum(layer.params for layer in layers) for layers in result.env.kind.step_layers])
+    bigger = weights[:, None] > weights[None, :]
+    for record in result.history:
+        keep = np.array(record["keep"])
+        assert record["macs_ratio"] <= 0.3 * (1 + 1e-6)
+        assert np.all(~bigger | ((keep[:, None] - keep[None, :]) * sizes[None, :] < 1))

@@ -4,8 +4,9 @@ A policy is one action per step (per channel group, or per layer). An episode pl
 the current policy: every step's action moves by a Gaussian step whose scale shrinks with the
 temperature (`step * T / temperature`), then is clipped so that the experience rule holds: a step
 with more weights than an earlier one keeps at most its ratio (prunes at least as much), one with
-fewer keeps at least its ratio (steps of equal size are free). The action wall has the last word,
-so every played policy meets the budget.
+fewer keeps at least its ratio (steps of equal size are free), and no step keeps so much that the
+action wall would have to cut a later step below the rule's floor: every played policy meets the
+budget and the rule (up to rounding to whole channels).
 
 Acceptance is Metropolis on normalised scores: a reward difference is divided by a running scale
 of the differences seen (the mean |reward - current reward|, exponentially weighted), so a move
@@ -16,7 +17,8 @@ accepts almost every worse move.) The temperature cools geometrically from `temp
 current policy and then tested one after another, each against the policy current at its turn.
 
 Observations are dicts: "t" (the step), "actions" (the actions played before t), "weights" (each
-step's weights) and "start" (the first current policy): `annealing_observation(env)`.
+step's weights), "start" (the first current policy) and "cap" (the largest action that keeps the rule
+and the budget both reachable): `annealing_observation(env)`.
 """
 from typing import NamedTuple
 
@@ -67,28 +69,54 @@ def check_config(config: AnnealingConfig) -> None:
 
 
 def annealing_observation(env):
-    """`observe(t, counts, actions)` for annealing on an environment (duck-typed: `steps`, `kind`, `count_action`,
-    `uniform_counts`): a step's weights are the parameters of the layers it prunes; the start policy is the
-    uniform one at the budget (one keep ratio everywhere), which obeys the experience rule."""
+    """`observe(t, counts, actions)` for annealing on an environment (duck-typed: `steps`, `sizes`, `min_counts`,
+    `kind.step_layers`, `space.wanted`, `feasible`, `count_action`, `uniform_counts`).
+
+    A step's weights are the parameters of the layers it prunes; the start policy is the uniform one at the
+    budget (one keep ratio everywhere), which obeys the experience rule. "cap" is the largest action step t
+    may take so that the budget stays reachable with every later step keeping what the rule asks of it
+    (at least the keep of each step so far with more weights) and the others at their lowest: below it the
+    action wall never has to cut a later step under the rule's floor.
+    """
     weights = jnp.asarray([sum(layer.params for layer in layers) for layers in env.kind.step_layers], jnp.float32)
     steps = jnp.arange(env.steps)
     start = env.count_action(steps, jnp.asarray(env.uniform_counts(), jnp.float32))
+    bigger = weights[:, None] > weights[None, :]  # [i, j]: step i has more weights than step j
+    lowest = jnp.asarray(env.min_counts, jnp.int32)
+
+    def completion(t, counts, actions, action):
+        """Counts with step t at `action` and every later step at the least the rule and the budget allow it."""
+        chosen = jnp.where(steps < t, actions, 0.0).at[t].set(action)
+        floor = jnp.max(jnp.where((steps[:, None] <= t) & bigger, chosen[:, None], 0.0), axis=0)
+        later = jnp.maximum(lowest, jax.vmap(lambda j, a: env.space.wanted(j, a, jnp.int32))(steps, floor))
+        now = env.space.wanted(t, action, jnp.int32)
+        return jnp.where(steps < t, counts, jnp.where(steps == t, now, later))
+
+    def cap(t, counts, actions):
+        def bisect(_, bounds):
+            low, high = bounds
+            middle = (low + high) / 2
+            fits = env.feasible(completion(t, counts, actions, middle), jnp)
+            return jnp.where(fits, middle, low), jnp.where(fits, high, middle)
+
+        return jax.lax.fori_loop(0, 20, bisect, (jnp.float32(0.0), jnp.float32(1.0)))[0]
 
     def observe(t, counts, actions):
         return {"t": jnp.asarray(t, jnp.int32), "actions": jnp.where(steps < t, actions, 0.0),
-                "weights": weights, "start": start}
+                "weights": weights, "start": start, "cap": cap(t, counts, actions)}
 
     return observe
 
 
 def experience_interval(obs):
-    """(low, high): the actions step t may take given the earlier steps' actions under the experience rule."""
+    """(low, high): the actions step t may take given the earlier steps' actions under the experience rule,
+    and below the observation's "cap"."""
     t, actions, weights = obs["t"], obs["actions"], obs["weights"]
     earlier = jnp.arange(weights.shape[0]) < t
     bigger = earlier & (weights > weights[t])
     smaller = earlier & (weights < weights[t])
     low = jnp.max(jnp.where(bigger, actions, 0.0))
-    high = jnp.min(jnp.where(smaller, actions, 1.0))
+    high = jnp.minimum(jnp.min(jnp.where(smaller, actions, 1.0)), obs["cap"])
     return low, jnp.maximum(low, high)
 
 

