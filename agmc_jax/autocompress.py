@@ -32,7 +32,7 @@ from agmc_jax.agents.registry import AGENTS, agent_config
 from agmc_jax.env import Budget, EnvConfig
 from agmc_jax.errors import AdmmError, BudgetError, CheckpointError
 from agmc_jax.graph import trace
-from agmc_jax.networks import evaluate_variables, load_network, save_network
+from agmc_jax.networks import check_new_output, evaluate_variables, load_network, save_network
 from agmc_jax.prune import Slimmed, slim_variables
 from agmc_jax.prune.admm import (AdmmConfig, Feed, FitConfig, Sparsity, Target, admm_train, check_admm_config,
                                  masked_train)
@@ -318,6 +318,7 @@ def compress_autocompress(args, latency_ms, markdown_report):
     env_options = {"lbound": args.lbound, "round_to": args.round_to, "reward": args.reward,
                    "criterion": args.criterion, "recalibrate_bn": args.recalibrate_bn}
     out = Path(args.out)
+    check_new_output(args.workdir, out, args.resume)
     if (out / "report.json").exists():
         raise CheckpointError(f"{out} already holds a finished compression; choose a new --out")
     module, variables, train_config = load_network(args.workdir)
