@@ -1,8 +1,9 @@
 """Search speed: a compiled episode against the evaluation it scores, for AGMC and AMC side by side.
 
 Two regimes, measured in one run after compilation (reported apart), each once with the agent
-learning (replay buffer full: every episode runs its DDPG updates) and once in its warm-up
-(random actions, no updates: what the search loop itself costs):
+learning (replay buffer full: every episode runs its DDPG updates; PPO trains once per round of
+`actors` episodes, so its episode carries a share of that) and once in its warm-up (random
+actions: DDPG runs no updates, what the search loop itself costs; PPO still trains its critic):
   (a) ResNet-20 on 1,000 reward images: episode / scored dense evaluation, target <= 1.10. The
       dense evaluation is scored as the reward scores it (BatchNorm re-estimated on the first 100
       images), so the ratio isolates the agent, the GNN, the wall and the masking.
@@ -10,7 +11,7 @@ learning (replay buffer full: every episode runs its DDPG updates) and once in i
       episodes per second, target >= 100, and the agent's overhead per episode in ms.
 Chunks and dense evaluations alternate; medians over `--repeats`.
 
-    python experiments/bench_search.py [--chunk 10] [--repeats 5] [--methods agmc,amc] [--regimes a,b]
+    python experiments/bench_search.py [--chunk 10] [--repeats 5] [--methods agmc,amc,ppo] [--regimes a,b]
 """
 import argparse
 import time
@@ -47,7 +48,8 @@ def measure(name, model, images, labels, chunk_episodes, repeats, warmup):
     runner = place(env, Runner(agent.init(jax.random.key(1), state.example), jnp.zeros((), jnp.int32)))
     key, limit = jax.random.key(0), jax.device_put(jnp.int32(10 ** 6))
     start = time.perf_counter()
-    play = make_chunk(env, state, agent, rounds=chunk_episodes).lower(runner, key, env.data, limit).compile()
+    rounds = -(-chunk_episodes // agent.width)  # a round plays `width` episodes
+    play = make_chunk(env, state, agent, rounds=rounds).lower(runner, key, env.data, limit).compile()
     compile_s = time.perf_counter() - start
     full = -(-config.agent.batch_size // env.steps) + 1  # episodes before a batch is in the buffer
     while int(runner.episode) < full:
@@ -66,7 +68,7 @@ def measure(name, model, images, labels, chunk_episodes, repeats, warmup):
     for _ in range(repeats):
         start = time.perf_counter()
         runner = jax.block_until_ready(play(runner, key, env.data, limit)[0])
-        episodes.append((time.perf_counter() - start) / chunk_episodes)
+        episodes.append((time.perf_counter() - start) / (rounds * agent.width))
         evaluations.append(timed(dense, env.data))
     return compile_s, float(np.median(episodes)), float(np.median(evaluations)), env.steps
 
@@ -88,7 +90,7 @@ def main():
         for name, warmup in [(name, warmup) for name in args.methods.split(",") for warmup in (False, True)]:
             compile_s, episode_s, dense_s, steps = measure(name, model, images, labels, args.chunk, args.repeats,
                                                            warmup)
-            label = f"{name}, warm-up (no updates)" if warmup else f"{name}, learning"
+            label = f"{name}, warm-up (random actions)" if warmup else f"{name}, learning"
             line = (f"  {label}: {steps} steps; episode {1000 * episode_s:.2f} ms ({1 / episode_s:.1f} episodes/s), "
                     f"scored dense evaluation {1000 * dense_s:.2f} ms, agent overhead "
                     f"{1000 * (episode_s - dense_s):.2f} ms/episode; ratio {episode_s / dense_s:.3f}; "
