@@ -284,7 +284,7 @@ def _train(module, variables, masks, feed: Feed, fit: FitConfig, on_step=None, c
     """Train `variables` for `fit.epochs`, params times `masks` after every step (pruned stays pruned).
 
     `wrap(carry)` gives the module a step trains (default `module`); every step `on_step(step, params,
-    carry)` may return a new carry (host). Returns (variables, carry, metric sums of the last epoch).
+    carry)` may return a new carry (host). Returns (variables, carry, the last epoch's mean loss and accuracy).
     """
     if fit.epochs < 1:
         raise AdmmError(f"training phases need at least one epoch, got {fit.epochs}")
