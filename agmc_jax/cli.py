@@ -45,6 +45,19 @@ _NATURAL = _number(int, low=0)  # warm-up lengths
 _POSITIVE = _number(float, low=0, low_open=True)  # learning rates, width multipliers
 _FRACTION = _number(float, low=0, high=1, low_open=True, high_open=True)  # budgets
 _RATIO = _number(float, low=0, high=1, low_open=True)  # keep ratios, decay factors
+_BITS = _number(int, low=1, high=16)  # weight bit widths
+
+
+def _stages(text):
+    """`--stages`: compress stages, comma-separated, in the pipeline's order."""
+    from agmc_jax.pipeline import STAGES
+
+    stages = tuple(s.strip() for s in text.split(","))
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages or len(set(stages)) < len(stages):
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(STAGES)} (comma-separated, each once), "
+                                         f"got {text!r}")
+    return tuple(s for s in STAGES if s in stages)
 
 
 def _one_line_warnings(command):
@@ -155,12 +168,13 @@ def _search_arguments(parser):
     parser.add_argument("--target-params", type=_FRACTION, default=None, help="parameter budget as a fraction (0, 1)")
     parser.add_argument("--episodes", type=_COUNT, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reward", default="acc", help="acc | acc_flops")
+    parser.add_argument("--reward", default="acc", help="acc | acc_flops | acc_norm")
     parser.add_argument("--reward-images", type=_COUNT, default=1000, help="validation images scoring each policy")
     parser.add_argument("--lbound", type=_RATIO, default=0.2, help="smallest keep ratio per group")
     parser.add_argument("--round-to", type=_COUNT, default=1, help="round channel counts to multiples of this")
     parser.add_argument("--criterion", default="l2",
-                        help="which channels a count keeps: l1 | l2 | lstsq (l2, then least-squares refit)")
+                        help="which channels a count keeps: l1 | l2 | lstsq (l2, then least-squares refit) | "
+                             "infodrop (information dropout learned on the calibration images)")
     parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
                         help="re-estimate each pruned network's BatchNorm statistics on 100 reward images "
                              "before scoring it (default: on)")
@@ -225,6 +239,10 @@ def parser():
     p.add_argument("--resume", action="store_true")
     p.add_argument("--data-dir")
     _search_arguments(p)
+    p.add_argument("--kind", help="search this compression kind instead of the method's: channels | weights | bits")
+    p.add_argument("--target-size", type=_FRACTION, help="bits: size budget as a fraction of the float32 size")
+    p.add_argument("--min-bit", type=_BITS, help="bits: fewest weight bits of a layer (default 2)")
+    p.add_argument("--max-bit", type=_BITS, help="bits: most weight bits of a layer (default 8)")
     p.set_defaults(run=cmd_search)
 
     p = sub.add_parser("finetune", help="train the slimmed network of a search directory")
@@ -241,6 +259,15 @@ def parser():
     p.add_argument("--finetune-epochs", type=_COUNT, default=1)
     p.add_argument("--lr", type=_POSITIVE, default=0.02)
     _search_arguments(p)
+    p.add_argument("--stages", type=_stages, default=("prune",),
+                   help="prune | quantize | prune,quantize: search keep ratios, slim and fine-tune; then search "
+                        "weight bits per layer, fine-tune quantization-aware and export a packed file")
+    p.add_argument("--quant-method", default="ppo", help="the bit-width search's method (ppo, haq, random, ...)")
+    p.add_argument("--target-size", dest="quant_target_size", type=_FRACTION, default=0.25,
+                   help="quantize: size budget as a fraction of the float32 size of the network it quantizes")
+    p.add_argument("--min-bit", dest="quant_min_bit", type=_BITS, help="quantize: fewest weight bits (default 2)")
+    p.add_argument("--max-bit", dest="quant_max_bit", type=_BITS, help="quantize: most weight bits (default 8)")
+    p.add_argument("--qat-epochs", type=_COUNT, default=1, help="quantize: quantization-aware fine-tuning epochs")
     p.set_defaults(run=cmd_compress)
     return top
 

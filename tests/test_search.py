@@ -208,17 +208,21 @@ def test_agmc_trains_its_graph_encoder():
         assert len(gaps) > 4 and max(gaps) > 0
 
 
-@pytest.mark.parametrize("reward", ["acc", "acc_flops"])
+@pytest.mark.parametrize("reward", ["acc", "acc_flops", "acc_norm"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_with_every_reward(method, reward, tmp_path):
-    target = {"target_params": 0.5} if get_method(method).kind.unit == "weights" else {"target_macs": 0.5}
+    unit = get_method(method).kind.unit
+    target = {"weights": {"target_params": 0.5}, "bits": {"target_size": 0.2}}.get(unit, {"target_macs": 0.5})
     result = search(MODULE, VARIABLES, DATA, method=method, episodes=3, progress=False, out=tmp_path / "s",
                     reward=reward, eval_batch=32, ddpg_options={"warmup_episodes": 1, "batch_size": 4}
                     if getattr(get_method(method).agent, "name", None) == "ddpg" else None, **target)
-    macs, params = result.env.cost(result.counts)
-    assert (macs <= 0.5 * result.net.macs * (1 + 1e-6)) if "target_macs" in target else (
-        params <= 0.5 * result.net.params * (1 + 1e-6))
-    expected = result.accuracy if reward == "acc" else -(1 - result.accuracy) * np.log(macs)
+    resource = float(result.env.cost(result.counts)[0])
+    assert result.env.feasible(result.counts)
+    if "target_macs" in target:
+        assert resource <= 0.5 * result.net.macs * (1 + 1e-6)
+    low, high = result.env.bounds
+    expected = {"acc": result.accuracy, "acc_flops": -(1 - result.accuracy) * np.log(resource),
+                "acc_norm": (result.accuracy + np.clip((high - resource) / max(high - low, 1.0), 0, 1)) / 2}[reward]
     assert result.reward == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert (tmp_path / "s" / "policy.json").exists()
 
