@@ -5,8 +5,9 @@ the arrays its pure `mask(data, counts)` reads, so compiled evaluations take the
 """
 from agmc_jax.kinds.bits import Bits, BitWidths
 from agmc_jax.kinds.channels import Channels
+from agmc_jax.kinds.columns import Columns
 from agmc_jax.kinds.weights import Weights
 
-KINDS = {"channels": Channels, "weights": Weights, "bits": Bits}
+KINDS = {"channels": Channels, "columns": Columns, "weights": Weights, "bits": Bits}
 
-__all__ = ["KINDS", "Bits", "BitWidths", "Channels", "Weights"]
+__all__ = ["KINDS", "Bits", "BitWidths", "Channels", "Columns", "Weights"]

@@ -11,7 +11,6 @@ from agmc_jax.agents import AGENTS, AgentType, annealing_observation
 from agmc_jax.embed import STATES, State
 from agmc_jax.errors import AgmcError, BudgetError
 from agmc_jax.kinds import KINDS
-from agmc_jax.kinds.columns import Columns
 
 
 class UnknownMethodError(AgmcError, ValueError):
@@ -94,5 +93,5 @@ for _method in (
         Method("annealing", "simulated annealing with the experience rule, channels (one-shot masks)",
                KINDS["channels"], _annealing_state, AGENTS["annealing"]),
         Method("annealing_columns", "simulated annealing with the experience rule, columns per layer (masked)",
-               Columns, _annealing_state, AGENTS["annealing"])):
+               KINDS["columns"], _annealing_state, AGENTS["annealing"])):
     register_method(_method)
