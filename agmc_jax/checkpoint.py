@@ -106,8 +106,12 @@ def steps(directory) -> list[int]:
     """The complete checkpoints' steps in `directory`, oldest first ([] when there is none)."""
     if not Path(directory).is_dir():
         return []
-    with _quiet(), _manager(directory, read_only=True) as manager:
-        return sorted(manager.all_steps())
+    try:
+        with _quiet(), _manager(directory, read_only=True) as manager:
+            return sorted(manager.all_steps())
+    except Exception as error:  # a directory orbax cannot list
+        raise CheckpointError(f"{directory} cannot be read as checkpoints ({_first_line(error)}); "
+                              "delete it or fix the path") from error
 
 
 def latest_step(directory) -> int | None:
@@ -188,13 +192,14 @@ def write_text(path, text: str) -> None:
 @contextlib.contextmanager
 def new_directory(path, replace: bool = False):
     """Yields an empty temporary sibling of `path` to write into; when the block ends it becomes `path` by a
-    rename, replacing an existing `path` only if `replace` (its own earlier output, rewritten on resume)."""
+    rename, replacing an existing `path` only if it is an empty directory or `replace` (a run's own earlier
+    output, rewritten on resume)."""
     path = Path(path)
     partial, old = _partial(path, "partial"), _partial(path, "old")
+    if path.exists() and not replace and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(f"{path} already exists; choose a new --out")
     for stale in (partial, old):  # what a killed write left
         shutil.rmtree(stale, ignore_errors=True)
-    if path.exists() and not replace:
-        raise CheckpointError(f"{path} already exists; choose a new --out")
     partial.mkdir(parents=True)
     try:
         yield partial

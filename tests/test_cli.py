@@ -1,5 +1,8 @@
 """The `agmc` command: counts, pruning the shipped baseline, and one-line errors with exit status 2."""
+import functools
+import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -45,38 +48,103 @@ def test_summary_table_for_another_input(capsys):
     assert status == 0 and "total:" in out and "Dense_2" in out
 
 
+B, OUT = ("--workdir", str(BASELINE)), ("--out", "{tmp}/s")
+SEARCH = ("search", *B, *OUT)
+
+
 @pytest.mark.parametrize("argv, words", [
     (("summary", "--model", "resnet21"), "unknown model"),
     (("summary", "--model", "vgg16", "--input", "8,8,3"), "at least 32x32"),
+    (("summary", "--model", "mobilenet_v1", "--width", "0"), "--width"),
+    (("summary", "--model", "mobilenet_v1", "--width", "-1"), "--width"),
+    (("summary", "--model", "lenet5", "--width", "0.5"), "--width"),
     (("train", "--model", "lenet5", "--dataset", "svhn", "--workdir", "{tmp}/w"), "unknown dataset"),
     (("train", "--model", "lenet5", "--epochs", "1", "--workdir", "{tmp}/w", "--data-dir", "{tmp}/none"),
      "dataset-fashion-mnist"),
+    (("train", "--model", "lenet5", "--epochs", "1", "--workdir", "{tmp}/w", "--data-dir", "/nonexistent"),
+     "/nonexistent"),  # refused although the default data is prepared
+    (("train", "--model", "lenet5", "--epochs", "1", "--workdir", "{file}"), "is a file"),
+    (("train", "--model", "resnet20", "--epochs", "1", "--workdir", "{tmp}/w", "--init-from", str(BASELINE)),
+     "--init-from"),
+    (("train", "--model", "lenet5", "--workdir", "{tmp}/w", "--lr", "nan"), "--lr"),
+    (("train", "--model", "lenet5", "--workdir", "{tmp}/w", "--epochs", "0"), "--epochs"),
     (("evaluate", "--workdir", "{tmp}/missing"), "does not exist"),
+    (("prune", *B, "--keep", "1.5", "--out", "{tmp}/p"), "(0, 1]"),
+    (("prune", *B, "--keep", "0.5", "--out", "{file}"), "is a file"),
+    (("prune", "--workdir", "{L}", "--keep", "0.5", "--out", "{L}"), "--workdir"),
     (("search", "--workdir", "{tmp}/missing", "--out", "{tmp}/s"), "does not exist"),
-    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--target-macs", "1.5"), "(0, 1)"),
-    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--method", "ppo9"), "unknown method"),
-    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--sigma-decay", "1.5"), "--sigma-decay"),
-    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--agent-option", "sigma_dcay=0.5"), "sigma_decay"),
-    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--agent-option", "nonsense"), "KEY=VALUE"),
-    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--method", "random", "--sigma-decay", "0.9"),
-     "candidates"),
-    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--episodes", "0"), "episodes"),
-    (("search", "--workdir", str(BASELINE), "--out", "{tmp}/s", "--round-to", "0"), "--round-to"),
-    (("compress", "--workdir", str(BASELINE), "--out", "{tmp}/c", "--method", "random", "--agent-option",
-      "sigma_decay=0.5"), "candidates"),
-    (("prune", "--workdir", str(BASELINE), "--keep", "1.5", "--out", "{tmp}/p"), "(0, 1]"),
+    ((*SEARCH, "--target-macs", "1.5"), "--target-macs"),
+    ((*SEARCH, "--target-macs", "nan"), "--target-macs"),
+    ((*SEARCH, "--method", "ppo9"), "unknown method"),
+    ((*SEARCH, "--sigma-decay", "1.5"), "--sigma-decay"),
+    ((*SEARCH, "--agent-option", "sigma_dcay=0.5"), "sigma_decay"),
+    ((*SEARCH, "--agent-option", "nonsense"), "KEY=VALUE"),
+    ((*SEARCH, "--method", "random", "--sigma-decay", "0.9"), "candidates"),
+    ((*SEARCH, "--episodes", "0"), "--episodes"),
+    ((*SEARCH, "--episodes", "-1"), "--episodes"),
+    ((*SEARCH, "--round-to", "0"), "--round-to"),
+    ((*SEARCH, "--round-to", "-2"), "--round-to"),
+    ((*SEARCH, "--round-to", "1000", "--reward-images", "64"), "--round-to 1000"),
+    ((*SEARCH, "--reward-images", "0"), "--reward-images"),
+    ((*SEARCH, "--reward-images", "many"), "--reward-images"),
+    ((*SEARCH, "--data-dir", "/nonexistent"), "/nonexistent"),
+    (("search", *B, "--out", "{file}"), "is a file"),
+    (("search", "--workdir", "{L}", "--out", "{L}"), "--workdir"),
+    (("search", *B, "--out", "{unfinished}", "--method", "uniform"), "--resume"),
+    (("search", *B, "--out", "{unfinished}", "--method", "uniform", "--resume", "--reward-images", "64"), "method"),
+    (("search", *B, "--out", "{unfinished}", "--method", "random", "--resume", "--reward-images", "1000",
+      "--episodes", "2"), "data"),
+    (("finetune", "{tmp}/s", "--lr", "nan"), "--lr"),
+    (("finetune", "{tmp}/s", "--epochs", "0"), "--epochs"),
+    (("compress", *B, "--out", "{tmp}/c", "--method", "random", "--agent-option", "sigma_decay=0.5"), "candidates"),
+    (("compress", *B, "--out", "{tmp}/c", "--target-macs", "1.5"), "--target-macs"),
+    (("compress", *B, "--out", "{tmp}/c", "--finetune-epochs", "0"), "--finetune-epochs"),
+    (("compress", *B, "--out", "{tmp}/c", "--lr", "inf"), "--lr"),
+    (("compress", *B, "--out", "{tmp}/c", "--criterion", "l3"), "criterion"),
+    (("compress", *B, "--out", "{tmp}/c", "--data-dir", "/nonexistent"), "/nonexistent"),
+    (("compress", *B, "--out", "{tmp}/c", "--reward-images", "64", "--agent-option", "tau=5"), "tau"),
+    (("compress", *B, "--out", "{file}"), "is a file"),
 ])
-def test_bad_input_is_one_line_and_exit_status_2(capsys, tmp_path, monkeypatch, argv, words):
-    monkeypatch.setenv("AGMC_TFDS_DIR", str(tmp_path / "tfds"))
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+def test_bad_input_is_one_line_and_exit_status_2_and_changes_nothing(capsys, caplog, tmp_path, prepared, unfinished,
+                                                                      argv, words):
+    """Exactly one line on stderr (no usage lines, no library warnings), exit status 2, no file written or changed."""
+    (tmp_path / "file").write_text("keep me")
+    if "{L}" in argv:
+        shutil.copytree(BASELINE, tmp_path / "L")
+    if "{unfinished}" in argv:
+        shutil.copytree(unfinished, tmp_path / "unfinished")
+    names = {"{tmp}": str(tmp_path), "{file}": str(tmp_path / "file"), "{L}": str(tmp_path / "L"),
+             "{unfinished}": str(tmp_path / "unfinished")}
+    argv = [functools.reduce(lambda a, name: a.replace(name, names[name]), names, a) for a in argv]
+    before = snapshot(tmp_path, BASELINE)
     status, _, err = run(capsys, *argv)
-    lines = [line for line in err.splitlines() if line.startswith("agmc ")]
     assert status == 2
-    assert len(lines) == 1 and words in lines[0]
-    assert "Traceback" not in err
-    if "--out" in argv:  # a refused run leaves its output directory as it was: absent
-        out = Path(argv[argv.index("--out") + 1])
-        assert not out.exists() or not any(out.iterdir())
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"agmc {argv[0]}: error: ") and words in err
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert snapshot(tmp_path, BASELINE) == before
+
+
+def snapshot(*roots):
+    """Every path under `roots` with a hash of its bytes ('dir' for directories)."""
+    return {str(p): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for root in roots for p in [root, *root.rglob("*")] if p.exists()}
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    """The default Fashion-MNIST cache, prepared (a --data-dir that does not exist must still be refused)."""
+    load_arrays("fashion_mnist", "validation", limit=1)
+
+
+@pytest.fixture(scope="module")
+def unfinished(tmp_path_factory):
+    """A random search of the baseline on 64 reward images cut short after its checkpoint (no policy or networks)."""
+    out = tmp_path_factory.mktemp("unfinished") / "s"
+    main(["search", *B, "--out", str(out), "--method", "random", "--episodes", "2", "--reward-images", "64"])
+    for name in ("policy.json", "rewards.png", "keep.png", "masked", "slim"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    return out
 
 
 def test_search_help_lists_every_registered_method(capsys):
@@ -99,15 +167,73 @@ def test_random_search_with_an_agent_option_on_the_baseline(capsys, tmp_path):
     assert policy["macs"] == summary["macs"] and (out / "slim" / "network.json").exists()
 
 
-def test_corrupt_checkpoint_is_reported_and_left_alone(capsys, tmp_path):
+@pytest.mark.parametrize("victim, damage", [
+    ("_CHECKPOINT_METADATA", b"garbage"),  # orbax logs and goes on; nine lines of absl errors before
+    ("_CHECKPOINT_METADATA", b'{"custom_metadata": 5}'),  # a traceback before
+    ("default/_METADATA", b"garbage"),
+    ("default/manifest.ocdbt", b"garbage" * 10),
+])
+def test_corrupt_checkpoint_is_one_line_and_left_alone(capsys, caplog, tmp_path, victim, damage):
     workdir = tmp_path / "w"
     shutil.copytree(BASELINE, workdir)
-    victim = next(p for p in sorted((workdir / "checkpoints").rglob("*")) if p.is_file() and p.stat().st_size > 1000)
-    victim.write_bytes(b"garbage" * 10)
-    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    (next((workdir / "checkpoints").iterdir()) / victim).write_bytes(damage)
+    before = snapshot(tmp_path)
     status, _, err = run(capsys, "evaluate", "--workdir", str(workdir))
-    assert status == 2 and "corrupt" in err
-    assert before == {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert status == 2 and len(err.splitlines()) == 1 and "corrupt" in err, err
+    assert "<bound method" not in err and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert snapshot(tmp_path) == before
+
+
+def test_uniform_rule_searches_and_resumes_to_the_same_outputs(capsys, tmp_path):
+    argv = ("search", *B, "--out", str(tmp_path / "s"), "--method", "uniform", "--reward-images", "64")
+    status, _, err = run(capsys, *argv)
+    assert status == 0, err
+    first = snapshot(tmp_path / "s")
+    assert {"policy.json", "rewards.png", "keep.png"} <= {Path(p).name for p in first}
+    assert (tmp_path / "s" / "slim" / "network.json").exists() and (tmp_path / "s" / "search_state").is_dir()
+    status, _, err = run(capsys, *argv, "--resume")
+    outputs = {p: h for p, h in first.items() if "variables" not in p and "search_state" not in p}
+    assert status == 0 and {p: h for p, h in snapshot(tmp_path / "s").items() if p in outputs} == outputs
+
+
+def test_resume_passes_over_a_corrupt_latest_checkpoint_and_episodes_may_grow(capsys, tmp_path):
+    """Random search, 4 candidates per round: chunks of 12 episodes, so 13 episodes leave steps 12 and 13."""
+    def search(out, episodes, *flags):
+        status, _, err = run(capsys, "search", *B, "--out", str(tmp_path / out), "--method", "random",
+                             "--episodes", str(episodes), "--reward-images", "64", *flags)
+        assert status == 0, err
+        return err
+
+    search("s", 13)
+    state = tmp_path / "s" / "search_state"
+    assert checkpoint.steps(state) == [12, 13]
+    whole = {name: (tmp_path / "s" / name).read_bytes() for name in ("episodes.jsonl", "policy.json")}
+    (state / "13" / "default" / "manifest.ocdbt").write_bytes(b"garbage")
+    err = search("s", 13, "--resume")
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "checkpoint 12" in warnings[0] and "13" in warnings[0], err
+    assert not [line for line in err.splitlines() if "Traceback" in line or "WARNING" in line]
+    assert whole == {name: (tmp_path / "s" / name).read_bytes() for name in whole}
+    search("s", 15, "--resume")
+    search("whole", 15)
+    for name in ("episodes.jsonl", "policy.json", "slim/network.json", "masked/network.json"):
+        assert (tmp_path / "s" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+
+
+def test_resume_refuses_other_weights(capsys, tmp_path, unfinished):
+    """Another trained LeNet-5 (the baseline's weights moved a little) cannot continue the baseline's search."""
+    other = tmp_path / "other"
+    shutil.copytree(BASELINE, other)
+    step = checkpoint.latest_step(other / "checkpoints")
+    state = checkpoint.restore(other / "checkpoints")
+    state["params"] = jax.tree.map(lambda w: w * 1.01, state["params"])
+    checkpoint.save(other / "checkpoints", step + 1, state, checkpoint.metadata(other / "checkpoints"))
+    shutil.copytree(unfinished, tmp_path / "s")
+    before = snapshot(tmp_path / "s")
+    status, _, err = run(capsys, "search", "--workdir", str(other), "--out", str(tmp_path / "s"), "--method", "random",
+                         "--episodes", "2", "--reward-images", "64", "--resume")
+    assert status == 2 and len(err.splitlines()) == 1 and "variables" in err, err
+    assert snapshot(tmp_path / "s") == before
 
 
 def test_prune_writes_a_slim_network_that_reloads(capsys, tmp_path):

@@ -3,6 +3,8 @@ many points (inside orbax checkpoint writes, inside the writes of the exported n
 every two outputs, during the fine-tuning) and resumed with --resume until they finish; the outputs
 must equal those of an uninterrupted run, and nothing half-written may remain.
 
+The library's own checks of what it is given come last: labels it cannot score are refused.
+
 A kill point is a path that the running process creates or replaces (polled every half millisecond),
 so the process dies right after it appears: for a temporary directory, in the middle of the write. A
 kill inside a write too short to be seen by polling (a JSON file, a PNG) leaves a hidden
@@ -11,6 +13,7 @@ planted as such a kill leaves them. The default run covers a subset of the kill 
 `pytest -m faults tests/test_faults.py` runs them all, plus kills at random times.
 """
 import json
+import os
 import random
 import shutil
 import signal
@@ -22,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agmc_jax import checkpoint
-from agmc_jax.data.fashion_mnist import DEFAULT_IDX_DIR, IDX_FILES, idx_path, read_idx
+from agmc_jax import checkpoint, search
+from agmc_jax.data.fashion_mnist import DEFAULT_IDX_DIR, IDX_FILES, idx_path, prepared_builder, read_idx
+from agmc_jax.errors import DataError
+from agmc_jax.models import create_model, init_model
 
 BASELINE = Path(__file__).parents[1] / "agmc_jax" / "baselines" / "lenet5_fashion_mnist"
 TRAIN_IMAGES, TEST_IMAGES = 5000 + 512, 500  # 512 training images after the 5,000 held out for validation
@@ -57,10 +62,9 @@ COMPRESS_POINTS = {
     "after the fine-tuned network's description": "search/finetune/network.json",
     "after report.json": "report.json",
 }
-QUICK_SEARCH = ("first checkpoint, mid-write", "after the second checkpoint", "after policy.json",
-                "masked network, mid-write", "slim network, mid-write")
-QUICK_COMPRESS = ("slim network, mid-write", "first fine-tuning checkpoint, mid-write",
-                  "after the first fine-tuning epoch", "after the fine-tuning summary")
+QUICK_SEARCH = ("second checkpoint, mid-write", "after policy.json", "masked network, mid-write")
+QUICK_COMPRESS = ("first fine-tuning checkpoint, mid-write", "after the first fine-tuning epoch",
+                  "after the fine-tuning summary")
 SMALL_WRITES = ("policy.json", "rewards.png", "keep.png", "report.json", "report.md", "search/policy.json",
                 "search/rewards.png", "search/keep.png")
 TIMING = ("seconds", "latency_ms_batch128")  # wall times: the only outputs two runs cannot share
@@ -82,20 +86,28 @@ def setting(tmp_path_factory):
     for split, count in (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)):
         for stem in IDX_FILES[split]:
             _write_idx(idx / stem, read_idx(idx_path(DEFAULT_IDX_DIR, stem))[:count])
-    env = {"AGMC_TFDS_DIR": str(root / "tfds"), "PATH": "/usr/bin:/bin", "HOME": str(root),
-           "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "AGMC_TFDS_DIR": str(root / "tfds")}
     data = ("--workdir", str(BASELINE), "--data-dir", str(idx))
     reference = {"search": root / "reference_search", "compress": root / "reference_compress"}
-    assert _run(["search", *data, *SEARCH, "--out", str(reference["search"])], env, root).returncode == 0
-    assert _run(["compress", *data, *COMPRESS, "--out", str(reference["compress"])], env, root).returncode == 0
+    with pytest.MonkeyPatch.context() as patch:  # the data cache, prepared once for every run
+        patch.setenv("AGMC_TFDS_DIR", env["AGMC_TFDS_DIR"])
+        prepared_builder(str(idx))
+    runs = [_start(["search", *data, *SEARCH, "--out", str(reference["search"])], env, root),
+            _start(["compress", *data, *COMPRESS, "--out", str(reference["compress"])], env, root)]
+    assert [run.wait() for run in runs] == [0, 0], (root / "stderr.log").read_text()[-3000:]
     return {"root": root, "env": env, "data": data, "reference": reference}
 
 
-def _run(argv, env, root):
-    """`agmc argv` to the end in a subprocess; its stderr is kept in root/stderr.log."""
+def _start(argv, env, root):
+    """`agmc argv` started in a subprocess; its stderr goes to root/stderr.log."""
     with open(root / "stderr.log", "ab") as log:
-        return subprocess.run([sys.executable, "-m", "agmc_jax.cli", *argv], env=env, stdout=subprocess.DEVNULL,
-                              stderr=log, cwd=Path(__file__).parents[1])
+        return subprocess.Popen([sys.executable, "-m", "agmc_jax.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                                stderr=log, cwd=Path(__file__).parents[1])
+
+
+def _run(argv, env, root):
+    """`agmc argv` to the end (exit status 0 checked)."""
+    assert _start(argv, env, root).wait() == 0, (root / "stderr.log").read_text()[-3000:]
 
 
 def _present(out, pattern):
@@ -113,9 +125,7 @@ def _kill_when(argv, env, root, out, pattern, delay=None):
     """Run `agmc argv` and SIGKILL it once a path matching `pattern` appears under `out` (or after `delay`
     seconds); returns True if it was killed, False if it finished first (exit status 0 checked)."""
     before, start = _present(out, pattern) if pattern else set(), time.monotonic()
-    with open(root / "stderr.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "agmc_jax.cli", *argv], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=log, cwd=Path(__file__).parents[1])
+    process = _start(argv, env, root)
     while process.poll() is None:
         due = (time.monotonic() - start >= delay) if delay is not None else bool(_present(out, pattern) - before)
         if due:
@@ -153,7 +163,7 @@ def _chain(setting, command, options, points, kills_at_random=0):
         if _kill_when(argv + ["--resume"] * (kills > 0), env, root, out, pattern, delay):
             kills += 1
             _plant_leftovers(out, setting["reference"][command])
-    assert _run(argv + ["--resume"], env, root).returncode == 0, (root / "stderr.log").read_text()[-3000:]
+    _run(argv + ["--resume"], env, root)
     return out, kills
 
 
@@ -242,3 +252,24 @@ def test_every_kill_point_and_random_kills(setting, command, options, points):
     out, kills = _chain(setting, command, options, [], kills_at_random=8)
     print(f"{command}: {kills} random kills")
     _assert_same(out, setting["reference"][command])
+
+
+LENET = create_model("lenet5", 10)
+IMAGES = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
+LABELS = np.arange(16, dtype=np.int32) % 10
+
+
+@pytest.mark.parametrize("images, labels, words", [
+    (IMAGES, LABELS[:10], "as many labels as images"),
+    (IMAGES, LABELS[:, None], "shape (N,)"),  # scored as an accuracy of 4.52 before
+    (IMAGES[:0], LABELS[:0], "at least one image"),
+    (IMAGES, LABELS.astype(np.float32), "integer"),
+    (IMAGES, LABELS + 1, "[0, 10)"),
+    (IMAGES, LABELS - 1, "[0, 10)"),
+])
+def test_the_library_refuses_labels_it_cannot_score(tmp_path, images, labels, words):
+    with pytest.raises(DataError) as error:
+        search(LENET, init_model(LENET, (28, 28, 1)), (images, labels), method="random", episodes=1, progress=False,
+               out=tmp_path / "s")
+    assert words in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "s").exists()
