@@ -10,11 +10,11 @@ from jax.sharding import Mesh
 from agmc_jax.agents import AGENTS, Actor, Critic, OptionError, PPOConfig, agent_config, ppo
 from agmc_jax.agents.ppo import annealed_sigma, clipped_objective, lambda_returns, log_prob
 from agmc_jax.embed import State
+from agmc_jax.env import EnvConfig
 from agmc_jax.errors import AgmcError
 from agmc_jax.models import create_model, init_model
 from agmc_jax.search import SearchConfig, search
 from agmc_jax.search.loop import Runner, make_chunk
-from agmc_jax.env import EnvConfig
 
 BEST = np.array([0.3, 0.8, 0.55, 0.2], np.float32)
 
