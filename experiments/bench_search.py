@@ -11,7 +11,10 @@ actions: DDPG runs no updates, what the search loop itself costs; PPO still trai
       episodes per second, target >= 100, and the agent's overhead per episode in ms.
 Chunks and dense evaluations alternate; medians over `--repeats`.
 
-    python experiments/bench_search.py [--chunk 10] [--repeats 5] [--methods agmc,amc,ppo] [--regimes a,b]
+    python experiments/bench_search.py [--chunk 10] [--repeats 5] [--methods agmc,amc,ppo,ppo:bits] [--regimes a,b]
+
+A method may name another compression kind after a colon (`ppo:bits`: bit widths at a quarter of the
+float32 size); each kind is searched under its default budget.
 """
 import argparse
 import time
@@ -23,6 +26,7 @@ import numpy as np
 from agmc_jax.data import dataset_spec, load_arrays
 from agmc_jax.models import create_model, init_model
 from agmc_jax.search import build_config, environment, get_method
+from agmc_jax.search.registry import with_kind
 from agmc_jax.search.loop import Runner, make_chunk, place
 
 REGIMES = {"a": ("resnet20", 1000), "b": ("lenet5", 100)}
@@ -40,8 +44,9 @@ def measure(name, model, images, labels, chunk_episodes, repeats, warmup):
     agent stays in its warm-up (random actions, no updates), else its replay buffer is filled first."""
     module = create_model(model, 10)
     variables = init_model(module, images.shape[1:])
-    method = get_method(name)
-    config = build_config(method, 10 ** 6, 0, 0.5, None, {"warmup_episodes": 10 ** 6 if warmup else 1}, {})
+    name, _, kind = name.partition(":")  # e.g. ppo:bits, a method on another compression kind (its default budget)
+    method = with_kind(get_method(name), kind or None)
+    config = build_config(method, 10 ** 6, 0, None, None, {"warmup_episodes": 10 ** 6 if warmup else 1}, {})
     env = environment(method, module, variables, (images, labels), config)
     state = method.state(env, config.gnn_hidden)
     agent = method.agent.build(config.agent, state, env.steps)

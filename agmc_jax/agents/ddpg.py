@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from agmc_jax.agents.base import Agent
+from agmc_jax.agents.heads import batch_apply
 from agmc_jax.agents.replay import ReplayBuffer, add_batch, init_buffer, sample
 from agmc_jax.errors import AgmcError
 
@@ -87,14 +88,6 @@ def ddpg(actor: nn.Module, critic: nn.Module, config: DDPGConfig = DDPGConfig(),
     actor_opt = optax.adamw(config.actor_lr, weight_decay=config.weight_decay)
     critic_opt = optax.adamw(config.critic_lr, weight_decay=config.weight_decay)
 
-    def policy(params, obs):
-        """Actor outputs for a batch of observations."""
-        return jax.vmap(lambda o: jnp.reshape(actor.apply(params, o), ()))(obs)
-
-    def q_values(params, obs, actions):
-        """Critic outputs for a batch of observations and actions."""
-        return jax.vmap(lambda o, a: jnp.reshape(critic.apply(params, o, a), ()))(obs, actions)
-
     def init(key, example_obs):
         """Fresh networks (targets equal to them), optimizer states and an empty replay buffer."""
         actor_key, critic_key = jax.random.split(key)
@@ -132,15 +125,16 @@ def ddpg(actor: nn.Module, critic: nn.Module, config: DDPGConfig = DDPGConfig(),
 
     def critic_loss(critic_params, state, batch):
         """Mean squared TD error of baseline-subtracted rewards against the target networks."""
-        next_q = q_values(state.target_critic_params, batch.next_obs, policy(state.target_actor_params, batch.next_obs))
+        next_actions = batch_apply(actor, state.target_actor_params, batch.next_obs)
+        next_q = batch_apply(critic, state.target_critic_params, batch.next_obs, next_actions)
         reward = batch.reward - state.baseline
         target = jax.lax.stop_gradient(reward + config.discount * (1.0 - batch.done) * next_q)
-        q = q_values(critic_params, batch.obs, batch.action)
+        q = batch_apply(critic, critic_params, batch.obs, batch.action)
         return jnp.mean((q - target) ** 2), q
 
     def actor_loss(actor_params, critic_params, obs):
         """Minus the critic's value of the actor's actions."""
-        return -jnp.mean(q_values(critic_params, obs, policy(actor_params, obs)))
+        return -jnp.mean(batch_apply(critic, critic_params, obs, batch_apply(actor, actor_params, obs)))
 
     def step(state, key):
         """One critic step, one actor step (against the new critic), then soft target updates."""

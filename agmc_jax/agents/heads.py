@@ -52,3 +52,8 @@ class Critic(nn.Module):
         """float32[] Q value; `action` is a scalar or shape [1]."""
         features = _features(self.encoder, obs)
         return MLP(self.mlp)(jnp.concatenate([features, jnp.reshape(action, (1,)).astype(features.dtype)]))
+
+
+def batch_apply(module, params, *batched):
+    """`module.apply(params, *row)` as a scalar for every row of the batched inputs (actors, critics)."""
+    return jax.vmap(lambda *row: jnp.reshape(module.apply(params, *row), ()))(*batched)

@@ -34,6 +34,7 @@ import optax
 from jax.scipy.stats import norm
 
 from agmc_jax.agents.base import Agent
+from agmc_jax.agents.heads import batch_apply
 from agmc_jax.errors import AgmcError
 
 
@@ -152,14 +153,6 @@ def ppo(actor: nn.Module, critic: nn.Module, config: PPOConfig = PPOConfig(), st
     actor_opt = optax.adam(config.actor_lr)
     critic_opt = optax.adam(config.critic_lr)
 
-    def means(params, obs):
-        """Actor outputs for a batch of observations."""
-        return jax.vmap(lambda o: jnp.reshape(actor.apply(params, o), ()))(obs)
-
-    def q_values(params, obs, actions):
-        """Critic outputs for a batch of observations and actions."""
-        return jax.vmap(lambda o, a: jnp.reshape(critic.apply(params, o, a), ()))(obs, actions)
-
     def init(key, example_obs):
         """Fresh networks (targets equal to them), optimizer states and an empty round."""
         actor_key, critic_key = jax.random.split(key)
@@ -200,17 +193,17 @@ def ppo(actor: nn.Module, critic: nn.Module, config: PPOConfig = PPOConfig(), st
         later = jax.tree.map(lambda x: jnp.reshape(x[:, 1:], (-1,) + x.shape[2:]), obs)
         noise = jnp.clip(config.target_noise * jax.random.normal(key, (config.actors * (steps - 1),)),
                          -config.noise_clip, config.noise_clip)
-        smoothed = jnp.clip(means(state.target_actor_params, later) + noise, 0.0, 1.0)
-        next_q = q_values(state.target_critic_params, later, smoothed).reshape(config.actors, steps - 1)
+        smoothed = jnp.clip(batch_apply(actor, state.target_actor_params, later) + noise, 0.0, 1.0)
+        next_q = batch_apply(critic, state.target_critic_params, later, smoothed).reshape(config.actors, steps - 1)
         finals = state.rollout.rewards - state.baseline
         return jax.vmap(lambda f, v: lambda_returns(f, v, config.td_lambda))(finals, next_q).reshape(-1)
 
     def critic_loss(params, obs, actions, target):
-        q = q_values(params, obs, actions)
+        q = batch_apply(critic, params, obs, actions)
         return jnp.mean((q - target) ** 2), q
 
     def actor_loss(params, obs, actions, old_log_prob, advantage, sigma):
-        log_ratio = log_prob(means(params, obs), sigma, actions) - old_log_prob
+        log_ratio = log_prob(batch_apply(actor, params, obs), sigma, actions) - old_log_prob
         return -clipped_objective(log_ratio, advantage, config.clip), jnp.mean(jnp.exp(log_ratio))
 
     def sgd_step(state, batch, on_policy):
@@ -219,7 +212,7 @@ def ppo(actor: nn.Module, critic: nn.Module, config: PPOConfig = PPOConfig(), st
         (c_loss, q), grads = jax.value_and_grad(critic_loss, has_aux=True)(state.critic_params, obs, actions, target)
         updates, critic_opt_state = critic_opt.update(grads, state.critic_opt_state, state.critic_params)
         critic_params = optax.apply_updates(state.critic_params, updates)
-        q_new = q_values(critic_params, obs, actions)
+        q_new = batch_apply(critic, critic_params, obs, actions)
         advantage = (q_new - jnp.mean(q_new)) / (jnp.std(q_new) + 1e-8)
         (a_loss, ratio), grads = jax.value_and_grad(actor_loss, has_aux=True)(
             state.actor_params, obs, actions, old_log_prob, jax.lax.stop_gradient(advantage), state.sigma)
@@ -239,7 +232,7 @@ def ppo(actor: nn.Module, critic: nn.Module, config: PPOConfig = PPOConfig(), st
         """`epochs` passes of minibatch SGD over the complete round, then an empty round and the next std."""
         flat = jax.tree.map(lambda x: jnp.reshape(x, (transitions,) + x.shape[2:]), state.rollout.obs)
         actions = state.rollout.actions.reshape(-1)
-        old_log_prob = log_prob(means(state.actor_params, flat), state.sigma, actions)
+        old_log_prob = log_prob(batch_apply(actor, state.actor_params, flat), state.sigma, actions)
         on_policy = state.episode - state.rollout.filled >= config.warmup_episodes
 
         def epoch(state, key):

@@ -7,17 +7,17 @@ parameters and costs `c_out` MACs per output position. No tensor changes shape: 
 masked network (its zeros stay zero when fine-tuned).
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.errors import BudgetError
 from agmc_jax.graph.graphs import node_layers
+from agmc_jax.kinds.weights import InPlace
 from agmc_jax.prune.masks import descending_ranks
 
 NORMS = {"l1": 1, "l2": 2}
 
 
-class Columns:
+class Columns(InPlace):
     """The per-layer column kind: steps, exact cost, column masks by norm, the masked export."""
 
     unit = "columns"
@@ -70,15 +70,3 @@ class Columns:
             masks[leaf] = xp.broadcast_to(xp.expand_dims(xp.asarray(rank) < counts[t], axis),
                                           self.net.shapes[leaf]).astype(xp.float32)
         return jax.tree.unflatten(self.net.treedef, masks)
-
-    def mask(self, data, counts):
-        """Variables keeping the `counts[t]` columns of largest norm of layer t (pure, traceable)."""
-        return jax.tree.map(lambda v, m: v * m.astype(v.dtype), data["variables"], self._keep(data, counts, jnp))
-
-    def masks(self, data, counts):
-        """The 0/1 column masks of the policy (host)."""
-        return self._keep(data, np.asarray(counts), np)
-
-    def export(self, variables, masks):
-        """Column pruning keeps every shape: (module, masked variables)."""
-        return self.net.module, jax.tree.map(lambda v, m: v * m.astype(v.dtype), variables, masks)

@@ -13,7 +13,28 @@ from agmc_jax.graph.graphs import node_layers
 from agmc_jax.prune.masks import descending_ranks
 
 
-class Weights:
+def _multiply(variables, masks):
+    return jax.tree.map(lambda v, m: v * m.astype(v.dtype), variables, masks)
+
+
+class InPlace:
+    """Masks that zero entries in place (no shape changes); a subclass gives `_keep(data, counts, xp)`, the 0/1
+    mask tree of a policy in NumPy or jax.numpy."""
+
+    def mask(self, data, counts):
+        """The variables of the policy `counts`, masked (pure, traceable)."""
+        return _multiply(data["variables"], self._keep(data, counts, jnp))
+
+    def masks(self, data, counts):
+        """The 0/1 masks of the policy (host)."""
+        return self._keep(data, np.asarray(counts), np)
+
+    def export(self, variables, masks):
+        """The network keeps its shapes: (module, masked variables)."""
+        return self.net.module, _multiply(variables, masks)
+
+
+class Weights(InPlace):
     """The per-layer weight kind: steps, exact sparse cost, magnitude masks, the sparse export."""
 
     unit = "weights"
@@ -59,15 +80,3 @@ class Weights:
         for t, (leaf, rank) in enumerate(zip(self._leaves, data["ranks"])):
             masks[leaf] = (xp.asarray(rank) < counts[t]).astype(xp.float32)
         return jax.tree.unflatten(self.net.treedef, masks)
-
-    def mask(self, data, counts):
-        """Variables keeping the `counts[t]` largest weights of layer t (pure, traceable)."""
-        return jax.tree.map(lambda v, m: v * m.astype(v.dtype), data["variables"], self._keep(data, counts, jnp))
-
-    def masks(self, data, counts):
-        """The 0/1 weight masks of the policy (host)."""
-        return self._keep(data, np.asarray(counts), np)
-
-    def export(self, variables, masks):
-        """The sparse network keeps its shapes: (module, masked variables)."""
-        return self.net.module, jax.tree.map(lambda v, m: v * m.astype(v.dtype), variables, masks)
