@@ -64,9 +64,11 @@ def _first_line(error: Exception | str) -> str:
 
 
 def _unreadable(directory, step: int, reason: str) -> CheckpointError:
-    """The error for a checkpoint that orbax cannot read back."""
-    return CheckpointError(f"checkpoint {Path(directory) / str(step)} is corrupt or belongs to another network "
-                           f"({reason}); delete it or restore another step")
+    """The error for a checkpoint that orbax cannot read back; `reason` stays readable as an attribute."""
+    error = CheckpointError(f"checkpoint {Path(directory) / str(step)} is corrupt or belongs to another network "
+                            f"({reason}); delete it or restore another step")
+    error.reason = reason
+    return error
 
 
 def _closed_loop_reports_dropped():

@@ -33,9 +33,10 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
         above = high is not None and (value >= high if high_open else value > high)
         if not math.isfinite(value) or below or above:
             left, right = "(" if low_open else "[", ")" if high_open else "]"
-            span = (f"in {left}{low}, {high}{right}" if high is not None
-                    else f"{'above' if low_open else 'at least'} {low}" if low is not None else "finite")
-            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+            span = (f" in {left}{low}, {high}{right}" if high is not None
+                    else f" {'above' if low_open else 'at least'} {low}" if low is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'}{span}, "
+                                             f"got {text}")
         return value
     return parse
 

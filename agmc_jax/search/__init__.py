@@ -192,9 +192,9 @@ def _resume(directory, fingerprint, episodes, target):
             lost.append((step, error))
             continue
         if lost:
-            warnings.warn(f"resuming from checkpoint {step} ({finished} episodes): unreadable newer step(s) "
-                          f"{', '.join(str(s) for s, _ in lost)} removed, their episodes are played again "
-                          f"[{lost[0][1]}]", CheckpointWarning, stacklevel=3)
+            warnings.warn(f"resuming from checkpoint {step} ({finished} episodes): the unreadable newer step(s) "
+                          f"{', '.join(str(s) for s, _ in lost)} of {directory} are removed and their episodes played "
+                          f"again ({getattr(lost[0][1], 'reason', lost[0][1])})", CheckpointWarning, stacklevel=3)
             for bad, _ in lost:
                 checkpoint.delete(directory, bad)
         return finished, state
@@ -344,12 +344,12 @@ def search(module, variables, data, method="agmc", target_macs=None, target_para
 def _rule(env, rule, directory, fingerprint):
     """The result of a rule: one policy, scored once; with a directory, saved as a one-episode search so a
     resume checks it like any other."""
-    history = _History(env.steps)
-    if directory is not None:
+    if directory is not None:  # a saved rule is checked like any search, then scored again (it is deterministic)
         _resume(directory, fingerprint, 1, lambda finished: {"history": _History(env.steps, finished).tree()})
     counts = np.asarray(rule(env))
     accuracy = float(env.accuracy(counts[None])[0])
     reward = float(env.reward(jnp.float32(accuracy), jnp.asarray(counts)))
+    history = _History(env.steps)
     history.extend(counts[None].astype(np.int32), np.float32([accuracy]), np.float32([reward]))
     if directory is not None and checkpoint.latest_step(directory) is None:
         checkpoint.save(directory, 1, {"history": history.tree()}, {**fingerprint, "finished": 1})
