@@ -27,7 +27,8 @@ def save_network(out, kind, config_dict, variables, info):
     if (out / "network.json").exists():
         raise CheckpointError(f"{out} already holds a network; choose a new --out")
     checkpoint.save(out / "variables", 0, variables)
-    checkpoint.write_text(out / "network.json", json.dumps({"kind": kind, "config": config_dict, **info}, indent=1) + "\n")
+    description = json.dumps({"kind": kind, "config": config_dict, **info}, indent=1) + "\n"
+    checkpoint.write_text(out / "network.json", description)
 
 
 def mark_trained_slim(workdir, config_dict):

@@ -15,13 +15,13 @@ planted as such a kill leaves them. The default run covers a subset of the kill 
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -148,7 +148,8 @@ def _plant_leftovers(out, reference):
     for name in SMALL_WRITES:
         source = reference / name
         if source.exists() and (out / name).parent.is_dir():
-            (out / name).with_name(f".{source.name}.partial").write_bytes(source.read_bytes()[:source.stat().st_size // 2])
+            half = source.read_bytes()[:source.stat().st_size // 2]
+            (out / name).with_name(f".{source.name}.partial").write_bytes(half)
     for log in out.glob("**/episodes.jsonl"):
         with open(log, "a") as file:
             file.write('{"episode": 99, "rew')
@@ -173,13 +174,7 @@ def _chain(setting, command, options, points=(), delay=None):
 def _network(path):
     """A saved network directory as comparable values: its description and its variables' arrays."""
     variables = checkpoint.restore(path / "variables")
-    return (path / "network.json").read_text(), [np.asarray(leaf) for leaf in _leaves(variables)]
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
+    return (path / "network.json").read_text(), [np.asarray(leaf) for leaf in jax.tree.leaves(variables)]
 
 
 def _without_timing(value):
@@ -212,7 +207,7 @@ def _outputs(out):
         else:
             values[name] = path.read_bytes()
     for trained in out.rglob("finetune/checkpoints"):
-        values[f"{trained} latest"] = [np.asarray(leaf) for leaf in _leaves(checkpoint.restore(trained))]
+        values[f"{trained} latest"] = [np.asarray(leaf) for leaf in jax.tree.leaves(checkpoint.restore(trained))]
     return values
 
 
