@@ -7,26 +7,16 @@ import jax
 import numpy as np
 import pytest
 
-from agmc_jax.cli import main
 from agmc_jax.data import load_arrays
 from agmc_jax.graph import trace
 from agmc_jax.networks import load_network
 from agmc_jax.quant import Quantized, load_packed, quantize, size_bits, size_model
 from agmc_jax.quant.qat import path_names
+from tests.test_cli import run
 
 BASELINE = Path(__file__).parents[1] / "agmc_jax" / "baselines" / "lenet5_fashion_mnist"
 QUANTIZE = ["compress", "--workdir", str(BASELINE), "--stages", "quantize", "--quant-method", "random",
             "--episodes", "4", "--reward-images", "64", "--qat-epochs", "1", "--target-size", "0.2"]
-
-
-def run(capsys, *argv):
-    try:
-        main(list(argv))
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def test_quantize_stage_reports_the_packed_file_it_wrote(capsys, tmp_path):
