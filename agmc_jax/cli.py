@@ -141,7 +141,7 @@ def cmd_prune(args):
     from agmc_jax.networks import prune_uniform
 
     print(json.dumps(prune_uniform(args.workdir, args.keep, args.criterion, args.out, args.data_dir,
-                                   args.recalibrate_bn), indent=1))
+                                   args.recalibrate_bn, args.round_to), indent=1))
 
 
 def cmd_search(args):
@@ -163,6 +163,20 @@ def cmd_compress(args):
     compress(args)
 
 
+def cmd_export(args):
+    from agmc_jax.networks import final_network, load_network
+    from agmc_jax.portable import export_network
+
+    source = final_network(args.network)
+    module, variables, config = load_network(source)
+    description = export_network(module, variables, tuple(config["input_shape"]), args.out)
+    print(json.dumps({"network": str(source), "out": args.out, **description}, indent=1))
+
+
+ROUND_TO_HELP = ("round channel counts to multiples of this (default: 8 for groups of 16 channels or more, "
+                 "exact below; --round-to 1: exact everywhere)")
+
+
 def _search_arguments(parser):
     parser.add_argument("--method", default="agmc", help=describe_methods())
     parser.add_argument("--target-macs", type=_FRACTION, default=None, help="MACs budget as a fraction (0, 1)")
@@ -172,7 +186,7 @@ def _search_arguments(parser):
     parser.add_argument("--reward", default="acc", help="acc | acc_flops | acc_norm")
     parser.add_argument("--reward-images", type=_COUNT, default=1000, help="validation images scoring each policy")
     parser.add_argument("--lbound", type=_RATIO, default=0.2, help="smallest keep ratio per group")
-    parser.add_argument("--round-to", type=_COUNT, default=1, help="round channel counts to multiples of this")
+    parser.add_argument("--round-to", type=_COUNT, default=None, help=ROUND_TO_HELP)
     parser.add_argument("--criterion", default="l2",
                         help="which channels a count keeps: l1 | l2 | lstsq (l2, then least-squares refit) | "
                              "infodrop (information dropout learned on the calibration images)")
@@ -227,6 +241,7 @@ def parser():
     p = sub.add_parser("prune", help="one keep ratio for every channel group (the handcrafted baseline)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--keep", type=_RATIO, required=True)
+    p.add_argument("--round-to", type=_COUNT, default=None, help=ROUND_TO_HELP)
     p.add_argument("--criterion", default="l2", help="l1 | l2 | lstsq")
     p.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="re-estimate BatchNorm statistics on 256 validation images (default: on)")
@@ -270,6 +285,12 @@ def parser():
     p.add_argument("--max-bit", dest="quant_max_bit", type=_BITS, help="quantize: most weight bits (default 8)")
     p.add_argument("--qat-epochs", type=_COUNT, default=1, help="quantize: quantization-aware fine-tuning epochs")
     p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("export", help="write a network as a jax.export artifact that runs without its Python code")
+    p.add_argument("network", help="a network directory, or the --out of `agmc compress` / `agmc search` (its last "
+                                   "stage: quantized, fine-tuned or slim)")
+    p.add_argument("--out", required=True, help="a new directory for model.stablehlo, weights.npz and export.json")
+    p.set_defaults(run=cmd_export)
     return top
 
 

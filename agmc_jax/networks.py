@@ -15,7 +15,9 @@ import jax
 from agmc_jax import checkpoint, data
 from agmc_jax.errors import CheckpointError
 from agmc_jax.graph import trace
-from agmc_jax.prune import Slimmed, apply_masks, channel_masks, recalibrate, reconstruct, slim
+from agmc_jax.env import rounded_counts
+from agmc_jax.prune import (Slimmed, apply_masks, masks_from_vectors, recalibrate, reconstruct, slim,
+                            top_channels)
 from agmc_jax.quant import Quantized, freeze_bits, save_packed
 from agmc_jax.train import (build_module, config_from_dict, data_mesh, evaluate_source, load_trained,
                             make_eval_step)
@@ -91,6 +93,25 @@ def load_network(path):
     return _wrapped(module, values), variables, values["config"]
 
 
+STAGE_OUTPUTS = ("quantize/qat", "search/finetune", "finetune", "search/slim", "slim")  # last stage first
+
+
+def _holds_network(path) -> bool:
+    return (path / "network.json").exists() or (path / "config.json").exists()
+
+
+def final_network(path):
+    """The network directory `path` stands for: itself if it holds one, else the last finished stage of the
+    `agmc compress` or `agmc search` output in it."""
+    path = Path(path)
+    found = [path] if _holds_network(path) else [path / stage for stage in STAGE_OUTPUTS
+                                                 if _holds_network(path / stage)]
+    if not found:
+        raise CheckpointError(f"{path} holds no network (nor a compress or search output with one); give a trained, "
+                              "pruned, fine-tuned or quantized network directory")
+    return found[0]
+
+
 def evaluate_variables(module, variables, config_dict, split="test", data_dir=None, source=None, batch_size=256):
     """Loss and accuracy of (module, variables) on a split of the network's dataset."""
     config = config_from_dict(config_dict)
@@ -125,22 +146,24 @@ def check_new_output(workdir, out, resume=None):
                               + (" or pass --resume to continue what is there" if resume is not None else ""))
 
 
-def prune_uniform(workdir, keep, criterion, out, data_dir=None, recalibrate_bn=True):
-    """Apply one keep ratio to every channel group (refit for lstsq, BatchNorm statistics re-estimated on
-    256 validation images unless `recalibrate_bn` is False), slim, save to `out`; returns the counts and accuracy."""
+def prune_uniform(workdir, keep, criterion, out, data_dir=None, recalibrate_bn=True, round_to=None):
+    """Apply one keep ratio to every channel group, each count rounded to the nearest multiple of `round_to`
+    (None: `channel_multiples`), refit for lstsq, BatchNorm statistics re-estimated on 256 validation images
+    unless `recalibrate_bn` is False; slim, save to `out`; returns the counts and accuracy."""
     check_new_output(workdir, out)
     module, variables, config = load_network(workdir)
     net = trace(module, variables, tuple(config["input_shape"]))
-    masks = channel_masks(net, variables, keep, criterion)
+    counts = rounded_counts(net.group_sizes, keep, round_to)
+    masks = masks_from_vectors(net, top_channels(net, variables, counts, criterion))
     images = calibration_images(config, data_dir=data_dir) if criterion == "lstsq" or recalibrate_bn else None
     if criterion == "lstsq":
         variables = reconstruct(net, variables, masks, images)
     if recalibrate_bn:
         variables = recalibrate(module, apply_masks(net, variables, masks), images, **net.call_kwargs)
     slim_module, slim_variables = slim(net, variables, masks)
-    macs, params = net.cost(net.keep_counts(keep))
-    info = {"source": str(workdir), "keep": keep, "criterion": criterion, "recalibrate_bn": recalibrate_bn,
-            "macs": int(macs), "params": int(params),
+    macs, params = net.cost(counts)
+    info = {"source": str(workdir), "keep": keep, "round_to": round_to, "counts": counts.tolist(),
+            "criterion": criterion, "recalibrate_bn": recalibrate_bn, "macs": int(macs), "params": int(params),
             "macs_ratio": macs / net.macs, "params_ratio": params / net.params}
     with checkpoint.new_directory(out) as partial:
         save_network(partial, "slim", config, slim_variables, info)

@@ -81,13 +81,23 @@ def _quantized_kernels(variables, bits):
     return {path: quantize(leaves[path], width) for path, width in bits}
 
 
+def packed_kernel(codes, scale, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A kernel's (codes, scale) of `quantize` as stored: its codes offset to [0, 2^b - 2] (one bit: 0 for -1,
+    1 for +1), packed b bits each (uint8), and its float32 per-channel scales."""
+    offset = np.asarray(codes) + _top(bits) if bits > 1 else (np.asarray(codes) + 1) // 2
+    return np.frombuffer(pack_codes(offset, bits), np.uint8), np.asarray(scale, "<f4")
+
+
 def _encode(leaf, bits, quantized) -> bytes:
     """A leaf's bytes: packed offset codes and float32 scales for a kernel, float32 values otherwise."""
     if bits is None:
         return np.asarray(leaf).astype("<f4").tobytes()
-    codes, scale = quantized
-    offset = codes + _top(bits) if bits > 1 else (codes + 1) // 2
-    return pack_codes(offset, bits) + np.asarray(scale, "<f4").tobytes()
+    return b"".join(part.tobytes() for part in packed_kernel(*quantized, bits))
+
+
+def quantized_kernels(variables, bits) -> dict:
+    """{kernel path: (codes, scale)} on the host for the kernels named in `bits`, as the network computes them."""
+    return jax.device_get(_quantized_kernels(variables, freeze_bits(bits)))
 
 
 def _decode(data: bytes, entry) -> np.ndarray:
@@ -112,7 +122,7 @@ def save_packed(path, variables, bits, overwrite: bool = False) -> int:
         raise CheckpointError(f"{path} already exists; choose a new path or allow overwriting")
     entries = _entries(variables, widths)
     header = json.dumps({"fingerprint": _fingerprint(entries), "leaves": entries}, separators=(",", ":")).encode()
-    quantized = jax.device_get(_quantized_kernels(variables, frozen))
+    quantized = quantized_kernels(variables, frozen)
     data = b"".join([MAGIC, _PREFIX.pack(len(header)), header,
                      *(_encode(leaf, entry["bits"], quantized.get(tuple(entry["path"])))
                        for leaf, entry in zip(jax.tree.leaves(variables), entries))])
