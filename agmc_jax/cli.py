@@ -1,4 +1,4 @@
-"""The `agmc` command: summary, train, evaluate, prune, search, finetune, compress.
+"""The `agmc` command: summary, train, evaluate, prune, search, finetune, compress, export, reproduce.
 
 Every user mistake is one line on stderr and exit status 2: an `AgmcError` from the library, or an
 option that does not parse or is out of range (checked where it is parsed, naming the option).
@@ -177,6 +177,17 @@ ROUND_TO_HELP = ("round channel counts to multiples of this (default: 8 for grou
                  "exact below; --round-to 1: exact everywhere)")
 
 
+def cmd_reproduce(args):
+    import contextlib
+
+    from agmc_jax.data import mock_data
+    from agmc_jax.reproduce import load_config, reproduce
+
+    config = load_config(args.config, args.set)
+    with mock_data(args.mock_data) if args.mock_data else contextlib.nullcontext():
+        print(json.dumps(reproduce(config, args.workdir, args.data_dir), indent=1))
+
+
 def _search_arguments(parser):
     parser.add_argument("--method", default="agmc", help=describe_methods())
     parser.add_argument("--target-macs", type=_FRACTION, default=None, help="MACs budget as a fraction (0, 1)")
@@ -291,6 +302,16 @@ def parser():
                                    "stage: quantized, fine-tuned or slim)")
     p.add_argument("--out", required=True, help="a new directory for model.stablehlo, weights.npz and export.json")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("reproduce", help="run a published setting: baseline training -> compress -> comparison")
+    p.add_argument("config", help="a config file, e.g. experiments/configs/resnet56_cifar10.py")
+    p.add_argument("--workdir", required=True, help="where the stages run and resume (baseline/, compress/)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set compress.episodes=50 (repeatable)")
+    p.add_argument("--data-dir")
+    p.add_argument("--mock-data", type=_COUNT, metavar="N",
+                   help="dry run: every tfds split replaced by N random examples (tfds.testing.mock_data)")
+    p.set_defaults(run=cmd_reproduce)
     return top
 
 

@@ -71,6 +71,17 @@ def write_search(result, out, source, method, config):
             save_network(partial, kind, config, tree, info)
 
 
+# The options of `agmc compress` besides --workdir, --out and --resume, with their command-line defaults: what a
+# reproduction config's `compress` may set (tests/test_reproduce.py checks they match the command line).
+COMPRESS_OPTIONS = {
+    "data_dir": None, "finetune_epochs": 1, "lr": 0.02, "method": "agmc", "target_macs": None, "target_params": None,
+    "episodes": 100, "seed": 0, "reward": "acc", "reward_images": 1000, "lbound": 0.2, "round_to": None,
+    "criterion": "l2", "recalibrate_bn": True, "agent_option": [], "warmup_episodes": None, "sigma_decay": None,
+    "stages": ("prune",), "quant_method": "ppo", "quant_target_size": 0.25, "quant_min_bit": None,
+    "quant_max_bit": None, "qat_epochs": 1,
+}
+
+
 def search_options(args):
     """`run_search` keyword arguments from the search options of `agmc search` and `agmc compress`."""
     names = ("method", "target_macs", "target_params", "episodes", "seed", "resume", "reward_images", "data_dir",

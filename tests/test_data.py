@@ -1,16 +1,12 @@
 """The data module: the real Fashion-MNIST builder, tfds datasets under mock data, deterministic batches."""
-import contextlib
 import gzip
 import json
 import os
-from unittest import mock
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tensorflow_datasets.testing import mocking
 
 from agmc_jax import data
 from agmc_jax.data import fashion_mnist, transforms
@@ -32,16 +28,6 @@ def fashion(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AGMC_TFDS_DIR", str(tmp_path_factory.mktemp("tfds")))
         yield {split: data.load("fashion_mnist", split) for split in ("train", "validation", "test")}
-
-
-@contextlib.contextmanager
-def mock_tfds(num_examples: int):
-    """`tfds.testing.mock_data`, with its batched read fixed: tfds 4.9.10 calls `_getitems` without `self`."""
-    def getitems(record_keys, generator):
-        return [generator[key] for key in record_keys]
-
-    with mock.patch.object(mocking, "_getitems", getitems), tfds.testing.mock_data(num_examples=num_examples):
-        yield
 
 
 def test_fashion_split_sizes(fashion):
@@ -125,7 +111,7 @@ def test_tfds_dataset_prepared_without_random_access_says_to_rebuild(tmp_path):
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
 def test_small_tfds_datasets_under_mock_data(name):
     spec = data.dataset_spec(name)
-    with mock_tfds(num_examples=40):
+    with data.mock_data(num_examples=40):
         for split in ("train", "validation", "test"):
             source = data.load(name, split)
             images, labels = source.get(np.array([3, 0, 3]))
@@ -139,7 +125,7 @@ def test_small_tfds_datasets_under_mock_data(name):
 
 
 def test_imagenet_under_mock_data_is_cropped_to_224():
-    with mock_tfds(num_examples=6):
+    with data.mock_data(num_examples=6):
         train, test = data.load("imagenet2012", "train"), data.load("imagenet2012", "test")
         raw, labels = test.get(np.arange(2))
         eval_batch = next(data.batches(test, "imagenet2012", 4, train=False))

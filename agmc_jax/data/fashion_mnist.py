@@ -9,10 +9,14 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import io
+import logging
 import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from agmc_jax.errors import DataNotFoundError
 
@@ -119,9 +123,29 @@ def prepared_builder(idx_dir: str | None = None) -> FashionMnistIdx:
     cache = tfds_cache_dir()
     if given:
         cache = os.path.join(cache, "from-" + hashlib.sha256(os.path.realpath(idx_dir).encode()).hexdigest()[:16])
-    if not FashionMnistIdx(data_dir=cache).is_prepared():
-        check_idx_dir(idx_dir)
-        with _file_lock(os.path.join(cache, "fashion_mnist_idx.lock")):
-            config = tfds.download.DownloadConfig(manual_dir=idx_dir, try_download_gcs=False)
-            FashionMnistIdx(data_dir=cache).download_and_prepare(file_format="array_record", download_config=config)
-    return FashionMnistIdx(data_dir=cache)
+    with _quiet_tfds():
+        if not FashionMnistIdx(data_dir=cache).is_prepared():
+            check_idx_dir(idx_dir)
+            print(f"agmc: preparing Fashion-MNIST from {idx_dir} into {cache} (once, ~10 s)", file=sys.stderr,
+                  flush=True)
+            with _file_lock(os.path.join(cache, "fashion_mnist_idx.lock")):
+                config = tfds.download.DownloadConfig(manual_dir=idx_dir, try_download_gcs=False)
+                FashionMnistIdx(data_dir=cache).download_and_prepare(file_format="array_record",
+                                                                     download_config=config)
+        return FashionMnistIdx(data_dir=cache)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """tfds's own output held back (banner lines on stdout, progress bars, absl warnings about the folder it is
+    about to write): one line of ours says what is happening."""
+    absl, shown = logging.getLogger("absl"), tqdm_utils._active
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl.setLevel(level)
+        tfds.display_progress_bar(shown)

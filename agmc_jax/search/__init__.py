@@ -7,6 +7,7 @@ and replays it identically.
 import dataclasses
 import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -374,6 +375,10 @@ def _run(env, method, config, directory, fingerprint, out, progress):
     limit = jax.device_put(jnp.int32(config.episodes))
     log = None if out is None else _open_log(out, env, history)
     done = len(history.rewards)
+    if progress and done < config.episodes:
+        print(f"agmc: {config.method} over {env.steps} steps of a network of {env.net.macs / 1e6:.1f}M MACs, "
+              f"{env.count} reward images on {env.mesh.devices.size} device(s); compiling (once)", file=sys.stderr,
+              flush=True)
     bar = tqdm(initial=done, total=config.episodes, disable=not progress, desc=config.method)
     while done < config.episodes:
         runner, played = chunk(runner, key, env.data, limit)

@@ -1,0 +1,94 @@
+"""Reproduction configs: one Python file per published setting, run as baseline training -> compress -> a
+comparison with the published figure, each stage resumable.
+
+A config file defines `get_config()` returning an `ml_collections.ConfigDict` (the Flax examples' convention)
+with `train` (the fields of `TrainConfig`), `compress` (options of `agmc compress`, by their argument names)
+and `published` (the paper, its dense and compressed figures and the budget they were reached at).
+"""
+import argparse
+import ast
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+
+from agmc_jax import checkpoint
+from agmc_jax.errors import UsageError
+from agmc_jax.pipeline import COMPRESS_OPTIONS, compress
+from agmc_jax.train import TrainConfig, train
+
+
+def load_config(path, overrides=()) -> ml_collections.ConfigDict:
+    """The locked config of the file `path`, with `overrides` ("train.epochs=2", values as Python literals)."""
+    path = Path(path)
+    try:
+        spec = importlib.util.spec_from_file_location(f"agmc_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except (OSError, AttributeError, SyntaxError) as error:
+        raise UsageError(f"{path} is not a reproduction config ({type(error).__name__}: {error}); give a file of "
+                         "experiments/configs/ that defines get_config()") from error
+    config.lock()
+    for override in overrides:
+        _override(config, override)
+    unknown = sorted(set(config.compress) - set(COMPRESS_OPTIONS))
+    if unknown:
+        raise UsageError(f"{path}: compress has no option {unknown[0]}; valid: {', '.join(sorted(COMPRESS_OPTIONS))}")
+    return config
+
+
+def _override(config, text: str) -> None:
+    """Set one dotted field of `config` from "a.b=value"."""
+    name, equals, value = text.partition("=")
+    if not equals:
+        raise UsageError(f"override {text!r} is not FIELD=VALUE; e.g. --set train.epochs=2")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value  # a bare word is a string
+    *parents, leaf = name.strip().split(".")
+    node = config
+    try:
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = parsed
+    except (KeyError, AttributeError, TypeError) as error:
+        raise UsageError(f"cannot set {name.strip()} to {value!r} ({str(error).splitlines()[0]}); give an existing "
+                         "field and a value of its type") from error
+
+
+def compress_arguments(config, workdir, data_dir=None) -> argparse.Namespace:
+    """The `agmc compress` options of `config` for its stage in `workdir` (always resuming)."""
+    options = {**COMPRESS_OPTIONS, **config.compress.to_dict()}
+    options.update(stages=tuple(options["stages"]), agent_option=list(options["agent_option"]), data_dir=data_dir,
+                   workdir=str(Path(workdir) / "baseline"), out=str(Path(workdir) / "compress"), resume=True)
+    return argparse.Namespace(**options)
+
+
+def _measured(baseline: dict, report: dict) -> dict:
+    """The figures of a run that a paper reports: test accuracy (%) before and after, and the fractions kept."""
+    final = report.get("quantize", report)["accuracy"]["finetuned"]["test"]
+    kept = {f"{name}_ratio": report[name]["ratio"] for name in ("macs", "params") if name in report}
+    if "quantize" in report:
+        kept["size_ratio"] = report["quantize"]["size_bytes"]["ratio"]
+    return {"dense_test": 100 * baseline["test_acc"], "compressed_test": 100 * final, **kept}
+
+
+def reproduce(config, workdir, data_dir=None) -> dict:
+    """Run `config` in `workdir`: train the baseline (resuming), compress it (resuming), then write and return
+    `reproduce.json`: the published figures next to the measured ones."""
+    workdir = Path(workdir)
+    train_config = TrainConfig(**{**config.train.to_dict(), "data_dir": data_dir})
+    print(f"[baseline] {train_config.model} on {train_config.dataset}, {train_config.epochs} epoch(s) in "
+          f"{workdir / 'baseline'}", flush=True)
+    baseline = train(train_config, workdir / "baseline")
+    print(f"[compress] {', '.join(config.compress.get('stages', COMPRESS_OPTIONS['stages']))} in "
+          f"{workdir / 'compress'}", flush=True)
+    compress(compress_arguments(config, workdir, data_dir))
+    report = json.loads((workdir / "compress" / "report.json").read_text())
+    summary = {"published": config.published.to_dict(), "measured": _measured(baseline, report),
+               "baseline": str(workdir / "baseline"), "compress": str(workdir / "compress")}
+    checkpoint.write_text(workdir / "reproduce.json", json.dumps(summary, indent=1) + "\n")
+    return summary
