@@ -7,7 +7,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from agmc_jax.embed import amc_features, amc_state
-from agmc_jax.env import Budget, BudgetError, EnvConfig
+from agmc_jax.env import Budget, BudgetError, EnvConfig, rounded_counts
 from agmc_jax.graph import trace
 from agmc_jax.kinds import Channels
 from agmc_jax.models import MODELS, create_model
@@ -31,11 +31,17 @@ def budget(net, **options):
     return Budget(Channels(net, config), config)
 
 
+def multiple(b, t):
+    """The multiple step t rounds to: round_to, or by default 8 for groups of 16 channels and more, else 1."""
+    if b.config.round_to is not None:
+        return b.config.round_to
+    return 8 if b.sizes[t] >= 16 else 1
+
+
 def numpy_wall(b, actions):
     """AMC's wall in float64 NumPy, step by step: scale, floor, round down, cap by bisection, clip."""
-    step = b.config.round_to
-
-    def floor(count, size):
+    def floor(count, t):
+        step, size = multiple(b, t), b.sizes[t]
         return int(min(size, max(step, count // step * step))) if step > 1 else int(count)
 
     def fits(counts):
@@ -51,8 +57,8 @@ def numpy_wall(b, actions):
         while low < high:
             trial[t] = (low + high + 1) // 2
             low, high = (trial[t], high) if fits(trial) else (low, trial[t] - 1)
-        cap = max(floor(low, b.sizes[t]), int(b.min_counts[t]))
-        counts[t] = np.clip(floor(int(np.floor(ratio * b.sizes[t] + 1e-4)), b.sizes[t]), b.min_counts[t], cap)
+        cap = max(floor(low, t), int(b.min_counts[t]))
+        counts[t] = np.clip(floor(int(np.floor(ratio * b.sizes[t] + 1e-4)), t), b.min_counts[t], cap)
     return counts
 
 
@@ -62,7 +68,7 @@ def numpy_wall(b, actions):
 def test_finished_policy_meets_macs_budget_with_the_counts_of_the_numpy_wall(name, data):
     net = NETS[name]
     target = data.draw(st.floats(0.3, 0.9), label="target")
-    round_to = data.draw(st.sampled_from([1, 8]), label="round_to")
+    round_to = data.draw(st.sampled_from([1, 8, None]), label="round_to")
     try:
         b = budget(net, target_macs=target, round_to=round_to)
     except BudgetError:  # rounding to 8 can make lbound's policy too big: then that is the error
@@ -73,8 +79,8 @@ def test_finished_policy_meets_macs_budget_with_the_counts_of_the_numpy_wall(nam
     macs, _ = net.cost(counts)
     assert macs <= target * net.macs * (1 + 1e-6)
     assert np.all(counts >= b.min_counts) and np.all(counts <= b.sizes)
-    if round_to > 1:
-        assert np.all((counts % round_to == 0) | (counts == b.sizes) | (counts == b.min_counts))
+    steps = np.array([multiple(b, t) for t in range(b.steps)])
+    assert np.all((counts % steps == 0) | (counts == b.sizes) | (counts == b.min_counts))
 
 
 @settings(max_examples=15, deadline=None)
@@ -108,17 +114,35 @@ def test_jnp_cost_equals_the_exact_cost():
 
 def test_uniform_policy_is_the_largest_single_ratio():
     net = NETS["resnet20"]
-    b = budget(net, target_macs=0.5)
+    b = budget(net, target_macs=0.5, round_to=1)
     counts = b.uniform_counts()
     assert net.cost(counts)[0] <= 0.5 * net.macs
     assert net.cost(counts)[0] >= 0.4 * net.macs
     assert len(set(np.round(counts / b.sizes, 1))) == 1
 
 
+def test_default_uniform_policy_rounds_resnet20_to_multiples_of_8():
+    """ResNet-20's groups of 16/32/64 channels at 50% of the MACs: the exact uniform policy keeps 11/23/45; by
+    default each rounds down to a multiple of 8, at the largest ratio within budget (0.75: 12->8, 24, 48)."""
+    net = NETS["resnet20"]
+    counts = budget(net, target_macs=0.5).uniform_counts()
+    assert counts.tolist() == [8] * 4 + [24] * 4 + [48] * 4
+    assert net.cost(counts)[0] <= 0.5 * net.macs < net.cost([16] * 4 + [24] * 4 + [48] * 4)[0]
+
+
+def test_rounded_counts_are_the_nearest_multiples():
+    assert rounded_counts([16, 32, 64], 0.7).tolist() == [8, 24, 48]  # 11.2, 22.4, 44.8
+    assert rounded_counts([6, 16, 120, 84], 0.5).tolist() == [3, 8, 64, 40]  # 6 < 16: exact; 60 = 7.5 x 8: to even
+    assert rounded_counts([16, 32, 64], 0.7, round_to=1).tolist() == [11, 22, 45]
+    assert rounded_counts([16, 32], 0.1).tolist() == [8, 8]  # never below one multiple
+
+
 def test_min_counts_follow_lbound():
     net = NETS["resnet20"]
-    b = budget(net, target_macs=0.5, lbound=0.25)
+    b = budget(net, target_macs=0.5, lbound=0.25, round_to=1)
     assert np.all(b.min_counts == np.ceil(0.25 * b.sizes))
+    rounded = budget(net, target_macs=0.5, lbound=0.25)  # ceil(0.25 * size) down to a multiple of 8, at least 8
+    assert rounded.min_counts.tolist() == [8] * 8 + [16] * 4
 
 
 @pytest.mark.parametrize("options, message", [
