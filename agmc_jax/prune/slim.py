@@ -18,13 +18,15 @@ from agmc_jax.prune.masks import _axis_keep, vectors_from_masks
 _REISSUING = contextvars.ContextVar("reissuing", default=False)
 
 
-def _resized_call(next_fun, args, kwargs, context):
-    module = context.module
-    if (_REISSUING.get() or context.method_name != "__call__"
-            or not isinstance(module, (nn.Conv, nn.Dense))):
-        return next_fun(*args, **kwargs)
+def intercepted(context) -> bool:
+    """Whether an intercepted call is a module's `__call__` issued by the user's code (not one of our re-issues)."""
+    return not _REISSUING.get() and context.method_name == "__call__"
+
+
+def reissue(module, args, kwargs, **changes):
+    """Run a `Conv` or `Dense` call again as a clone whose width comes from its stored kernel, plus `changes`."""
     kernel = module.get_variable("params", "kernel")
-    changes = {"features": kernel.shape[-1]}
+    changes = {"features": kernel.shape[-1], **changes}
     if isinstance(module, nn.Conv):
         changes["feature_group_count"] = args[0].shape[-1] // kernel.shape[-2]
     resized = module.clone(parent=None, **changes)
@@ -33,6 +35,12 @@ def _resized_call(next_fun, args, kwargs, context):
         return resized.apply({"params": module.variables["params"]}, *args, **kwargs)
     finally:
         _REISSUING.reset(token)
+
+
+def _resized_call(next_fun, args, kwargs, context):
+    if intercepted(context) and isinstance(context.module, (nn.Conv, nn.Dense)):
+        return reissue(context.module, args, kwargs)
+    return next_fun(*args, **kwargs)
 
 
 class Slimmed(nn.Module):
