@@ -1,7 +1,10 @@
 """The data module: the real Fashion-MNIST builder, tfds datasets under mock data, deterministic batches."""
 import gzip
+import io
 import json
 import os
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
@@ -23,11 +26,26 @@ def read_idx_independently(stem: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fashion(tmp_path_factory):
-    """Our three Fashion-MNIST splits, prepared once into a temporary tfds cache."""
-    with pytest.MonkeyPatch.context() as patch:
+def preparation(tmp_path_factory):
+    """Our three Fashion-MNIST splits prepared once into a temporary tfds cache; what it printed on stdout and
+    stderr, and what it left in the temporary folder."""
+    scratch, stdout, stderr = tmp_path_factory.mktemp("temporary"), io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
         patch.setenv("AGMC_TFDS_DIR", str(tmp_path_factory.mktemp("tfds")))
-        yield {split: data.load("fashion_mnist", split) for split in ("train", "validation", "test")}
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        splits = {split: data.load("fashion_mnist", split) for split in ("train", "validation", "test")}
+        yield splits, stdout.getvalue(), stderr.getvalue(), sorted(scratch.iterdir())
+
+
+@pytest.fixture(scope="module")
+def fashion(preparation):
+    return preparation[0]
+
+
+def test_preparing_says_one_line_and_leaves_no_temporary_folders(preparation):
+    _, stdout, stderr, left = preparation
+    assert stdout == "" and left == []
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("agmc: preparing Fashion-MNIST from"), stderr
 
 
 def test_fashion_split_sizes(fashion):

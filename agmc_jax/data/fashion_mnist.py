@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -123,7 +124,7 @@ def prepared_builder(idx_dir: str | None = None) -> FashionMnistIdx:
     cache = tfds_cache_dir()
     if given:
         cache = os.path.join(cache, "from-" + hashlib.sha256(os.path.realpath(idx_dir).encode()).hexdigest()[:16])
-    with _quiet_tfds():
+    with quiet_tfds():
         if not FashionMnistIdx(data_dir=cache).is_prepared():
             check_idx_dir(idx_dir)
             print(f"agmc: preparing Fashion-MNIST from {idx_dir} into {cache} (once, ~10 s)", file=sys.stderr,
@@ -136,16 +137,21 @@ def prepared_builder(idx_dir: str | None = None) -> FashionMnistIdx:
 
 
 @contextlib.contextmanager
-def _quiet_tfds():
+def quiet_tfds():
     """tfds's own output held back (banner lines on stdout, progress bars, absl warnings about the folder it is
-    about to write): one line of ours says what is happening."""
+    about to write): our one line says what is happening. Its temporary files go to a scratch directory that is
+    removed: tfds leaves an empty `tmp*tfds` one behind for each builder of a dataset not prepared yet."""
     absl, shown = logging.getLogger("absl"), tqdm_utils._active
     level = absl.level
     absl.setLevel(logging.ERROR)
     tfds.display_progress_bar(False)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
+        with tempfile.TemporaryDirectory(prefix="agmc-tfds-") as scratch, contextlib.redirect_stdout(io.StringIO()):
+            outer, tempfile.tempdir = tempfile.tempdir, scratch
+            try:
+                yield
+            finally:
+                tempfile.tempdir = outer
     finally:
         absl.setLevel(level)
         tfds.display_progress_bar(shown)

@@ -10,9 +10,7 @@ TensorFlow once (`tfds build NAME --data_dir=DIR --file_format=array_record`); i
 needs the ILSVRC2012 tars in `DIR/downloads/manual`.
 """
 import abc
-import contextlib
 import os
-import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -108,21 +106,9 @@ def not_prepared_message(name: str, builder) -> str:
             f"or pass --data-dir to where it is prepared")
 
 
-@contextlib.contextmanager
-def _scratch_tempdir():
-    """Temporary files made inside one directory that is removed afterwards: tfds leaves an empty `tmp*tfds`
-    directory behind for each builder of a dataset that is not prepared yet (its metadata lookup)."""
-    with tempfile.TemporaryDirectory(prefix="agmc-tfds-") as scratch:
-        outer, tempfile.tempdir = tempfile.tempdir, scratch
-        try:
-            yield
-        finally:
-            tempfile.tempdir = outer
-
-
 def split_data_source(name: str, split: str, data_dir: str | None = None):
     """The tfds random-access data source of our `split` of dataset `name`."""
-    with _scratch_tempdir():
+    with fashion_mnist.quiet_tfds():
         return _data_source(name, tfds_split(name, split), data_dir)
 
 
