@@ -11,6 +11,7 @@ import nbformat
 import numpy as np
 import pytest
 
+import agmc_jax
 from agmc_jax.data.fashion_mnist import DEFAULT_IDX_DIR, IDX_FILES, idx_path, read_idx
 
 COLAB = Path(__file__).parents[1] / "colab"
@@ -85,7 +86,8 @@ def test_notebook_is_stored_clean_and_opens_in_colab(name):
 
 
 def test_notebooks_are_all_tested():
-    assert NOTEBOOKS == ["own_model", "quickstart"]
+    """A notebook added to colab/ needs a test below that runs it."""
+    assert NOTEBOOKS == ["own_model", "quickstart", "reproduce_cifar10"]
 
 
 def test_quickstart(small_data, tmp_path):
@@ -109,3 +111,26 @@ def test_own_model(small_data, tmp_path):
     assert len(outputs(notebook, "image/png")) == 1  # one figure: reward per episode, keep ratio per group
     printed = "".join(output.text for output in outputs(notebook, "stream"))
     assert "a fresh process without the network's code ran the export: logits (512, 10)" in printed
+
+
+def test_reproduction_knobs_are_the_configs_full_run():
+    """The reproduction notebook's defaults are its config's schedule, not a shortened one."""
+    notebook = nbformat.read(COLAB / "reproduce_cifar10.ipynb", as_version=4)
+    cell, = (c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    knobs = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+    config = agmc_jax.load_config(COLAB.parent / "experiments" / "configs" / "resnet56_cifar10.py")
+    assert (knobs["TRAIN_EPOCHS"], knobs["EPISODES"], knobs["REWARD_IMAGES"], knobs["FINETUNE_EPOCHS"]) == \
+        (config.train.epochs, config.compress.episodes, config.compress.reward_images, config.compress.finetune_epochs)
+    assert knobs["DRY_RUN"] is False and knobs["DATA_DIR"] is None
+
+
+def test_reproduce_cifar10_dry_run(tmp_path):
+    """ResNet-56 through `agmc_jax.reproduce` on tfds mock data: every stage, the comparison table, the plots and
+    the report shown."""
+    notebook = execute("reproduce_cifar10", tmp_path, DRY_RUN=True, WORKDIR="runs/reproduce")
+    summary = json.loads((tmp_path / "runs" / "reproduce" / "reproduce.json").read_text())
+    assert summary["published"]["dense"] == 92.8 and 0 < summary["measured"]["macs_ratio"] <= 0.5
+    assert len(outputs(notebook, "image/png")) == 1
+    table, report = (output["data"]["text/markdown"] for output in outputs(notebook, "text/markdown"))
+    assert "| published | 92.8 | 91.9 |" in table and "(dry run: random data)" in table
+    assert report == (tmp_path / "runs" / "reproduce" / "compress" / "report.md").read_text()
