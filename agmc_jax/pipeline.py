@@ -16,6 +16,7 @@ from agmc_jax.graph import trace
 from agmc_jax.kinds import KINDS
 from agmc_jax.networks import (check_new_output, evaluate_variables, load_network, mark_trained_quantized,
                                mark_trained_slim, save_network, save_quantized)
+from agmc_jax.prune import fold_batchnorm
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.quant import save_packed
 from agmc_jax.report import plot_keep, plot_rewards
@@ -113,7 +114,9 @@ def finetune_config(config_dict, epochs, learning_rate, data_dir=None, sparse=Fa
 
 
 def latency_ms(module, variables, input_shape, batch, repeats=5):
-    """Median wall time of one jitted forward pass at `batch`, in milliseconds."""
+    """Median wall time of one jitted forward pass at `batch`, in milliseconds, of the network as deployed: its
+    BatchNorms folded into their convolutions (`fold_batchnorm`), the dense network's as the compressed one's."""
+    module, variables = fold_batchnorm(trace(module, variables, input_shape), variables)
     x = jax.numpy.zeros((batch, *input_shape), jax.numpy.float32)
     forward = jax.jit(lambda v, x: module.apply(v, x, train=False))
     forward(variables, x).block_until_ready()

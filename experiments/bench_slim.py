@@ -1,12 +1,15 @@
 """Inference latency of dense versus physically slimmed networks at about 50% of the MACs, on this CPU.
 
-For each model a uniform keep ratio is chosen by bisection on the exact cost model `net.cost` so that
-the slimmed network keeps 50% +- 1% of the MACs (multiply-accumulates of conv and dense layers).
-Both networks are jit-compiled; warm-up calls are excluded; dense and slim calls are interleaved
-(alternating which goes first) and the median of `--repeats` calls is reported. CPU seconds of the
-process (all threads) are reported too: on a shared machine wall time depends on the load.
+Every network is timed as deployed: BatchNorm folded into its convolutions (`fold_batchnorm`), the dense reference
+folded the same way, so the ratio is slim-folded over dense-folded. Each policy is what `agmc prune --keep K
+[--round-to R]` slims to (`rounded_counts`), with K the largest keep ratio (to 0.001) whose network keeps at most
+`--target` of the MACs (multiply-accumulates of conv and dense layers); the default rounding (no --round-to) comes
+first, then the roundings of `--round-to`. ideal = 1 / MACs kept. All calls are jit-compiled, warm-up excluded,
+interleaved (the order reversed every repeat), and the median of `--repeats` calls is reported (x10 at batch 1);
+CPU seconds of the process (all threads) too: on a shared machine wall time depends on the load. The unfolded
+dense and default-policy networks are timed alongside, to show what folding itself gives.
 
-Run: `python experiments/bench_slim.py --models resnet20,resnet56,mobilenet_v1 --repeats 7`.
+Run: `python experiments/bench_slim.py --models resnet20,resnet56 --repeats 7`.
 """
 import argparse
 import os
@@ -15,13 +18,12 @@ import time
 import jax
 import numpy as np
 
-from agmc_jax.env import Budget, EnvConfig
+from agmc_jax.env import rounded_counts
 from agmc_jax.graph import trace
-from agmc_jax.kinds import Channels
 from agmc_jax.models import MODELS, create_model, init_model
-from agmc_jax.prune import masks_from_vectors, slim, top_channels
+from agmc_jax.prune import fold_batchnorm, masks_from_vectors, slim, top_channels
 
-DEFAULT_MODELS = "resnet20,resnet56,mobilenet_v1"
+DEFAULT_MODELS = "resnet20,resnet56"
 
 
 def random_variables(module, input_shape, seed=0):
@@ -41,23 +43,16 @@ def random_variables(module, input_shape, seed=0):
     return jax.tree_util.tree_map_with_path(make, abstract)
 
 
-def ratio_for_macs(net, target=0.5, tolerance=0.01, steps=40):
-    """The uniform keep ratio whose kept MACs are closest to `target` x dense MACs (bisection)."""
-    def fraction(r):
-        return net.cost(net.keep_counts(r))[0] / net.macs
-
-    lo, hi = 1e-3, 1.0
-    best = (abs(fraction(hi) - target), hi)
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        f = fraction(mid)
-        best = min(best, (abs(f - target), mid))
-        lo, hi = (mid, hi) if f < target else (lo, mid)
-    ratio = best[1]
-    if abs(fraction(ratio) - target) > tolerance:
-        raise SystemExit(f"no uniform ratio gives {target:.0%} +- {tolerance:.0%} of the MACs; "
-                         f"closest: ratio {ratio:.4f} -> {fraction(ratio):.2%}")
-    return ratio, fraction(ratio)
+def keep_for_macs(net, target, round_to):
+    """(keep K, counts): the largest K in steps of 0.001 whose `agmc prune --keep K` counts keep <= target MACs."""
+    best = None
+    for keep in np.arange(1, 1001) / 1000:
+        counts = rounded_counts(net.group_sizes, keep, round_to)
+        if net.cost(counts)[0] <= target * net.macs * (1 + 1e-9):
+            best = (float(keep), counts)
+    if best is None:
+        raise SystemExit(f"no keep ratio with --round-to {round_to} keeps {target:.0%} of the MACs or less")
+    return best
 
 
 def timed_call(fn, args):
@@ -66,69 +61,83 @@ def timed_call(fn, args):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(dense, dense_args, slim, slim_args, repeats, warmup=2):
-    """Median wall and CPU seconds per call of each, measured interleaved after `warmup` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(dense(*dense_args))
-        jax.block_until_ready(slim(*slim_args))
-    times = {"dense": [], "slim": []}
+def measure(calls, repeats, warmup=2):
+    """{name: (median wall, median CPU seconds)} of `calls` ({name: (fn, args)}), interleaved after `warmup`."""
+    for fn, args in calls.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times = {name: [] for name in calls}
+    order = list(calls.items())
     for i in range(repeats):
-        order = (("dense", dense, dense_args), ("slim", slim, slim_args))
-        for key, fn, args in (order if i % 2 == 0 else order[::-1]):
-            times[key].append(timed_call(fn, args))
-    return {k: tuple(np.median(np.array(v), axis=0)) for k, v in times.items()}
+        for name, (fn, args) in (order if i % 2 == 0 else order[::-1]):
+            times[name].append(timed_call(fn, args))
+    return {name: tuple(np.median(np.array(t), axis=0)) for name, t in times.items()}
+
+
+def forward(module, variables, shape, folded):
+    """(jitted inference call, its variables): BatchNorm folded or as trained."""
+    if folded:
+        module, variables = fold_batchnorm(trace(module, variables, shape), variables)
+    return jax.jit(lambda v, x: module.apply(v, x, train=False)), jax.device_put(variables)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated zoo names (default {DEFAULT_MODELS})")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per network and batch (median)")
-    parser.add_argument("--batches", default="1,256", help="comma-separated batch sizes")
-    parser.add_argument("--target", type=float, default=0.5, help="fraction of the MACs the slimmed network keeps")
-    parser.add_argument("--round-to", type=int, default=1,
-                        help="keep channel counts in multiples of this (the largest uniform policy within the target)")
+    parser.add_argument("--models", default=DEFAULT_MODELS,
+                        help=f"comma-separated zoo names (default {DEFAULT_MODELS})")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per network at batch > 1 (median)")
+    parser.add_argument("--batches", default="256,1", help="comma-separated batch sizes")
+    parser.add_argument("--target", type=float, default=0.5, help="most MACs the slimmed network keeps (fraction)")
+    parser.add_argument("--round-to", default="1,8,16", help="roundings compared with the default (comma-separated)")
     parser.add_argument("--large-batch-size", type=int, default=None,
                         help="input H=W for ImageNet models at batches > 1 (default: their standard 224)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    roundings = [None] + [int(r) for r in args.round_to.split(",") if r]
     print(f"jax {jax.__version__}, devices {jax.devices()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}; repeats {args.repeats} (median), warm-up excluded")
-    header = (f"{'model':<13} {'input':<11} {'batch':>5} {'keep':>6} {'MACs':>6} {'dense ms':>10} {'slim ms':>10} "
-              f"{'speedup':>8} {'/ideal':>7} {'cpu speedup':>11} {'/ideal':>7}")
-    rows = []
+          f"load average {os.getloadavg()[0]:.1f}; repeats {args.repeats} (median), warm-up excluded; "
+          "every network BatchNorm-folded, speedup = dense folded / slim folded")
+    header = (f"{'model':<13} {'batch':>5} {'rounding':<12} {'keep':>6} {'channels':<14} {'MACs':>6} {'ideal':>6} "
+              f"{'dense ms':>9} {'slim ms':>9} {'speedup':>8} {'cpu':>6} {'/ideal':>7}")
+    rows, notes = [], []
     for name in args.models.split(","):
         spec = MODELS[name]
         module = create_model(name)
         variables = random_variables(module, spec.input_shape)
         net = trace(module, variables, spec.input_shape)
-        if args.round_to > 1:
-            config = EnvConfig(target_macs=args.target, round_to=args.round_to)
-            counts = Budget(Channels(net, config), config).uniform_counts()
-            ratio, fraction = float(np.mean(counts / np.array(net.group_sizes))), net.cost(counts)[0] / net.macs
-        else:
-            ratio, fraction = ratio_for_macs(net, args.target)
-            counts = net.keep_counts(ratio)
-        masks = masks_from_vectors(net, top_channels(net, variables, counts))
-        slim_module, slim_vars = slim(net, variables, masks)
-        slim_net = trace(slim_module, slim_vars, spec.input_shape)
-        assert slim_net.macs == net.cost(counts)[0]
-        dense = jax.jit(lambda v, x: module.apply(v, x, train=False))
-        slim_apply = jax.jit(slim_module.apply)
-        variables, slim_vars = jax.device_put(variables), jax.device_put(slim_vars)
+        policies = {}
+        for round_to in roundings:
+            keep, counts = keep_for_macs(net, args.target, round_to)
+            masks = masks_from_vectors(net, top_channels(net, variables, counts))
+            slim_module, slim_vars = slim(net, variables, masks)
+            assert trace(slim_module, slim_vars, spec.input_shape).macs == net.cost(counts)[0]
+            policies["default" if round_to is None else f"--round-to {round_to}"] = (
+                keep, counts, net.cost(counts)[0] / net.macs, slim_module, slim_vars)
         for batch in batches:
             shape = spec.input_shape
             if batch > 1 and args.large_batch_size and shape[0] > 32:
                 shape = (args.large_batch_size, args.large_batch_size, shape[2])
+            calls = {"dense": forward(module, variables, shape, True),
+                     "dense unfolded": forward(module, variables, shape, False)}
+            for label, (_, _, _, slim_module, slim_vars) in policies.items():
+                calls[label] = forward(slim_module, slim_vars, shape, True)
+            calls["default unfolded"] = forward(*policies["default"][3:], shape, False)
             x = jax.device_put(np.random.default_rng(batch).standard_normal((batch, *shape), np.float32))
-            t = measure(dense, (variables, x), slim_apply, (slim_vars, x), args.repeats)
-            (dense_wall, dense_cpu), (slim_wall, slim_cpu) = t["dense"], t["slim"]
-            speedup, cpu_speedup = dense_wall / slim_wall, dense_cpu / slim_cpu
-            rows.append(f"{name:<13} {'x'.join(map(str, shape)):<11} {batch:>5} {ratio:>6.3f} {fraction:>6.1%} "
-                        f"{dense_wall * 1e3:>10.2f} {slim_wall * 1e3:>10.2f} {speedup:>7.2f}x {speedup * fraction:>7.2f} "
-                        f"{cpu_speedup:>10.2f}x {cpu_speedup * fraction:>7.2f}")
-            print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
-    print("\n/ideal = speedup / (1 / MACs ratio); target at batch 256: >= 0.8")
-    print("\n" + header + "\n" + "\n".join(rows))
+            t = measure({k: (fn, (v, x)) for k, (fn, v) in calls.items()}, args.repeats * (10 if batch == 1 else 1))
+            for label, (keep, counts, fraction, _, _) in policies.items():
+                speedup, cpu = t["dense"][0] / t[label][0], t["dense"][1] / t[label][1]
+                channels = "/".join(str(c) for c in dict.fromkeys(counts.tolist()))
+                rows.append(f"{name:<13} {batch:>5} {label:<12} {keep:>6.3f} {channels[:14]:<14} {fraction:>6.1%} "
+                            f"{1 / fraction:>5.2f}x {t['dense'][0] * 1e3:>9.2f} {t[label][0] * 1e3:>9.2f} "
+                            f"{speedup:>7.2f}x {cpu:>5.2f}x {speedup * fraction:>7.2f}")
+                print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
+            notes.append(f"{name} batch {batch}: folding alone: dense {t['dense unfolded'][0] / t['dense'][0]:.2f}x; "
+                         f"default slim unfolded vs dense unfolded "
+                         f"{t['dense unfolded'][0] / t['default unfolded'][0]:.2f}x")
+            print(notes[-1], flush=True)
+    print("\nrounding 'default' = `agmc prune --keep K` (8 for groups of 16 channels or more); channels: the distinct "
+          "kept counts in group order; /ideal = speedup / ideal")
+    print("\n" + header + "\n" + "\n".join(rows) + "\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":

@@ -241,6 +241,7 @@ def test_prune_writes_a_slim_network_that_reloads(capsys, tmp_path):
                          "--out", str(tmp_path / "p"))
     report = json.loads(out)
     assert status == 0 and report["macs_ratio"] < 0.5
+    assert report["counts"] == [3, 8, 64, 40]  # LeNet-5's 6/16/120/84 halved: exact below 16, else to multiples of 8
     module, variables, _ = load_network(tmp_path / "p")
     x, _ = load_arrays("fashion_mnist", "validation", limit=8)
     net = trace(module, variables, x[:1])
@@ -294,11 +295,12 @@ def test_user_module_defined_here_searches_end_to_end():
 
 
 def test_prune_re_estimates_batchnorm_so_a_pruned_resnet_is_not_at_chance(capsys, tmp_path):
-    """Shipped ResNet-20, 70% of every group's channels (48% of the MACs): 10% without re-estimation, 49% with."""
+    """Shipped ResNet-20, 70% of every group's channels, exactly (48% of the MACs): 10% without re-estimation, 49%
+    with."""
     workdir = BASELINE.parent / "resnet20_fashion_mnist"
     accuracy = {}
     for flag in ("--recalibrate-bn", "--no-recalibrate-bn"):
-        status, out, _ = run(capsys, "prune", "--workdir", str(workdir), "--keep", "0.7", flag,
+        status, out, _ = run(capsys, "prune", "--workdir", str(workdir), "--keep", "0.7", "--round-to", "1", flag,
                              "--out", str(tmp_path / flag))
         assert status == 0
         accuracy[flag] = json.loads(out)["validation_accuracy"]

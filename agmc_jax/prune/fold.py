@@ -66,8 +66,8 @@ def _modules(net):
 
 
 def fold_pairs(net):
-    """((layer scope path, BatchNorm scope path, its epsilon), ...): every convolution or dense layer whose output only a
-    BatchNorm over its channels reads (after the layer's own bias, if any), as found in the traced program."""
+    """((layer scope path, BatchNorm scope path, its epsilon), ...): every convolution or dense layer whose output
+    only a BatchNorm over its channels reads (after the layer's own bias, if any), as found in the traced program."""
     program, paths = net.program, net.paths
     readers, made_by = {}, {}
     for op in program.ops:
