@@ -95,8 +95,8 @@ def check_config(config: EnvConfig) -> None:
         raise BudgetError("calibration_images and eval_batch must be positive")
 
 
-AUTO_MULTIPLE = 8  # AMC's rounding; on an AVX-512 CPU ResNet-20 at 50% MACs runs 0.8x dense at 11/23/45 channels,
-# 1.6x at 8/24/48 (experiments/bench_slim.py)
+AUTO_MULTIPLE = 8  # AMC's rounding; on this 2-core CPU ResNet-20 at 50% MACs ran 0.74-0.94x dense at 11/23/45 channels,
+# 1.38-1.54x at 8/24/48 (1.55-1.61x in CPU time; experiments/bench_slim.py, batch 256, BatchNorm folded)
 
 
 def channel_multiples(sizes, round_to=None) -> np.ndarray:
