@@ -17,6 +17,8 @@ import numpy as np
 
 from agmc_jax import checkpoint
 from agmc_jax.errors import CheckpointError, InputShapeError
+from agmc_jax.graph import trace
+from agmc_jax.prune import fold_batchnorm
 from agmc_jax.quant import Quantized, freeze_bits
 from agmc_jax.quant.packed import packed_kernel, quantized_kernels
 from agmc_jax.quant.qat import path_names
@@ -81,13 +83,20 @@ def _base(module: nn.Module) -> tuple[nn.Module, dict]:
     return module, {}
 
 
-def export_network(module: nn.Module, variables, input_shape, out) -> dict:
+def export_network(module: nn.Module, variables, input_shape, out, fold: bool = True) -> dict:
     """Write (module, variables) to the new directory `out` as a portable artifact for images of `input_shape`
-    (one image, e.g. (28, 28, 1)), any batch size; returns the description written to export.json."""
+    (one image, e.g. (28, 28, 1)), any batch size; returns the description written to export.json.
+
+    With `fold`, every BatchNorm that follows a convolution or dense layer alone is folded into it (inference is
+    faster, outputs equal to float rounding); a quantized network is never folded: its kernels must stay on
+    their b-bit grids."""
     if len(input_shape) < 1 or not all(isinstance(size, int) and size > 0 for size in input_shape):
         raise InputShapeError(f"input shape {tuple(input_shape)} is not one image's shape; give positive sizes, "
                               "e.g. (28, 28, 1)")
     runner, widths = _base(module)
+    folded = fold and not widths
+    if folded:
+        runner, variables = fold_batchnorm(trace(runner, variables, tuple(input_shape)), variables)
     weights = _weights(variables, widths)
     images = jax.ShapeDtypeStruct((*jax.export.symbolic_shape("batch"), *input_shape), jnp.float32)
     try:
@@ -100,6 +109,7 @@ def export_network(module: nn.Module, variables, input_shape, out) -> dict:
     description = {"input_shape": list(input_shape), "input_dtype": "float32", "batch": "any (symbolic)",
                    "output_shape": [str(size) for size in exported.out_avals[0].shape],
                    "platforms": list(exported.platforms), "quantized_kernels": len(widths),
+                   "folded_batchnorms": len(runner.norms) if folded else 0,
                    "weights_bytes": int(sum(array.nbytes for array in weights.values())), "load": LOADING}
     with checkpoint.new_directory(out) as partial:
         (partial / PROGRAM).write_bytes(exported.serialize())

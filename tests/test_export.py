@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from agmc_jax.data import load_arrays
+from agmc_jax.models import create_model, init_model
 from agmc_jax.networks import final_network, load_network
 from agmc_jax.portable import export_network
 from agmc_jax.quant import Quantized, quantized_variables
@@ -49,6 +50,20 @@ def test_slim_network_runs_without_its_code_at_any_batch_size(capsys, tmp_path, 
         expected = module.apply(variables, images[:count], train=False)
         got = outputs_in_a_fresh_process(tmp_path / "e", images[:count], tmp_path)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_is_folded_into_the_convolutions_with_the_same_outputs(tmp_path, images):
+    module = create_model("resnet20", num_classes=10)
+    variables = init_model(module, (28, 28, 1))
+    rng = np.random.default_rng(0)
+    stats = {"mean": lambda v: 0.3 * rng.standard_normal(v.shape), "var": lambda v: rng.uniform(0.5, 2.0, v.shape)}
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, v: stats[path[-1].key](v).astype(v.dtype) if path[0].key == "batch_stats" else v, variables)
+    description = export_network(module, variables, (28, 28, 1), tmp_path / "r")
+    assert description["folded_batchnorms"] == len(jax.tree.leaves(variables["batch_stats"])) // 2 > 0
+    assert not [key for key in np.load(tmp_path / "r" / "weights.npz").files if key.startswith("batch_stats")]
+    np.testing.assert_allclose(outputs_in_a_fresh_process(tmp_path / "r", images[:3], tmp_path),
+                               module.apply(variables, images[:3], train=False), rtol=1e-4, atol=1e-4)
 
 
 def test_quantized_network_stores_packed_codes_and_computes_as_fake_quantization(tmp_path, images):
