@@ -57,21 +57,20 @@ def amc_wall(budget, actions):
     targets = np.array([np.inf if f is None else f * total
                         for f, total in zip((config.target_macs, config.target_params), totals)])
 
-    def floor(count, size):
-        """Rounded down to a multiple of round_to, within [round_to, size]."""
-        step = config.round_to
+    def floor(count, size, step):
+        """Rounded down to a multiple of the step's multiple, within [multiple, size]."""
         return count if step == 1 else min(size, max(step, count // step * step))
 
     wanted = np.floor(wanted_counts(budget, actions) + 1e-4).astype(np.int64)  # as the wall: float32 products
     counts = sizes.copy()
-    for t, (size, low) in enumerate(zip(sizes, lows)):
+    for t, (size, low, step) in enumerate(zip(sizes, lows, budget.space.multiples)):
         trial = np.where(np.arange(len(sizes)) > t, lows, counts)
         fit, high = low, size
         while fit < high:
             trial[t] = (fit + high + 1) // 2
             fits = np.all(np.asarray(kind.cost(trial), np.float64) <= targets)
             fit, high = (trial[t], high) if fits else (fit, trial[t] - 1)
-        counts[t] = max(min(floor(wanted[t], size), max(floor(fit, size), low)), low)
+        counts[t] = max(min(floor(wanted[t], size, step), max(floor(fit, size, step), low)), low)
     return counts
 
 
