@@ -20,7 +20,7 @@ from agmc_jax.errors import CheckpointError, InputShapeError
 from agmc_jax.graph import trace
 from agmc_jax.prune import fold_batchnorm
 from agmc_jax.quant import Quantized, freeze_bits
-from agmc_jax.quant.packed import packed_kernel, quantized_kernels
+from agmc_jax.quant.packed import codes_from_offsets, packed_kernel, quantized_kernels
 from agmc_jax.quant.qat import path_names
 
 PROGRAM, WEIGHTS, DESCRIPTION = "model.stablehlo", "weights.npz", "export.json"
@@ -40,8 +40,7 @@ def _unpacked(stream, scale, bits: int, shape, dtype):
     planes = (stream[:, None] >> jnp.arange(7, -1, -1, dtype=jnp.uint8)) & 1
     planes = planes.reshape(-1)[:count * bits].reshape(count, bits).astype(jnp.int32)
     offset = jnp.sum(planes << jnp.arange(bits - 1, -1, -1, dtype=jnp.int32), axis=1)
-    codes = offset - max(2 ** (bits - 1) - 1, 1) if bits > 1 else 2 * offset - 1
-    return codes.astype(dtype).reshape(shape) * scale.astype(dtype)
+    return codes_from_offsets(offset, bits).astype(dtype).reshape(shape) * scale.astype(dtype)
 
 
 def _weights(variables, widths) -> dict:

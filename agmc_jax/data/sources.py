@@ -108,14 +108,11 @@ def not_prepared_message(name: str, builder) -> str:
 
 def split_data_source(name: str, split: str, data_dir: str | None = None):
     """The tfds random-access data source of our `split` of dataset `name`."""
-    with fashion_mnist.quiet_tfds():
-        return _data_source(name, tfds_split(name, split), data_dir)
-
-
-def _data_source(name: str, wanted: str, data_dir: str | None):
-    if name == "fashion_mnist":
+    wanted = tfds_split(name, split)
+    if name == "fashion_mnist":  # its builder holds tfds's output back itself
         return fashion_mnist.prepared_builder(data_dir).as_data_source(split=wanted)
-    builder = tfds.builder(name, data_dir=data_dir)
+    with fashion_mnist.quiet_tfds():
+        builder = tfds.builder(name, data_dir=data_dir)
     try:
         return builder.as_data_source(split=wanted)
     except NotImplementedError as e:

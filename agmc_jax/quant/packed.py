@@ -100,6 +100,11 @@ def quantized_kernels(variables, bits) -> dict:
     return jax.device_get(_quantized_kernels(variables, freeze_bits(bits)))
 
 
+def codes_from_offsets(offset, bits: int):
+    """The signed codes of `packed_kernel`'s offset codes (NumPy or jax.numpy integers)."""
+    return offset - _top(bits) if bits > 1 else 2 * offset - 1
+
+
 def _decode(data: bytes, entry) -> np.ndarray:
     """The (dequantized) array of a leaf from its bytes."""
     shape, bits, dtype = tuple(entry["shape"]), entry["bits"], jnp.dtype(entry["dtype"])
@@ -107,7 +112,7 @@ def _decode(data: bytes, entry) -> np.ndarray:
         return np.frombuffer(data, "<f4").reshape(shape).astype(dtype)
     count, packed = math.prod(shape), math.ceil(bits * math.prod(shape) / 8)
     offset = unpack_codes(data[:packed], bits, count)
-    codes = (offset - _top(bits) if bits > 1 else 2 * offset - 1).astype(np.float32).reshape(shape)
+    codes = codes_from_offsets(offset, bits).astype(np.float32).reshape(shape)
     return (codes * np.frombuffer(data[packed:], "<f4")).astype(dtype)
 
 
