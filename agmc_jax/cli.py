@@ -188,8 +188,14 @@ def cmd_reproduce(args):
         print(json.dumps(reproduce(config, args.workdir, args.data_dir), indent=1))
 
 
-def _search_arguments(parser):
-    parser.add_argument("--method", default="agmc", help=describe_methods())
+AUTOCOMPRESS_HELP = ("; autocompress: AutoCompress's rounds of annealing, ADMM structured pruning, purification and "
+                     "retraining (--agent-option structure=filter|column|both, rounds, episodes, admm_epochs, "
+                     "retrain_epochs, learning_rate, momentum, weight_decay, rho, rho_growth, rho_max, admm_interval, "
+                     "and annealing's options)")
+
+
+def _search_arguments(parser, methods_help=""):
+    parser.add_argument("--method", default="agmc", help=describe_methods() + methods_help)
     parser.add_argument("--target-macs", type=_FRACTION, default=None, help="MACs budget as a fraction (0, 1)")
     parser.add_argument("--target-params", type=_FRACTION, default=None, help="parameter budget as a fraction (0, 1)")
     parser.add_argument("--episodes", type=_COUNT, default=100)
@@ -285,7 +291,7 @@ def parser():
     p.add_argument("--data-dir")
     p.add_argument("--finetune-epochs", type=_COUNT, default=1)
     p.add_argument("--lr", type=_POSITIVE, default=0.02)
-    _search_arguments(p)
+    _search_arguments(p, AUTOCOMPRESS_HELP)
     p.add_argument("--stages", type=_stages, default=("prune",),
                    help="prune | quantize | prune,quantize: search keep ratios, slim and fine-tune; then search "
                         "weight bits per layer, fine-tune quantization-aware and export a packed file")

@@ -5,6 +5,7 @@ outputs before and after and against counts done by hand; AutoCompress end to en
 network with a depthwise convolution.
 """
 import itertools
+import json
 from pathlib import Path
 
 import flax.linen as nn
@@ -15,11 +16,14 @@ import pytest
 
 from agmc_jax.autocompress import AutoCompressConfig, autocompress, split_options, structure_masks
 from agmc_jax.cli import main
+from agmc_jax.data import load_arrays, mock_data
 from agmc_jax.env import EnvConfig
 from agmc_jax.errors import AdmmError, BudgetError, CheckpointError
 from agmc_jax.graph import trace
 from agmc_jax.kinds.columns import Columns
 from agmc_jax.models import create_model, init_model
+from agmc_jax.networks import load_network
+from agmc_jax.portable import load_exported
 from agmc_jax.prune import slim_variables
 from agmc_jax.prune.admm import (AdmmConfig, FitConfig, Sparsity, Target, admm_train, array_feed,
                                  check_admm_config, masked_train)
@@ -291,3 +295,31 @@ def test_bad_autocompress_input_is_one_line_with_status_2_and_writes_nothing(cap
     err = capsys.readouterr().err.strip()
     assert status == 2 and words in err and len(err.splitlines()) == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_compress_autocompress_meets_the_budget_and_its_export_runs(capsys, tmp_path):
+    """`agmc compress --method autocompress` end to end (mock data: the pipeline, not accuracy), then
+    `agmc export` of its output: the portable program gives the fine-tuned network's logits."""
+    out, exported = tmp_path / "c", tmp_path / "e"
+    options = ["structure=filter", "rounds=1", "episodes=4", "admm_interval=1", "rho=0.01"]
+    with mock_data(256):
+        main(["compress", "--workdir", str(BASELINE), "--out", str(out), "--method", "autocompress",
+              "--target-macs", "0.5", "--reward-images", "64", "--lr", "0.01",
+              *itertools.chain.from_iterable(("--agent-option", o) for o in options)])
+        images, _ = load_arrays("fashion_mnist", "validation", None, limit=16)
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "autocompress" and report["macs"]["ratio"] <= 0.5
+    assert [s["purified"]["max_output_change"] < 1e-4 for s in report["autocompress"]["stages"]] == [True]
+    assert "physically smaller" in report["autocompress"]["export"] and report["latency_ms_batch128"]["slim"] > 0
+    main(["export", str(out), "--out", str(exported)])
+    module, variables, _ = load_network(out / "finetune")
+    expected = np.asarray(module.apply(variables, images))
+    np.testing.assert_allclose(np.asarray(load_exported(exported)(images)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compress_help_names_every_autocompress_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "autocompress:" in text
+    assert all(field in text for field in AutoCompressConfig._fields if field != "structure")
