@@ -85,14 +85,15 @@ class Experiment:
                                     admm_interval=max(1, args.admm_steps // args.admm_updates))
         result = autocompress(self.module, self.variables, self.feed(seed, args.admm_steps), self.validation,
                               budget.get("target_macs"), budget.get("target_params"), config, seed,
-                              out=out / "autocompress", resume=True)
+                              out=out / "autocompress", resume=True, round_to=args.round_to)
         trained = sum(2 * args.admm_steps for s in result.stages if "skipped" not in s)
         return result.module, result.variables, trained, result.stages
 
     def searched(self, method, budget, seed, out, kind=None):
         """A search's exported network (slimmed channels, or sparse weights for `kind='weights'`)."""
         result = search(self.module, self.variables, self.validation, method=method, episodes=self.args.episodes,
-                        seed=seed, out=out / "search", resume=True, progress=False, kind=kind, **budget)
+                        seed=seed, out=out / "search", resume=True, progress=False, kind=kind,
+                        round_to=self.args.round_to, **budget)
         module, variables = result.slim()
         return module, variables, 0, {"reward": result.reward, "accuracy": result.accuracy}
 
@@ -171,7 +172,7 @@ def ultra_table(pairs, dense):
         for label, record in (("AutoCompress", ours), ("uniform magnitude", theirs)):
             if record["test"] >= dense - 0.01:
                 best[label] = max(best[label] or 0.0, 1 / record["params"])
-    summary = "; ".join(f"{label}: " + ("no budget swept" if factor is None else f"{factor:.1f}x fewer parameters")
+    summary = "; ".join(f"{label}: " + ("none of the budgets" if factor is None else f"{factor:.1f}x fewer parameters")
                         for label, factor in best.items())
     return "\n".join(lines) + f"\n\nLargest reduction within one point of the dense test accuracy: {summary}.\n"
 
@@ -191,6 +192,9 @@ def main():
     parser.add_argument("--admm-updates", type=int, default=4, help="ADMM Z/U updates (rho x1.3 each) per ADMM phase")
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="channel multiples (default exact counts: the library's default, multiples of 8 for "
+                             "groups of 16+ channels, leaves ResNet-20's 16-channel groups only 8 or 16)")
     args = parser.parse_args()
 
     experiment = Experiment(args)
