@@ -1,4 +1,5 @@
-"""The reward spread over 4 CPU devices (a subprocess with 4 host devices) equals one device's."""
+"""The reward, the search and ADMM training spread over 4 CPU devices (a subprocess with 4 host devices) equal
+one device's."""
 import json
 import subprocess
 import sys
@@ -43,6 +44,19 @@ histories = [search(module, variables, (images, labels), method="amc", episodes=
              for mesh in (one, four)]
 out["search"] = {"one": [h["reward"] for h in histories[0]], "four": [h["reward"] for h in histories[1]],
                  "keep_equal": [h["keep"] for h in histories[0]] == [h["keep"] for h in histories[1]]}
+from agmc_jax.prune.admm import AdmmConfig, FitConfig, Sparsity, Target, admm_train, array_feed, masked_train
+sparsity = Sparsity(net)
+target = Target(filters=np.maximum(1, np.asarray(net.group_sizes) // 2))
+trained = [admm_train(module, variables, array_feed(images[:48], labels[:48], 16), sparsity, target,
+                      FitConfig(epochs=2, learning_rate=0.05), AdmmConfig(rho=0.5, interval=2), mesh=mesh)
+           for mesh in (one, four)]
+retrained = [masked_train(module, v, sparsity.masks(v, target), array_feed(images[:48], labels[:48], 16),
+                          FitConfig(epochs=1), mesh=mesh)[0] for (v, _), mesh in zip(trained, (one, four))]
+gap = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+                       zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+out["admm"] = {"distances": [[h["distance"] for h in history] for _, history in trained],
+               "admm_gap": gap(trained[0][0], trained[1][0]), "retrain_gap": gap(*retrained),
+               "devices": [len(jax.tree.leaves(v["params"])[0].sharding.device_set) for v in retrained]}
 print(json.dumps(out))
 """
 
@@ -66,3 +80,11 @@ def test_rewards_on_four_devices_equal_one_device(measured, case):
 def test_a_search_on_four_devices_equals_one_on_one_device(measured):
     assert measured["search"]["keep_equal"]
     assert measured["search"]["one"] == pytest.approx(measured["search"]["four"], abs=1e-6)
+
+
+def test_admm_and_masked_training_on_four_devices_equal_one_device(measured):
+    result = measured["admm"]
+    assert result["distances"][0] == pytest.approx(result["distances"][1], rel=1e-4, abs=1e-6)
+    assert result["distances"][0][-1] < result["distances"][0][0]
+    assert result["admm_gap"] < 1e-4 and result["retrain_gap"] < 1e-4
+    assert result["devices"] == [1, 4]

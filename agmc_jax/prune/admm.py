@@ -15,16 +15,18 @@ and rho grows by `rho_growth` up to `rho_max`. The sets, for a `Target`:
 The penalty reaches `train.train_step` through the "losses" collection (`Penalized`), so an ADMM step
 is the ordinary train step of a wrapped module; `admm_train` and `masked_train` are the two phases.
 """
+from functools import partial
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from agmc_jax.errors import AdmmError
 from agmc_jax.prune.masks import masks_from_vectors
-from agmc_jax.train import LOSSES, OptimizerSpec, TrainState, make_optimizer, train_step
+from agmc_jax.train import LOSSES, OptimizerSpec, TrainState, data_mesh, global_batch, make_optimizer, train_step
 
 
 class Target(NamedTuple):
@@ -280,20 +282,26 @@ def _optimizer(fit: FitConfig, steps: int) -> OptimizerSpec:
     return OptimizerSpec(fit.learning_rate, fit.momentum, fit.weight_decay, "cosine", 0, max(1, fit.epochs * steps))
 
 
-def _train(module, variables, masks, feed: Feed, fit: FitConfig, on_step=None, carry=None, wrap=None):
+def _train(module, variables, masks, feed: Feed, fit: FitConfig, on_step=None, carry=None, wrap=None, mesh=None):
     """Train `variables` for `fit.epochs`, params times `masks` after every step (pruned stays pruned).
 
-    `wrap(carry)` gives the module a step trains (default `module`); every step `on_step(step, params,
-    carry)` may return a new carry (host). Returns (variables, carry, the last epoch's mean loss and accuracy).
+    Each batch is split over `mesh`'s 'data' axis (default: every device), the state replicated, as in
+    `train.train`. `wrap(carry)` gives the module a step trains (default `module`); every step
+    `on_step(step, params, carry)` may return a new carry (host). Returns (variables, carry, the last
+    epoch's mean loss and accuracy).
     """
     if fit.epochs < 1:
         raise AdmmError(f"training phases need at least one epoch, got {fit.epochs}")
+    mesh = data_mesh() if mesh is None else mesh
     spec = _optimizer(fit, feed.steps)
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.tree.map(lambda v, m: v * m, variables["params"], masks["params"])
-    state = TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
-                       make_optimizer(spec).init(params))
+    state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
+                                      make_optimizer(spec).init(params)), replicated, may_alias=False)  # donated
+    carry, masks = jax.device_put((carry, masks["params"]), replicated)
 
-    @jax.jit
+    @partial(jax.jit, in_shardings=(replicated, split, replicated, replicated), out_shardings=replicated,
+             donate_argnums=0)
     def step(state, batch, carry, masks):
         state, metrics = train_step(module if wrap is None else wrap(carry), spec, state, batch)
         return state._replace(params=jax.tree.map(lambda p, m: p * m, state.params, masks)), metrics
@@ -302,7 +310,10 @@ def _train(module, variables, masks, feed: Feed, fit: FitConfig, on_step=None, c
     for epoch in range(fit.epochs):
         metrics = []
         for batch in feed.batches(epoch):
-            state, sums = step(state, batch, carry, masks["params"])
+            if len(batch["label"]) % mesh.devices.size:
+                raise AdmmError(f"a batch of {len(batch['label'])} examples does not split over "
+                                f"{mesh.devices.size} devices; choose a batch size that is a multiple of it")
+            state, sums = step(state, global_batch(batch, mesh), carry, masks)
             metrics.append(sums)
             done += 1
             if on_step is not None:
@@ -315,11 +326,11 @@ def _train(module, variables, masks, feed: Feed, fit: FitConfig, on_step=None, c
 
 
 def admm_train(module, variables, feed: Feed, sparsity: Sparsity, target: Target, fit: FitConfig = FitConfig(),
-               config: AdmmConfig = AdmmConfig(), masks=None):
+               config: AdmmConfig = AdmmConfig(), masks=None, mesh=None):
     """ADMM training towards `target`: returns (variables, history of {step, rho, distance} per Z/U update).
 
     `masks` (e.g. an earlier round's) stay applied. The variables are not yet on the set: `sparsity.masks`
-    gives the hard masks of their projection.
+    gives the hard masks of their projection. Batches are split over `mesh` (default: every device).
     """
     check_admm_config(config)
     target = sparsity.check_target(target)
@@ -340,13 +351,14 @@ def admm_train(module, variables, feed: Feed, sparsity: Sparsity, target: Target
         return Penalized(module, lambda params: admm_penalty(sparsity, state, params))
 
     init = jax.jit(lambda params: admm_init(sparsity, params, target, config))
-    variables, _, metrics = _train(module, variables, masks, feed, fit, on_step, init(start), wrap)
+    variables, _, metrics = _train(module, variables, masks, feed, fit, on_step, init(start), wrap, mesh)
     history.append({"step": fit.epochs * feed.steps, "rho": history[-1]["rho"],
                     "distance": float(distance(variables["params"])), **metrics})
     return variables, history
 
 
-def masked_train(module, variables, masks, feed: Feed, fit: FitConfig = FitConfig()):
-    """Retrain with `masks` fixed (every masked parameter stays zero): returns (variables, last epoch's metrics)."""
-    variables, _, metrics = _train(module, variables, masks, feed, fit)
+def masked_train(module, variables, masks, feed: Feed, fit: FitConfig = FitConfig(), mesh=None):
+    """Retrain with `masks` fixed (every masked parameter stays zero): returns (variables, last epoch's metrics).
+    Batches are split over `mesh` (default: every device)."""
+    variables, _, metrics = _train(module, variables, masks, feed, fit, mesh=mesh)
     return variables, metrics
