@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from agmc_jax.agents import AGENTS, AnnealingConfig, agent_config, annealing
-from agmc_jax.agents.annealing import acceptance
+from agmc_jax.agents.annealing import acceptance, filled_start
+from agmc_jax.env import Budget, EnvConfig
+from agmc_jax.graph import trace
+from agmc_jax.kinds import KINDS
 from agmc_jax.errors import AgmcError
 from agmc_jax.models import create_model, init_model
 from agmc_jax.search import search
@@ -125,3 +128,28 @@ def test_searched_policies_meet_the_budget_and_the_rule_up_to_one_rounding_multi
         assert record["macs_ratio"] <= 0.3 * (1 + 1e-6)
         assert np.all(~bigger | ((keep[:, None] - keep[None, :]) * sizes[None, :]
                                  < np.maximum(multiples[:, None], multiples[None, :])))
+
+
+@pytest.mark.parametrize("round_to, least", [(None, 0.35), (1, 0.49)])
+def test_the_start_obeys_the_rule_on_counts_and_no_step_can_be_raised(round_to, least):
+    """ResNet-20 at half the MACs: rounding breaks the rule in the uniform policy (its 32-channel residual group keeps
+    more than its 16-channel one), which the agent's clipping would then collapse to the 16-channel groups' ratio; the
+    start obeys the rule on whole counts, meets the budget, and no step can be raised by one multiple."""
+    module = create_model("resnet20", 10)
+    net = trace(module, jax.eval_shape(lambda: init_model(module, (28, 28, 1))), (28, 28, 1))
+    config = EnvConfig(target_macs=0.5, round_to=round_to)
+    budget = Budget(KINDS["channels"](net, config), config)
+    weights = np.array([sum(layer.params for layer in layers) for layers in budget.kind.step_layers], float)
+    sizes, multiples = budget.sizes, budget.space.multiples
+
+    def ruled(counts):
+        ratio = counts / sizes
+        return bool(np.all((weights[:, None] <= weights[None, :]) | (ratio[:, None] <= ratio[None, :])))
+
+    start = filled_start(budget, weights)
+    assert not ruled(np.asarray(budget.uniform_counts()))
+    assert budget.feasible(start) and ruled(start) and budget.ratios(start)["macs_ratio"] > least
+    for t in range(len(sizes)):
+        raised = start.copy()
+        raised[t] = start[t] + multiples[t]
+        assert start[t] == sizes[t] or not (budget.feasible(raised) and ruled(raised))

@@ -68,19 +68,48 @@ def check_config(config: AnnealingConfig) -> None:
                         f"{config.scale_decay}")
 
 
+def filled_start(env, weights):
+    """A start that obeys the experience rule on whole counts and fills the budget: the uniform policy, each step
+    lowered to the keep ratio of the steps with fewer weights (rounding breaks the rule: rounded to 8, ResNet-20's
+    16-channel groups keep 8 or 16 where its 32-channel ones keep 24), then raised one rounding multiple at a time,
+    fewest weights first, while budget and rule both hold."""
+    counts = np.asarray(env.uniform_counts()).copy()
+    multiples = getattr(env.space, "multiples", None)
+    if multiples is None:  # an action space of its own (bit widths): the uniform policy as it is
+        return counts
+    sizes, lowest = np.asarray(env.sizes), np.asarray(env.min_counts)
+    for t in np.argsort(weights, kind="stable"):
+        fewer = weights < weights[t]
+        if fewer.any():
+            most = np.min(counts[fewer] / sizes[fewer]) * sizes[t]
+            counts[t] = max(lowest[t], min(counts[t], int(most + 1e-9) // multiples[t] * multiples[t]))
+    raised = True
+    while raised:
+        raised = False
+        for t in np.argsort(weights, kind="stable"):
+            trial = counts.copy()
+            trial[t] = min(sizes[t], counts[t] + multiples[t])
+            fewer = weights < weights[t]
+            ruled = not fewer.any() or trial[t] / sizes[t] <= np.min(counts[fewer] / sizes[fewer])
+            if trial[t] > counts[t] and ruled and env.feasible(trial):
+                counts, raised = trial, True
+    return counts
+
+
 def annealing_observation(env):
     """`observe(t, counts, actions)` for annealing on an environment (duck-typed: `steps`, `sizes`, `min_counts`,
     `kind.step_layers`, `space.wanted`, `feasible`, `count_action`, `uniform_counts`).
 
     A step's weights are the parameters of the layers it prunes; the start policy is the uniform one at the
-    budget (one keep ratio everywhere), which obeys the experience rule. "cap" is the largest action step t
+    budget (one keep ratio everywhere), filled up to the budget under the experience rule (`filled_start`). "cap" is the largest action step t
     may take so that the budget stays reachable with every later step keeping what the rule asks of it
     (at least the keep of each step so far with more weights) and the others at their lowest: below it the
     action wall never has to cut a later step under the rule's floor.
     """
-    weights = jnp.asarray([sum(layer.params for layer in layers) for layers in env.kind.step_layers], jnp.float32)
+    weights = np.asarray([sum(layer.params for layer in layers) for layers in env.kind.step_layers], np.float64)
     steps = jnp.arange(env.steps)
-    start = env.count_action(steps, jnp.asarray(env.uniform_counts(), jnp.float32))
+    start = env.count_action(steps, jnp.asarray(filled_start(env, weights), jnp.float32))
+    weights = jnp.asarray(weights, jnp.float32)
     bigger = weights[:, None] > weights[None, :]  # [i, j]: step i has more weights than step j
     lowest = jnp.asarray(env.min_counts, jnp.int32)
 
