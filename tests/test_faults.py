@@ -87,7 +87,8 @@ def setting(tmp_path_factory):
     for split, count in (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)):
         for stem in IDX_FILES[split]:
             _write_idx(idx / stem, read_idx(idx_path(DEFAULT_IDX_DIR, stem))[:count])
-    env = {**os.environ, "AGMC_TFDS_DIR": str(root / "tfds")}
+    # without the tests' compilation cache (conftest.py): a process killed inside a write would leave a torn entry
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("JAX_")}, "AGMC_TFDS_DIR": str(root / "tfds")}
     data = ("--workdir", str(BASELINE), "--data-dir", str(idx))
     reference = {"search": root / "reference_search", "compress": root / "reference_compress"}
     with pytest.MonkeyPatch.context() as patch:  # the data cache, prepared once for every run
