@@ -40,6 +40,7 @@ class EnvConfig(NamedTuple):
     min_bit: int = 2  # the bits kind's weight bit widths, HAQ's defaults
     max_bit: int = 8
     pinned_bits: int | None = 8  # bits of the first and last quantized layers, not searched; None: search them
+    fill: bool = False  # raise each walled policy by one shared shift of its actions to the budget (Budget.filled)
 
 
 def _accuracy_reward(accuracy, resource, bounds):
@@ -263,6 +264,29 @@ class Budget:
         def step(counts, t):
             return counts.at[t].set(self.action_count(t, actions[t], counts)), None
         return jax.lax.scan(step, jnp.asarray(self.sizes, jnp.int32), jnp.arange(self.steps))[0]
+
+    def filled(self, counts):
+        """`counts` (walled, so within the budget) raised by the largest shift of every step's action that stays
+        within it (traceable): AutoCompress rescales each neighbour to its target. A shared shift keeps the actions'
+        order, so the experience rule still holds; the step whose count would rise first at a cost over the budget
+        stops it."""
+        steps = jnp.arange(self.steps)
+        lowest, sizes = jnp.asarray(self.min_counts), jnp.asarray(self.sizes)
+        actions = self.count_action(steps, counts)
+
+        def shifted(delta):
+            wanted = jax.vmap(lambda t, a: self.space.wanted(t, a, counts.dtype))(steps, actions + delta)
+            return jnp.clip(wanted, lowest, sizes)
+
+        def bisect(_, bounds):
+            low, high = bounds
+            middle = (low + high) / 2
+            fits = self.feasible(shifted(middle), jnp)
+            return jnp.where(fits, middle, low), jnp.where(fits, high, middle)
+
+        low, _ = jax.lax.fori_loop(0, 24, bisect, (jnp.float32(0.0), jnp.float32(1.0)))
+        raised = shifted(low)
+        return jnp.where(self.feasible(raised, jnp) & jnp.all(raised >= counts), raised, counts)
 
     def uniform_counts(self):
         """The handcrafted baseline: one level everywhere (keep ratio, bit width), the largest within budget."""

@@ -13,7 +13,7 @@ from agmc_jax.graph import trace
 from agmc_jax.kinds import KINDS
 from agmc_jax.errors import AgmcError
 from agmc_jax.models import create_model, init_model
-from agmc_jax.search import search
+from agmc_jax.search import build_config, get_method, search
 
 WEIGHTS = jnp.array([10.0, 40.0, 20.0, 30.0, 5.0])
 OPTIMUM = jnp.array([0.8, 0.2, 0.55, 0.4, 0.9])  # more weights, lower keep: the experience rule holds
@@ -153,3 +153,24 @@ def test_the_start_obeys_the_rule_on_counts_and_no_step_can_be_raised(round_to, 
         raised = start.copy()
         raised[t] = start[t] + multiples[t]
         assert start[t] == sizes[t] or not (budget.feasible(raised) and ruled(raised))
+
+
+def test_filled_is_the_largest_shared_shift_found_by_a_grid_and_annealing_fills_by_default():
+    """`fill` (annealing's default, not AMC's) raises a walled policy by one shift of every action, the largest
+    within the budget: checked against a grid of 20,001 shifts on LeNet-5 policies."""
+    module = create_model("lenet5", 10)
+    net = trace(module, jax.eval_shape(lambda: init_model(module, (28, 28, 1))), (28, 28, 1))
+    config = EnvConfig(target_macs=0.3, fill=True)
+    budget = Budget(KINDS["channels"](net, config), config)
+    steps, rng = np.arange(budget.steps), np.random.default_rng(0)
+    wanted = jax.jit(jax.vmap(lambda actions: jax.vmap(lambda t, a: budget.space.wanted(t, a, jnp.int32))(
+        jnp.arange(budget.steps), actions)))
+    for _ in range(4):
+        counts = budget.policy_counts(rng.uniform(size=budget.steps) * 0.5)
+        actions = np.asarray(budget.count_action(steps, jnp.asarray(counts)))
+        grid = np.clip(np.asarray(wanted(actions + np.linspace(0.0, 1.0, 20001)[:, None])), budget.min_counts,
+                       budget.sizes)
+        last = next(i for i, shifted in enumerate(grid) if not budget.feasible(shifted)) - 1
+        assert np.array_equal(np.asarray(budget.filled(jnp.asarray(counts, jnp.int32))), grid[last])
+    assert get_method("annealing").env_defaults == (("fill", True),)
+    assert not build_config(get_method("amc"), 4, 0, 0.3, None, None, {}).env.fill

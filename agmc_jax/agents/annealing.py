@@ -6,7 +6,9 @@ temperature (`step * T / temperature`), then is clipped so that the experience r
 with more weights than an earlier one keeps at most its ratio (prunes at least as much), one with
 fewer keeps at least its ratio (steps of equal size are free), and no step keeps so much that the
 action wall would have to cut a later step below the rule's floor: every played policy meets the
-budget and the rule (up to rounding to whole channels).
+budget and the rule (up to rounding to whole channels). The annealing methods then raise each neighbour by one
+shared shift of its actions, the largest within the budget (`EnvConfig.fill`, their default), as AutoCompress
+rescales each perturbed policy to its target: without it the rule's clipping only ever lowers a policy.
 
 Acceptance is Metropolis on normalised scores: a reward difference is divided by a running scale
 of the differences seen (the mean |reward - current reward|, exponentially weighted), so a move

@@ -235,7 +235,7 @@ def build_config(method: Method, episodes, seed, target_macs, target_params, age
                  target_size=None, kind=None):
     """A `SearchConfig` from the library's keywords: the kind's default budget, the agent's options checked.
     `kind` (a name in KINDS) replaces the method's compression kind; budgets may also come in `env_options`."""
-    env_options = dict(env_options)
+    env_options = {**dict(method.env_defaults), **env_options}
     budget = {"target_macs": target_macs, "target_params": target_params, "target_size": target_size}
     budget = {name: env_options.pop(name, None) if value is None else value for name, value in budget.items()}
     if all(value is None for value in budget.values()):

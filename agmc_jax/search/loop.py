@@ -30,7 +30,8 @@ class Played(NamedTuple):
 
 
 def play_episode(env, state, agent, agent_state, key):
-    """(counts, actions, observations) of one episode, every step walled (pure)."""
+    """(counts, actions, observations) of one episode, every step walled, then raised to the budget by one shared
+    shift of the actions where the environment's config says `fill` (pure)."""
     def step(carry, t):
         counts, actions = carry
         obs = state.observe(t, counts, actions)
@@ -40,6 +41,9 @@ def play_episode(env, state, agent, agent_state, key):
 
     start = (jnp.asarray(env.sizes, jnp.int32), jnp.zeros(env.steps, jnp.float32))
     (counts, actions), observations = jax.lax.scan(step, start, jnp.arange(env.steps))
+    if env.config.fill:
+        counts = env.filled(counts)
+        actions = env.count_action(jnp.arange(env.steps), counts)
     return counts, actions, observations
 
 

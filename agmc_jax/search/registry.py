@@ -19,7 +19,8 @@ class UnknownMethodError(AgmcError, ValueError):
 
 class Method(NamedTuple):
     """A search method. `state(env, hidden) -> State`; `agent` learns from episodes, or `rule(env) -> counts`
-    picks one policy without episodes; `kind` is the class of what a step compresses."""
+    picks one policy without episodes; `kind` is the class of what a step compresses; `env_defaults` are
+    `EnvConfig` fields it sets unless the caller does."""
 
     name: str
     description: str
@@ -27,6 +28,7 @@ class Method(NamedTuple):
     state: Callable | None = None
     agent: AgentType | None = None
     rule: Callable | None = None
+    env_defaults: tuple = ()  # (field, value) pairs
 
 
 def _uniform(env):
@@ -91,7 +93,7 @@ for _method in (
         Method("haq", "AMC's rule-based states + DDPG, weight bits per layer (HAQ's setting)", KINDS["bits"],
                STATES["amc"], AGENTS["ddpg"]),
         Method("annealing", "simulated annealing with the experience rule, channels (one-shot masks)",
-               KINDS["channels"], _annealing_state, AGENTS["annealing"]),
+               KINDS["channels"], _annealing_state, AGENTS["annealing"], env_defaults=(("fill", True),)),
         Method("annealing_columns", "simulated annealing with the experience rule, columns per layer (masked)",
-               KINDS["columns"], _annealing_state, AGENTS["annealing"])):
+               KINDS["columns"], _annealing_state, AGENTS["annealing"], env_defaults=(("fill", True),))):
     register_method(_method)
