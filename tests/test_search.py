@@ -9,7 +9,7 @@ from agmc_jax.agents import DDPGConfig, OptionError, agent_config
 from agmc_jax.env import BudgetError, EnvConfig, Environment
 from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.models import create_model, init_model
-from agmc_jax.search import METHODS, SearchConfig, UnknownMethodError, environment, get_method, search
+from agmc_jax.search import METHODS, SearchConfig, UnknownMethodError, _changes, environment, get_method, search
 from agmc_jax.search import checkpoint as search_checkpoint
 from agmc_jax.search.loop import Runner, make_chunk, place
 
@@ -244,3 +244,12 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="is a file"):
         search(MODULE, VARIABLES, DATA, method="random", episodes=1, out=path, progress=False)
     assert path.read_text() == "keep me"
+
+
+def test_a_search_saved_before_an_environment_field_existed_resumes_with_its_default(tmp_path):
+    """Fingerprints compare a field the saved one lacks (e.g. `fill`, added later) as its default."""
+    search(MODULE, VARIABLES, DATA, config=config("amc", 2), out=tmp_path / "s", progress=False)
+    now = checkpoint.metadata(tmp_path / "s" / "search_state")
+    older = {**now, "env": {k: v for k, v in now["env"].items() if k != "fill"}}
+    assert _changes(older, now) == []
+    assert _changes({**now, "env": {**now["env"], "fill": True}}, now) == ["env.fill True -> False"]

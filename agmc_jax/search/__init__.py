@@ -152,6 +152,8 @@ def _changes(saved, fingerprint) -> list:
                         f"{field}={old.get(field)} keeps the saved one)"
                         for field in sorted(set(old) | set(value)) if old.get(field) != value.get(field)]
         elif isinstance(old, dict) and isinstance(value, dict):
+            # a field added since the search was saved compares as its default (the setting that search had)
+            old = {**(EnvConfig._field_defaults if key == "env" else {}), **old}
             changes += [f"{key}.{field} {old.get(field)!r} -> {value.get(field)!r}"
                         for field in sorted(set(old) | set(value)) if old.get(field) != value.get(field)]
         elif key in ("variables", "data"):
