@@ -29,6 +29,11 @@ class Played(NamedTuple):
     reward: jax.Array
 
 
+def _fills(env) -> bool:
+    """Whether the environment raises each policy to its budget (`EnvConfig.fill`); duck-typed ones do not."""
+    return bool(getattr(getattr(env, "config", None), "fill", False))
+
+
 def play_episode(env, state, agent, agent_state, key):
     """(counts, actions, observations) of one episode, every step walled, then raised to the budget by one shared
     shift of the actions where the environment's config says `fill` (pure)."""
@@ -41,7 +46,7 @@ def play_episode(env, state, agent, agent_state, key):
 
     start = (jnp.asarray(env.sizes, jnp.int32), jnp.zeros(env.steps, jnp.float32))
     (counts, actions), observations = jax.lax.scan(step, start, jnp.arange(env.steps))
-    if env.config.fill:
+    if _fills(env):
         counts = env.filled(counts)
         actions = env.count_action(jnp.arange(env.steps), counts)
     return counts, actions, observations
