@@ -89,11 +89,11 @@ class Experiment:
         trained = sum(2 * args.admm_steps for s in result.stages if "skipped" not in s)
         return result.module, result.variables, trained, result.stages
 
-    def searched(self, method, budget, seed, out, kind=None):
+    def searched(self, method, budget, seed, out, kind=None, lbound=0.2):
         """A search's exported network (slimmed channels, or sparse weights for `kind='weights'`)."""
         result = search(self.module, self.variables, self.validation, method=method, episodes=self.args.episodes,
                         seed=seed, out=out / "search", resume=True, progress=False, kind=kind,
-                        round_to=self.args.round_to, **budget)
+                        round_to=self.args.round_to, lbound=lbound, **budget)
         module, variables = result.slim()
         return module, variables, 0, {"reward": result.reward, "accuracy": result.accuracy}
 
@@ -135,7 +135,8 @@ class Experiment:
                         lambda out: self.autocompress(budget, seed, "both", 1, out), self.args.finetune_steps, seed)
         steps = self.args.finetune_steps + ours["trained_before"]
         theirs = self.run(f"ultra/uniform_magnitude_{target}_seed{seed}",
-                          lambda out: self.searched("uniform", budget, seed, out, kind="weights"), steps, seed)
+                          lambda out: self.searched("uniform", budget, seed, out, kind="weights",
+                                                    lbound=min(0.2, target / 2)), steps, seed)
         return ours, theirs
 
     def dense_test(self):
