@@ -29,6 +29,7 @@ import numpy as np
 
 from agmc_jax import data
 from agmc_jax.autocompress import AutoCompressConfig, autocompress, structure_masks, training_feed
+from agmc_jax.env import EnvConfig
 from agmc_jax.graph import trace
 from agmc_jax.networks import evaluate_variables, load_network
 from agmc_jax.prune.admm import Feed, FitConfig, masked_train
@@ -89,11 +90,11 @@ class Experiment:
         trained = sum(2 * args.admm_steps for s in result.stages if "skipped" not in s)
         return result.module, result.variables, trained, result.stages
 
-    def searched(self, method, budget, seed, out, kind=None, lbound=0.2):
+    def searched(self, method, budget, seed, out, kind=None, **env_options):
         """A search's exported network (slimmed channels, or sparse weights for `kind='weights'`)."""
         result = search(self.module, self.variables, self.validation, method=method, episodes=self.args.episodes,
                         seed=seed, out=out / "search", resume=True, progress=False, kind=kind,
-                        round_to=self.args.round_to, lbound=lbound, **budget)
+                        round_to=self.args.round_to, **budget, **env_options)
         module, variables = result.slim()
         return module, variables, 0, {"reward": result.reward, "accuracy": result.accuracy}
 
@@ -136,7 +137,7 @@ class Experiment:
         steps = self.args.finetune_steps + ours["trained_before"]
         theirs = self.run(f"ultra/uniform_magnitude_{target}_seed{seed}",
                           lambda out: self.searched("uniform", budget, seed, out, kind="weights",
-                                                    lbound=min(0.2, target / 2)), steps, seed)
+                                                    lbound=min(EnvConfig().lbound, target / 2)), steps, seed)
         return ours, theirs
 
     def dense_test(self):

@@ -77,6 +77,9 @@ def _write_idx(path, array):
     path.write_bytes(bytes([0, 0, 8, array.ndim]) + sizes + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
+CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")  # set by conftest.py
+
+
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
     """A small Fashion-MNIST (512 training, 5,000 validation, 500 test images), its own data cache, and the
@@ -88,7 +91,7 @@ def setting(tmp_path_factory):
         for stem in IDX_FILES[split]:
             _write_idx(idx / stem, read_idx(idx_path(DEFAULT_IDX_DIR, stem))[:count])
     # without the tests' compilation cache (conftest.py): a process killed inside a write would leave a torn entry
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("JAX_")}, "AGMC_TFDS_DIR": str(root / "tfds")}
+    env = {**{k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES}, "AGMC_TFDS_DIR": str(root / "tfds")}
     data = ("--workdir", str(BASELINE), "--data-dir", str(idx))
     reference = {"search": root / "reference_search", "compress": root / "reference_compress"}
     with pytest.MonkeyPatch.context() as patch:  # the data cache, prepared once for every run
