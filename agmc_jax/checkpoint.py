@@ -7,6 +7,7 @@ caller as the error. Files and directories are written under a temporary name an
 place, so a process killed at any moment leaves either the old output or the new one.
 """
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -91,8 +92,14 @@ def _closed_loop_reports_dropped():
 
 @contextlib.contextmanager
 def _reading(directory, step: int):
-    """Orbax reads of `step`: any failure, raised or only logged, becomes one `CheckpointError`."""
+    """Orbax reads of `step`: any failure, raised or only logged, becomes one `CheckpointError`.
+
+    A failed read can leave asyncio tasks in reference cycles that report their errors only when
+    collected; collecting them first, held back, keeps such a late report from being taken for this
+    read's failure (a valid checkpoint called corrupt)."""
     _closed_loop_reports_dropped()
+    with _quiet():
+        gc.collect()
     with _quiet() as errors:
         try:
             yield
