@@ -32,6 +32,7 @@ from agmc_jax.agents.registry import AGENTS, agent_config
 from agmc_jax.env import Budget, EnvConfig
 from agmc_jax.errors import AdmmError, BudgetError, CheckpointError
 from agmc_jax.graph import trace
+from agmc_jax.latency import latency_ms
 from agmc_jax.networks import check_new_output, evaluate_variables, load_network, save_network
 from agmc_jax.prune import Slimmed, slim_variables
 from agmc_jax.prune.admm import (AdmmConfig, Feed, FitConfig, Sparsity, Target, admm_train, check_admm_config,
@@ -311,9 +312,9 @@ def _markdown(report, markdown_report):
     return "\n".join(lines) + "\n"
 
 
-def compress_autocompress(args, latency_ms, markdown_report):
+def compress_autocompress(args, markdown_report):
     """`agmc compress --method autocompress`: baseline, AutoCompress stages (checkpointed: --resume), export,
-    fine-tune with every zero fixed, report. `latency_ms` and `markdown_report` are the pipeline's."""
+    fine-tune with every zero fixed, report. `markdown_report` is the pipeline's."""
     config, annealing = split_options(parse_options(args.agent_option))  # checked before anything loads
     env_options = {"lbound": args.lbound, "round_to": args.round_to, "reward": args.reward,
                    "criterion": args.criterion, "recalibrate_bn": args.recalibrate_bn}
@@ -359,8 +360,7 @@ def compress_autocompress(args, latency_ms, markdown_report):
         "params": {"dense": result.dense_params, "slim": int(result.params),
                    "ratio": result.params / result.dense_params},
         "accuracy": {"dense": dense, "pruned": pruned, "finetuned": final},
-        "latency_ms_batch128": {"dense": latency_ms(module, variables, shape, 128),
-                                "slim": latency_ms(result.module, tuned, shape, 128)},
+        "latency_ms_batch128": latency_ms({"dense": (module, variables), "slim": (result.module, tuned)}, shape, 128),
         "layers": _layers(dense_net, trace(result.module, tuned, shape)),
         "autocompress": {"structure": config.structure, "rounds": config.rounds, "export": _export_note(
             result, dense_net), "purified": {key: sum(s["purified"][key] for s in result.stages if "purified" in s)

@@ -1,7 +1,6 @@
 """The command-line pipelines: search a trained network, fine-tune the result, and compress end to end."""
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import jax
@@ -14,9 +13,9 @@ from agmc_jax.env import Budget
 from agmc_jax.errors import AgmcError
 from agmc_jax.graph import trace
 from agmc_jax.kinds import KINDS
+from agmc_jax.latency import latency_ms
 from agmc_jax.networks import (check_new_output, evaluate_variables, load_network, mark_trained_quantized,
                                mark_trained_slim, save_network, save_quantized)
-from agmc_jax.prune import fold_batchnorm
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.quant import save_packed
 from agmc_jax.report import plot_keep, plot_rewards
@@ -113,21 +112,6 @@ def finetune_config(config_dict, epochs, learning_rate, data_dir=None, sparse=Fa
                                               data_dir=data_dir or base.data_dir, sparse=sparse))
 
 
-def latency_ms(module, variables, input_shape, batch, repeats=5):
-    """Median wall time of one jitted forward pass at `batch`, in milliseconds, of the network as deployed: its
-    BatchNorms folded into their convolutions (`fold_batchnorm`), the dense network's as the compressed one's."""
-    module, variables = fold_batchnorm(trace(module, variables, input_shape), variables)
-    x = jax.numpy.zeros((batch, *input_shape), jax.numpy.float32)
-    forward = jax.jit(lambda v, x: module.apply(v, x, train=False))
-    forward(variables, x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(variables, x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
-
-
 STAGES = ("prune", "quantize")
 
 
@@ -179,8 +163,8 @@ def prune_stage(args, out, module, variables, config):
         "macs": {"dense": result.net.macs, "slim": policy["macs"], "ratio": policy["macs_ratio"]},
         "params": {"dense": result.net.params, "slim": policy["params"], "ratio": policy["params_ratio"]},
         "accuracy": {"pruned": pruned, "finetuned": {"validation": tuned["val_acc"], "test": tuned["test_acc"]}},
-        "latency_ms_batch128": {"dense": latency_ms(module, variables, shape, 128),
-                                "slim": latency_ms(slim_module, slim_variables, shape, 128)},
+        "latency_ms_batch128": latency_ms({"dense": (module, variables), "slim": (slim_module, slim_variables)},
+                                          shape, 128),
         "layers": policy["layers"],
     }, out / "search" / "finetune"
 
@@ -218,7 +202,7 @@ def compress(args):
     With `args.resume` every stage continues or redoes its work from what is saved: searches from their
     checkpoints, fine-tuning from its own, and the evaluations and report are recomputed."""
     if args.method == AUTOCOMPRESS:  # not a search: rounds of annealing, ADMM, purification and retraining
-        return compress_autocompress(args, latency_ms, markdown_report)
+        return compress_autocompress(args, markdown_report)
     out = Path(args.out)
     module, variables, config = check_compress(args)
     print(f"[1/{len(args.stages) + 2}] baseline {config['model']} on {config['dataset']}", flush=True)

@@ -13,15 +13,15 @@ Run: `python experiments/bench_slim.py --models resnet20,resnet56 --repeats 7`.
 """
 import argparse
 import os
-import time
 
 import jax
 import numpy as np
 
 from agmc_jax.env import rounded_counts
 from agmc_jax.graph import trace
+from agmc_jax.latency import deployed, interleaved
 from agmc_jax.models import MODELS, create_model, init_model
-from agmc_jax.prune import fold_batchnorm, masks_from_vectors, slim, top_channels
+from agmc_jax.prune import masks_from_vectors, slim, top_channels
 
 DEFAULT_MODELS = "resnet20,resnet56"
 
@@ -53,32 +53,6 @@ def keep_for_macs(net, target, round_to):
     if best is None:
         raise SystemExit(f"no keep ratio with --round-to {round_to} keeps {target:.0%} of the MACs or less")
     return best
-
-
-def timed_call(fn, args):
-    wall, cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def measure(calls, repeats, warmup=2):
-    """{name: (median wall, median CPU seconds)} of `calls` ({name: (fn, args)}), interleaved after `warmup`."""
-    for fn, args in calls.values():
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    times = {name: [] for name in calls}
-    order = list(calls.items())
-    for i in range(repeats):
-        for name, (fn, args) in (order if i % 2 == 0 else order[::-1]):
-            times[name].append(timed_call(fn, args))
-    return {name: tuple(np.median(np.array(t), axis=0)) for name, t in times.items()}
-
-
-def forward(module, variables, shape, folded):
-    """(jitted inference call, its variables): BatchNorm folded or as trained."""
-    if folded:
-        module, variables = fold_batchnorm(trace(module, variables, shape), variables)
-    return jax.jit(lambda v, x: module.apply(v, x, train=False)), jax.device_put(variables)
 
 
 def main():
@@ -117,13 +91,13 @@ def main():
             shape = spec.input_shape
             if batch > 1 and args.large_batch_size and shape[0] > 32:
                 shape = (args.large_batch_size, args.large_batch_size, shape[2])
-            calls = {"dense": forward(module, variables, shape, True),
-                     "dense unfolded": forward(module, variables, shape, False)}
+            calls = {"dense": deployed(module, variables, shape),
+                     "dense unfolded": deployed(module, variables, shape, folded=False)}
             for label, (_, _, _, slim_module, slim_vars) in policies.items():
-                calls[label] = forward(slim_module, slim_vars, shape, True)
-            calls["default unfolded"] = forward(*policies["default"][3:], shape, False)
+                calls[label] = deployed(slim_module, slim_vars, shape)
+            calls["default unfolded"] = deployed(*policies["default"][3:], shape, folded=False)
             x = jax.device_put(np.random.default_rng(batch).standard_normal((batch, *shape), np.float32))
-            t = measure({k: (fn, (v, x)) for k, (fn, v) in calls.items()}, args.repeats * (10 if batch == 1 else 1))
+            t = interleaved({k: (fn, (v, x)) for k, (fn, v) in calls.items()}, args.repeats * (10 if batch == 1 else 1))
             for label, (keep, counts, fraction, _, _) in policies.items():
                 speedup, cpu = t["dense"][0] / t[label][0], t["dense"][1] / t[label][1]
                 channels = "/".join(str(c) for c in dict.fromkeys(counts.tolist()))
