@@ -37,7 +37,7 @@ def interleaved(calls, repeats, warmup=2):
     return {name: tuple(np.median(np.array(t), axis=0)) for name, t in times.items()}
 
 
-def latency_ms(networks, input_shape, batch, seconds=2.0, repeats=(5, 50)):
+def latency_ms(networks, input_shape, batch, seconds=1.0, repeats=(5, 50)):
     """{name: median milliseconds of one inference call at `batch`} of `networks` ({name: (module, variables)}),
     deployed and interleaved; as many rounds as fit in about `seconds`, within `repeats` (least, most)."""
     x = jax.device_put(np.zeros((batch, *input_shape), np.float32))
@@ -45,6 +45,6 @@ def latency_ms(networks, input_shape, batch, seconds=2.0, repeats=(5, 50)):
     for name, (module, variables) in networks.items():
         fn, on_device = deployed(module, variables, input_shape)
         calls[name] = (fn, (on_device, x))
-    one_round = sum(interleaved(calls, 1)[name][0] for name in calls)
+    one_round = sum(wall for wall, _ in interleaved(calls, 1, warmup=1).values())  # compiled, then timed once
     rounds = int(np.clip(seconds / max(one_round, 1e-9), *repeats))
     return {name: 1000 * float(wall) for name, (wall, _) in interleaved(calls, rounds, warmup=0).items()}

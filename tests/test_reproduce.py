@@ -1,6 +1,7 @@
 """`agmc reproduce`: every config of experiments/configs runs end to end on tfds mock data (resnet56_cifar10 in
 tests/test_notebooks.py, through colab/reproduce_cifar10.ipynb's dry run; mobilenet_v1_imagenet in the resume
-test), a finished run resumes without training again, and bad configs or overrides are one line."""
+test; the others with `pytest -m configs tests/test_reproduce.py`), a finished run resumes without training
+again, and bad configs or overrides are one line."""
 import json
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def test_compress_options_are_the_command_lines_defaults():
         == COMPRESS_OPTIONS
 
 
+@pytest.mark.configs  # VGG-16 and MobileNet-V2: 7 min of the default suite's 2 cores, so they run apart
 @pytest.mark.parametrize("config", [path for path in CONFIGS if path.stem not in (IN_A_NOTEBOOK, RESUMED)],
                          ids=[path.stem for path in CONFIGS if path.stem not in (IN_A_NOTEBOOK, RESUMED)])
 def test_config_runs_end_to_end_on_mock_data(capsys, tmp_path, config):
