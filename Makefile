@@ -21,8 +21,11 @@ demo: setup
 	$(BIN)/agmc compress --workdir agmc_jax/baselines/lenet5_fashion_mnist --out runs/demo --resume --method agmc \
 	  --target-macs 0.5 --episodes 100 --reward-images 1000 --finetune-epochs 1
 
+# The longest test files first: xdist hands out whole files in this order, so the two workers finish together.
+FIRST := tests/test_reproduce.py tests/test_search.py tests/test_notebooks.py tests/test_faults.py tests/test_devices.py
+
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(FIRST) $(filter-out $(FIRST),$(wildcard tests/test_*.py))
 
 bench: setup
 	$(BIN)/python experiments/bench_train.py
