@@ -8,4 +8,5 @@ from agmc_jax.reproduce import load_config, reproduce
 from agmc_jax.search import METHODS, Method, SearchConfig, SearchResult, register_method, search
 
 __all__ = ["AgmcError", "ChannelGroup", "Layer", "METHODS", "Method", "Network", "export_network", "latency_ms",
-           "load_config", "load_exported", "prune", "register_method", "reproduce", "trace", "search", "SearchConfig", "SearchResult"]
+           "load_config", "load_exported", "prune", "register_method", "reproduce", "trace", "search", "SearchConfig",
+           "SearchResult"]
