@@ -10,6 +10,7 @@ import math
 import sys
 import warnings
 
+from agmc_jax.env import REWARDS
 from agmc_jax.errors import AgmcError, InputShapeError, UsageError
 from agmc_jax.search.registry import describe_methods
 
@@ -200,7 +201,20 @@ def _search_arguments(parser, methods_help=""):
     parser.add_argument("--target-params", type=_FRACTION, default=None, help="parameter budget as a fraction (0, 1)")
     parser.add_argument("--episodes", type=_COUNT, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reward", default="acc", help="acc | acc_flops | acc_norm")
+    parser.add_argument("--reward", default="acc", help="; ".join(f"{name}: {r.description}"
+                                                                  for name, r in REWARDS.items()))
+    parser.add_argument("--reward-steps", type=_COUNT, default=None,
+                        help="finetuned reward: SGD steps of masked fine-tuning per candidate (default 32)")
+    parser.add_argument("--reward-lr", type=_POSITIVE, default=None,
+                        help="finetuned reward and re-rank: constant learning rate of that fine-tune (default 0.02)")
+    parser.add_argument("--fill", action=argparse.BooleanOptionalAction, default=None,
+                        help="raise every policy to the budget, so no layer could keep one more rounding step "
+                             "(default: on; --no-fill leaves what the walled actions ask for)")
+    parser.add_argument("--rerank", type=_COUNT, default=0, metavar="K",
+                        help="score the K best distinct policies and the uniform rule's by --rerank-steps of masked "
+                             "fine-tuning and keep the best (default: off)")
+    parser.add_argument("--rerank-steps", type=_COUNT, default=128,
+                        help="SGD steps of the re-rank's fine-tune per candidate (default 128)")
     parser.add_argument("--reward-images", type=_COUNT, default=1000, help="validation images scoring each policy")
     parser.add_argument("--lbound", type=_RATIO, default=0.2, help="smallest keep ratio per group")
     parser.add_argument("--round-to", type=_COUNT, default=None, help=ROUND_TO_HELP)

@@ -5,20 +5,25 @@ count (channels and weights: a keep ratio in [lbound, rbound]; bits: HAQ's bit w
 max_bit]); AMC's "action wall" caps it so that, with every later step at its lowest count, the
 budget stays reachable, so every finished policy meets it. The reward is the accuracy of the
 masked network on held-out images, after its BatchNorm statistics are re-estimated on the first of
-them (else a pruned ResNet scores near chance whatever the policy). Everything a step or a reward
+them (else a pruned ResNet scores near chance whatever the policy); a reward that `finetunes` first
+trains the masked network a few SGD steps on training batches (its zeros kept), which predicts the
+accuracy after the real fine-tune far better (experiments/proxy_study.py). Everything a step or a reward
 computes is pure and traceable; the images are sharded over the mesh's data axis and every array
 the evaluation reads is an argument (`Environment.data`), never a constant of the executable.
 """
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from agmc_jax.errors import BudgetError
+from agmc_jax.errors import AgmcError, BudgetError, DataError
+from agmc_jax.prune.admm import FitConfig
 from agmc_jax.prune.batchnorm import apply_recalibrated
 from agmc_jax.prune.masks import CRITERIA
+from agmc_jax.train import OptimizerSpec, make_optimizer
 
 SLACK = 1e-6  # relative: beyond 2^24 MACs or parameters float32 costs round (by ~1e-7); the host allows this much
 
@@ -40,7 +45,10 @@ class EnvConfig(NamedTuple):
     min_bit: int = 2  # the bits kind's weight bit widths, HAQ's defaults
     max_bit: int = 8
     pinned_bits: int | None = 8  # bits of the first and last quantized layers, not searched; None: search them
-    fill: bool = False  # raise each walled policy by one shared shift of its actions to the budget (Budget.filled)
+    fill: bool = True  # raise each walled policy to the budget (Budget.filled): the budget is used, not left
+    reward_steps: int = 32  # a reward that finetunes: SGD steps of masked fine-tuning before scoring
+    reward_lr: float = 0.02  # its constant learning rate (agmc compress fine-tunes from 0.02)
+    reward_batch: int = 128  # its training images per step
 
 
 def _accuracy_reward(accuracy, resource, bounds):
@@ -63,7 +71,29 @@ def _normalised_reward(accuracy, resource, bounds):
     return (accuracy + jnp.clip(saving, 0.0, 1.0)) / 2
 
 
-REWARDS = {"acc": _accuracy_reward, "acc_flops": _error_flops_reward, "acc_norm": _normalised_reward}
+class Reward(NamedTuple):
+    """A reward: `score(accuracy, resource, bounds)`; `finetunes`: the accuracy is measured after `reward_steps`
+    steps of masked fine-tuning on training batches (the environment then needs training data)."""
+
+    score: Callable
+    description: str
+    finetunes: bool = False
+
+
+REWARDS = {
+    "acc": Reward(_accuracy_reward, "top-1 of the pruned network, BatchNorm re-estimated"),
+    "acc_flops": Reward(_error_flops_reward, "-error * log(MACs), AMC's resource-aware reward"),
+    "acc_norm": Reward(_normalised_reward, "(top-1 + normalised saving) / 2, the two-stage DRL paper's"),
+    "finetuned": Reward(_accuracy_reward, "top-1 after --reward-steps steps of masked fine-tuning (zeros kept, "
+                        "BatchNorm re-estimated after): predicts the fine-tuned accuracy", finetunes=True),
+}
+
+
+def register_reward(name: str, reward: Reward) -> None:
+    """Add a reward that `EnvConfig.reward`, `--reward` and `agmc_jax.search` accept by `name`."""
+    if not isinstance(reward, Reward):
+        raise AgmcError(f"register_reward takes a Reward, got {type(reward).__name__}")
+    REWARDS[name] = reward
 MAX_BITS = 16  # the widest bit width the bits kind searches or pins
 
 
@@ -94,6 +124,15 @@ def check_config(config: EnvConfig) -> None:
         raise BudgetError(f"--round-to must be a positive integer, got {config.round_to}")
     if config.calibration_images < 1 or config.eval_batch < 1:
         raise BudgetError("calibration_images and eval_batch must be positive")
+    for name in ("reward_steps", "reward_batch"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise BudgetError(f"--{name.replace('_', '-')} must be a positive whole number, got {value}")
+    if not (np.isfinite(config.reward_lr) and config.reward_lr > 0):
+        raise BudgetError(f"reward_lr must be a positive finite learning rate, got {config.reward_lr}")
+    if REWARDS[config.reward].finetunes and not config.recalibrate_bn:
+        raise BudgetError(f"the {config.reward} reward re-estimates BatchNorm after training each candidate; "
+                          "drop --no-recalibrate-bn")
 
 
 AUTO_MULTIPLE = 8  # AMC's rounding; on this 2-core CPU ResNet-20 at 50% MACs ran 0.74-0.94x dense at 11/23/45 channels,
@@ -236,7 +275,12 @@ class Budget:
         """The largest count for step t that keeps the budget reachable with later steps lowest (traceable)."""
         later = jnp.arange(self.steps) > t
         trial = jnp.where(later, jnp.asarray(self.min_counts), counts)
-        low, high = jnp.asarray(self.min_counts)[t], jnp.asarray(self.sizes)[t]
+        return self._largest(t, trial, jnp.asarray(self.min_counts)[t])
+
+    def _largest(self, t, trial, low):
+        """The largest count of step t on its grid, at least `low`, with which `trial` (its other steps as they
+        are) meets the budget (traceable; `low` must meet it)."""
+        high = jnp.asarray(self.sizes)[t]
 
         def bisect(_, bounds):
             low, high = bounds
@@ -244,8 +288,8 @@ class Budget:
             fits = self.feasible(trial.at[t].set(middle), jnp)
             return jnp.where(fits, middle, low), jnp.where(fits, high, middle - 1)
 
-        low, _ = jax.lax.fori_loop(0, int(self.sizes.max()).bit_length() + 1, bisect, (low, high))
-        return jnp.maximum(self.space.round_down(t, low), jnp.asarray(self.min_counts)[t])
+        found, _ = jax.lax.fori_loop(0, int(self.sizes.max()).bit_length() + 1, bisect, (low, high))
+        return jnp.maximum(self.space.round_down(t, found), low)
 
     def action_count(self, t, action, counts):
         """The count an action in [0, 1] becomes at step t once mapped by the action space and walled (traceable)."""
@@ -266,10 +310,10 @@ class Budget:
         return jax.lax.scan(step, jnp.asarray(self.sizes, jnp.int32), jnp.arange(self.steps))[0]
 
     def filled(self, counts):
-        """`counts` (walled, so within the budget) raised by the largest shift of every step's action that stays
-        within it (traceable): AutoCompress rescales each neighbour to its target. A shared shift keeps the actions'
-        order, so the experience rule still holds; the step whose count would rise first at a cost over the budget
-        stops it."""
+        """`counts` (within the budget) raised to it (traceable): first by the largest shift of every step's action
+        that stays within it (AutoCompress rescales each neighbour to its target; a shared shift keeps the actions'
+        order, so the experience rule still holds), then each step in turn to the most the rest leaves it. Costs
+        only grow with counts, so after that pass no step can take one more rounding step."""
         steps = jnp.arange(self.steps)
         lowest, sizes = jnp.asarray(self.min_counts), jnp.asarray(self.sizes)
         actions = self.count_action(steps, counts)
@@ -286,7 +330,8 @@ class Budget:
 
         low, _ = jax.lax.fori_loop(0, 24, bisect, (jnp.float32(0.0), jnp.float32(1.0)))
         raised = shifted(low)
-        return jnp.where(self.feasible(raised, jnp) & jnp.all(raised >= counts), raised, counts)
+        raised = jnp.where(self.feasible(raised, jnp) & jnp.all(raised >= counts), raised, counts)
+        return jax.lax.fori_loop(0, self.steps, lambda t, c: c.at[t].set(self._largest(t, c, c[t])), raised)
 
     def uniform_counts(self):
         """The handcrafted baseline: one level everywhere (keep ratio, bit width), the largest within budget."""
@@ -305,13 +350,30 @@ def _layout(images, labels, first, batch, devices):
     return images.reshape(chunks, rows, *images.shape[1:]), labels.reshape(chunks, rows)
 
 
-class Environment(Budget):
-    """A budget plus the reward: the pruned network's accuracy on held-out images, spread over a mesh."""
+def _training_batches(images, labels, steps, batch):
+    """`steps` batches of `batch` training images, [steps, batch, ...], taken in order and wrapping around."""
+    chosen = np.arange(steps * batch) % images.shape[0]
+    return images[chosen].reshape(steps, batch, *images.shape[1:]), labels[chosen].reshape(steps, batch)
 
-    def __init__(self, kind, variables, images, labels, config: EnvConfig = EnvConfig(), mesh: Mesh | None = None):
+
+class Environment(Budget):
+    """A budget plus the reward: the pruned network's accuracy on held-out images, spread over a mesh.
+
+    `train = (images, labels)` feeds a reward that finetunes (each step reads the next `reward_batch` of them,
+    wrapping around); every candidate trains on the same batches, so their scores differ by the policy alone."""
+
+    def __init__(self, kind, variables, images, labels, config: EnvConfig = EnvConfig(), mesh: Mesh | None = None,
+                 train=None):
         super().__init__(kind, config)
         images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
         self.mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
+        self.finetunes = REWARDS[config.reward].finetunes
+        if self.finetunes and not hasattr(kind, "keep"):
+            raise BudgetError(f"the {config.reward} reward trains masked networks; the {kind.unit} kind has no keep "
+                              "mask: choose another --reward")
+        if self.finetunes and train is None:
+            raise DataError(f"the {config.reward} reward trains each candidate: give training data "
+                            "(train_data=(images, labels))")
         devices = self.mesh.devices.size
         calibration = min(config.calibration_images, images.shape[0])
         self.count = images.shape[0]
@@ -325,6 +387,12 @@ class Environment(Budget):
         shardings = {"kind": replicated, "calibration": split, "calibration_labels": split,
                      "images": NamedSharding(self.mesh, P(None, "data")),
                      "labels": NamedSharding(self.mesh, P(None, "data"))}
+        if self.finetunes:
+            batches = _training_batches(np.asarray(train[0], np.float32), np.asarray(train[1], np.int32),
+                                        config.reward_steps, config.reward_batch)
+            placed.update(train_images=batches[0], train_labels=batches[1])
+            by_batch = NamedSharding(self.mesh, P(None, "data")) if config.reward_batch % devices == 0 else replicated
+            shardings.update(train_images=by_batch, train_labels=by_batch)
         self.data = jax.device_put(placed, shardings)
         self._scores = jax.jit(self.scores)
 
@@ -345,22 +413,52 @@ class Environment(Budget):
             return None, variables
         return apply_recalibrated(self.net.module, variables, data["calibration"], **self.net.call_kwargs)
 
+    def finetuned(self, data, counts, variables):
+        """`variables` (the policy's masked ones) after `reward_steps` SGD steps on the training batches, what the
+        policy drops kept at zero; BatchNorm normalises with each batch's statistics, as in training (pure)."""
+        keep = self.kind.keep(data["kind"], counts)["params"]
+        fit = FitConfig()
+        optimizer = make_optimizer(OptimizerSpec(self.config.reward_lr, fit.momentum, fit.weight_decay, "constant",
+                                                 0, self.config.reward_steps))
+
+        def loss(params, images, labels):
+            logits, _ = apply_recalibrated(self.net.module, {**variables, "params": params}, images,
+                                           **self.net.call_kwargs)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        def step(carry, batch):
+            params, opt_state = carry
+            updates, opt_state = optimizer.update(jax.grad(loss)(params, *batch), opt_state, params)
+            return (jax.tree.map(jnp.multiply, optax.apply_updates(params, updates), keep), opt_state), None
+
+        params = variables["params"]
+        (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)),
+                                      (data["train_images"], data["train_labels"]))
+        return {**variables, "params": params}
+
     def score(self, data, counts):
-        """Top-1 of the policy `counts` on the reward images; the re-estimation pass scores its own images."""
-        logits, variables = self.recalibrated(data, self.kind.mask(data["kind"], counts))
+        """Top-1 of the policy `counts` on the reward images (after its fine-tune for a reward that finetunes); the
+        re-estimation pass scores its own images."""
+        variables = self.kind.mask(data["kind"], counts)
+        if self.finetunes:
+            variables = self.finetuned(data, counts, variables)
+        logits, variables = self.recalibrated(data, variables)
         correct = self._correct(variables, data["images"], data["labels"])
         if logits is not None:
             correct = correct + jnp.sum(jnp.argmax(logits, -1) == data["calibration_labels"])
         return correct / self.count
 
     def scores(self, data, counts_batch):
-        """Top-1 of each policy in a batch of counts [P, T], one after another in one program."""
+        """Top-1 of each policy in a batch of counts [P, T]: fine-tuned candidates side by side (vmapped), else
+        one after another in one program."""
+        if self.finetunes:
+            return jax.vmap(lambda counts: self.score(data, counts))(counts_batch)
         return jax.lax.map(lambda counts: self.score(data, counts), counts_batch)
 
     def reward(self, accuracy, counts):
         """The configured reward of a policy from its accuracy and the kind's first resource (MACs; size in bits
         for bit widths) within its `bounds` (traceable)."""
-        return REWARDS[self.config.reward](accuracy, self.cost(counts, jnp)[0], self.bounds)
+        return REWARDS[self.config.reward].score(accuracy, self.cost(counts, jnp)[0], self.bounds)
 
     # ----- host conveniences ------------------------------------------------------------------
     def accuracy(self, counts_batch) -> np.ndarray:

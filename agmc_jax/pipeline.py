@@ -1,5 +1,6 @@
 """The command-line pipelines: search a trained network, fine-tune the result, and compress end to end."""
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 from agmc_jax import checkpoint, data
 from agmc_jax.agents import parse_options
 from agmc_jax.autocompress import AUTOCOMPRESS, compress_autocompress
-from agmc_jax.env import Budget
+from agmc_jax.env import REWARDS, Budget
 from agmc_jax.errors import AgmcError
 from agmc_jax.graph import trace
 from agmc_jax.kinds import KINDS
@@ -24,32 +25,49 @@ from agmc_jax.train import TrainConfig, config_from_dict, config_to_dict, resolv
 
 
 def check_search(workdir, out, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
-                 resume=False, reward_images=1000, agent_options=None, data_dir=None, kind=None,
-                 **env_options) -> SearchConfig:
+                 resume=False, reward_images=1000, agent_options=None, data_dir=None, kind=None, rerank=0,
+                 rerank_steps=SearchConfig.rerank_steps, **env_options) -> SearchConfig:
     """The settings of `run_search` checked, and `out` checked against `workdir`, before anything is loaded."""
     if reward_images < 1:
         raise AgmcError(f"--reward-images must be at least 1, got {reward_images}")
     config = build_config(get_method(method), episodes, seed, target_macs, target_params, agent_options, env_options,
-                          kind=kind)
+                          kind=kind, rerank=rerank, rerank_steps=rerank_steps)
     check_new_output(workdir, out, resume)
     return config
 
 
 def run_search(workdir, out, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
-               resume=False, reward_images=1000, data_dir=None, agent_options=None, kind=None, **env_options):
+               resume=False, reward_images=1000, data_dir=None, agent_options=None, kind=None, rerank=0,
+               rerank_steps=SearchConfig.rerank_steps, **env_options):
     """Search a trained workdir's network on its validation split; writes policy, plots and networks to `out`.
 
     Every output is rewritten whole from the search's checkpointed state, so a resumed run finishes with the
     outputs of an uninterrupted one."""
     search_config = check_search(workdir, out, method=method, target_macs=target_macs, target_params=target_params,
                                  episodes=episodes, seed=seed, resume=resume, reward_images=reward_images,
-                                 agent_options=agent_options, kind=kind, **env_options)
+                                 agent_options=agent_options, kind=kind, rerank=rerank, rerank_steps=rerank_steps,
+                                 **env_options)
     module, variables, config = load_network(workdir)
     images, labels = data.load_arrays(config["dataset"], "validation", data_dir or config["data_dir"],
                                       limit=reward_images)
-    result = search(module, variables, (images, labels), out=out, resume=resume, config=search_config)
+    result = search(module, variables, (images, labels), out=out, resume=resume, config=search_config,
+                    train_data=training_images(search_config, config, data_dir))
     write_search(result, Path(out), workdir, method, config)
     return result
+
+
+def training_images(search_config: SearchConfig, config, data_dir=None):
+    """(images, labels) of the training batches a fine-tuned reward or the re-rank reads (None when neither does):
+    the first batches of the training split in its shuffled, augmented order, as the fine-tune would see them."""
+    env = search_config.env
+    steps = max(env.reward_steps if REWARDS[env.reward].finetunes else 0,
+                search_config.rerank_steps if search_config.rerank else 0)
+    if not steps:
+        return None
+    source = data.load(config["dataset"], "train", data_dir or config["data_dir"])
+    batches = list(itertools.islice(data.batches(source, config["dataset"], env.reward_batch, train=True,
+                                                 seed=config["seed"]), steps))
+    return tuple(np.concatenate([b[key] for b in batches]) for key in ("image", "label"))
 
 
 def write_search(result, out, source, method, config):
@@ -78,18 +96,20 @@ COMPRESS_OPTIONS = {
     "episodes": 100, "seed": 0, "reward": "acc", "reward_images": 1000, "lbound": 0.2, "round_to": None,
     "criterion": "l2", "recalibrate_bn": True, "agent_option": [], "warmup_episodes": None, "sigma_decay": None,
     "stages": ("prune",), "quant_method": "ppo", "quant_target_size": 0.25, "quant_min_bit": None,
-    "quant_max_bit": None, "qat_epochs": 1,
+    "quant_max_bit": None, "qat_epochs": 1, "reward_steps": None, "reward_lr": None, "fill": None, "rerank": 0,
+    "rerank_steps": SearchConfig.rerank_steps,
 }
 
 
 def search_options(args):
     """`run_search` keyword arguments from the search options of `agmc search` and `agmc compress`."""
     names = ("method", "target_macs", "target_params", "episodes", "seed", "resume", "reward_images", "data_dir",
-             "reward", "lbound", "round_to", "criterion", "recalibrate_bn")
+             "reward", "lbound", "round_to", "criterion", "recalibrate_bn", "rerank", "rerank_steps")
     flags = {name: getattr(args, name) for name in ("warmup_episodes", "sigma_decay") if getattr(args, name) is not None}
+    env = {name: getattr(args, name) for name in ("fill", "reward_steps", "reward_lr") if getattr(args, name) is not None}
     bits = {name: getattr(args, name) for name in ("kind", "target_size", "min_bit", "max_bit")
             if getattr(args, name, None) is not None}  # `agmc search` only: compress has its quantize stage's own
-    return {**{name: getattr(args, name) for name in names}, **bits,
+    return {**{name: getattr(args, name) for name in names}, **bits, **env,
             "agent_options": {**flags, **parse_options(args.agent_option)}}
 
 
@@ -118,7 +138,8 @@ STAGES = ("prune", "quantize")
 def quantize_options(args):
     """`run_search` keyword arguments of the quantize stage of `agmc compress`: a bit-width search."""
     options = {**search_options(args), "method": args.quant_method, "kind": "bits", "target_macs": None,
-               "target_params": None, "target_size": args.quant_target_size, "criterion": "l2", "round_to": 1}
+               "target_params": None, "target_size": args.quant_target_size, "criterion": "l2", "round_to": 1,
+               "rerank": 0}
     options.update({name: getattr(args, f"quant_{name}") for name in ("min_bit", "max_bit")
                     if getattr(args, f"quant_{name}") is not None})
     return options
@@ -130,6 +151,9 @@ def check_compress(args):
     if "prune" in args.stages:
         check_search(args.workdir, args.out, **search_options(args))
     if "quantize" in args.stages:
+        if REWARDS[args.reward].finetunes:
+            raise AgmcError(f"the quantize stage searches bit widths, which the {args.reward} reward cannot train; "
+                            "choose --reward acc (or another) with --stages quantize")
         quantize = check_search(args.workdir, args.out, **quantize_options(args))
     module, variables, config = load_network(args.workdir)
     if args.stages[0] == "quantize":  # the network it quantizes is this one: its size budget is checked now

@@ -27,7 +27,7 @@ from agmc_jax import checkpoint, data
 from agmc_jax.errors import AgmcError, CheckpointError, InputShapeError
 from agmc_jax.models import check_input_shape, create_model, init_model
 
-SCHEDULES = ("cosine", "onecycle")
+SCHEDULES = ("cosine", "onecycle", "constant")
 LOSSES = "losses"  # a module adds terms to its training loss by sowing them into this collection (a KL term, a penalty)
 
 
@@ -42,7 +42,7 @@ class TrainConfig:
     learning_rate: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4  # kernels only
-    schedule: str = "cosine"  # 'cosine' (linear warmup, then cosine to 0) or 'onecycle'
+    schedule: str = "cosine"  # 'cosine' (linear warmup, then cosine to 0), 'onecycle' or 'constant'
     warmup_epochs: int = 0  # 'cosine' only
     seed: int = 0
     data_dir: str | None = None
@@ -145,9 +145,11 @@ def optimizer_spec(config: TrainConfig, steps_per_epoch: int) -> OptimizerSpec:
 
 
 def learning_rate_schedule(spec: OptimizerSpec) -> optax.Schedule:
-    """The learning rate as a function of the optimizer step: warmup + cosine decay to 0, or one-cycle."""
+    """The learning rate as a function of the optimizer step: warmup + cosine decay to 0, one-cycle, or constant."""
     if spec.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(spec.total_steps, spec.learning_rate)
+    if spec.schedule == "constant":
+        return optax.constant_schedule(spec.learning_rate)
     return optax.warmup_cosine_decay_schedule(0.0, spec.learning_rate, spec.warmup_steps, spec.total_steps)
 
 

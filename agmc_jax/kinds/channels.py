@@ -8,6 +8,7 @@ calibration images do not depend on the policy, so they are computed once and ea
 solves its kept rows.
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.graph.cost import evaluate_cost
@@ -72,13 +73,20 @@ class Channels:
         leaves = list(jax.tree.leaves(data["variables"]))
         for layer, refit in zip(self._refit_layers, data["refits"]):
             leaves[layer.leaf] = refit_kernel(leaves[layer.leaf], refit["system"], _axis_keep(refit["table"], counts))
+        keep = jax.tree.leaves(self.keep(data, counts))
+        return jax.tree.unflatten(self.net.treedef, [leaf * k.astype(leaf.dtype) for leaf, k in zip(leaves, keep)])
+
+    def keep(self, data, counts):
+        """The 0/1 multiplier of every variable for the policy `counts`, broadcastable to it (pure, traceable): what
+        a masked fine-tune multiplies its parameters by after each step."""
         out = []
-        for leaf, axes, tables in zip(leaves, self._masked_axes, data["tables"]):
+        for shape, axes, tables in zip(self.net.shapes, self._masked_axes, data["tables"]):
+            keep = jnp.ones((1,) * len(shape), jnp.float32)
             for axis, table in zip(axes, tables):
-                view = [1] * leaf.ndim
-                view[axis] = leaf.shape[axis]
-                leaf = leaf * _axis_keep(table, counts).astype(leaf.dtype).reshape(view)
-            out.append(leaf)
+                view = [1] * len(shape)
+                view[axis] = shape[axis]
+                keep = keep * _axis_keep(table, counts).astype(jnp.float32).reshape(view)
+            out.append(keep)
         return jax.tree.unflatten(self.net.treedef, out)
 
     def masks(self, data, counts):

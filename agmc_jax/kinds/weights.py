@@ -23,7 +23,11 @@ class InPlace:
 
     def mask(self, data, counts):
         """The variables of the policy `counts`, masked (pure, traceable)."""
-        return _multiply(data["variables"], self._keep(data, counts, jnp))
+        return _multiply(data["variables"], self.keep(data, counts))
+
+    def keep(self, data, counts):
+        """The 0/1 multiplier of every variable for the policy (pure, traceable)."""
+        return self._keep(data, counts, jnp)
 
     def masks(self, data, counts):
         """The 0/1 masks of the policy (host)."""

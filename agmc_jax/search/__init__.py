@@ -24,6 +24,7 @@ from agmc_jax.errors import AgmcError, CheckpointError, CheckpointWarning, DataE
 from agmc_jax.graph import trace
 from agmc_jax.quant import FLOAT_BITS, save_packed
 from agmc_jax.search.loop import Runner, make_chunk, place
+from agmc_jax.search.rerank import Candidate, candidates, rerank
 from agmc_jax.search.registry import (METHODS, Method, UnknownMethodError, describe_methods, get_method,
                                       register_method, with_kind)
 
@@ -39,6 +40,8 @@ class SearchConfig(NamedTuple):
     gnn_hidden: int = 32  # GCN and LSTM width of the agmc state; the decoder runs in every update, ~ width^2
     chunk: int = 10  # episodes per compiled chunk: the host logs and checkpoints between chunks
     kind: str | None = None  # a compression kind (KINDS) searched instead of the method's own
+    rerank: int = 0  # re-rank this many best distinct policies, plus the uniform rule's, by a longer fine-tune
+    rerank_steps: int = 128  # SGD steps of that fine-tune (reward_lr, reward_batch training images a step)
 
 
 @dataclasses.dataclass
@@ -51,6 +54,7 @@ class SearchResult:
     accuracy: float
     history: list
     agent_state: object = None
+    candidates: list = dataclasses.field(default_factory=list)  # the re-ranked policies, best first (rerank.Candidate)
 
     @property
     def net(self):
@@ -122,6 +126,9 @@ class SearchResult:
                        "layers": [l.name for l in layers]}
                       for t, (size, c, layers) in enumerate(zip(self.env.sizes, self.counts, kind.step_layers))],
             "layers": kind.layer_usage(self.counts),
+            **({"rerank": [{"name": c.name, "reward": None if np.isnan(c.reward) else c.reward, "finetuned_top1": c.score,
+                            **self.env.ratios(c.counts), "keep": (c.counts / self.env.sizes).round(4).tolist()}
+                           for c in self.candidates]} if self.candidates else {}),
         }
 
 
@@ -133,11 +140,12 @@ def _digest(*trees) -> str:
     return sha.hexdigest()[:16]
 
 
-def _fingerprint(env, config, variables, data):
+def _fingerprint(env, config, variables, data, train_data=None):
     return {"model": type(env.net.module).__name__, "sizes": [int(s) for s in env.sizes], "macs": int(env.net.macs),
             "method": config.method, "kind": config.kind, "seed": config.seed, "env": config.env._asdict(),
             "agent": None if config.agent is None else config.agent._asdict(), "gnn_hidden": config.gnn_hidden,
-            "chunk": config.chunk, "variables": _digest(variables), "data": _digest(data)}
+            "chunk": config.chunk, "variables": _digest(variables), "data": _digest(data),
+            **({"train": _digest(train_data)} if env.finetunes else {})}
 
 
 def _changes(saved, fingerprint) -> list:
@@ -156,7 +164,7 @@ def _changes(saved, fingerprint) -> list:
             old = {**(EnvConfig._field_defaults if key == "env" else {}), **old}
             changes += [f"{key}.{field} {old.get(field)!r} -> {value.get(field)!r}"
                         for field in sorted(set(old) | set(value)) if old.get(field) != value.get(field)]
-        elif key in ("variables", "data"):
+        elif key in ("variables", "data", "train"):
             changes.append(f"{key} (another hash)")
         else:
             changes.append(f"{key} {old!r} -> {value!r}")
@@ -234,7 +242,7 @@ class _History:
 
 
 def build_config(method: Method, episodes, seed, target_macs, target_params, agent_options, env_options,
-                 target_size=None, kind=None):
+                 target_size=None, kind=None, rerank=0, rerank_steps=SearchConfig.rerank_steps):
     """A `SearchConfig` from the library's keywords: the kind's default budget, the agent's options checked.
     `kind` (a name in KINDS) replaces the method's compression kind; budgets may also come in `env_options`."""
     env_options = {**dict(method.env_defaults), **env_options}
@@ -250,7 +258,7 @@ def build_config(method: Method, episodes, seed, target_macs, target_params, age
                         f"{', '.join(EnvConfig._fields)}") from None
     check_config(env)
     return _check_lengths(SearchConfig(method=method.name, episodes=episodes, seed=seed, agent=agent, env=env,
-                                       kind=kind))
+                                       kind=kind, rerank=rerank, rerank_steps=rerank_steps))
 
 
 def _check_lengths(config: SearchConfig) -> SearchConfig:
@@ -259,6 +267,11 @@ def _check_lengths(config: SearchConfig) -> SearchConfig:
         raise AgmcError(f"--episodes must be positive, got {config.episodes}")
     if config.chunk < 1:
         raise AgmcError(f"SearchConfig.chunk (episodes per compiled chunk) must be positive, got {config.chunk}")
+    for name in ("rerank", "rerank_steps"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (name == "rerank_steps"):
+            raise AgmcError(f"--{name.replace('_', '-')} must be a whole number of at least "
+                            f"{int(name == 'rerank_steps')}, got {value}")
     return config
 
 
@@ -290,12 +303,17 @@ def _check_classes(module, variables, images, labels, call_kwargs):
                         f"{labels.min()} to {labels.max()}")
 
 
-def environment(method: Method, module, variables, data, config: SearchConfig, mesh=None) -> Environment:
-    """The environment of a search: the network traced, its kind, the reward images placed on the mesh."""
+def environment(method: Method, module, variables, data, config: SearchConfig, mesh=None,
+                train_data=None) -> Environment:
+    """The environment of a search: the network traced, its kind, the reward images (and the training images of a
+    reward that finetunes) placed on the mesh."""
     images, labels = _check_data(data)
     net = trace(module, variables, images[:1])
     _check_classes(module, variables, images, labels, net.call_kwargs)
-    return Environment(method.kind(net, config.env), variables, images, labels, config.env, mesh)
+    if train_data is not None:
+        train_data = _check_data(train_data)
+        _check_classes(module, variables, *train_data, net.call_kwargs)
+    return Environment(method.kind(net, config.env), variables, images, labels, config.env, mesh, train_data)
 
 
 def check_output(out, resume=False) -> None:
@@ -311,9 +329,14 @@ def check_output(out, resume=False) -> None:
 
 def search(module, variables, data, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
            out=None, resume=False, progress=True, config: SearchConfig | None = None, agent_options=None,
-           ddpg_options=None, mesh=None, kind=None, target_size=None, **env_options):
+           ddpg_options=None, mesh=None, kind=None, target_size=None, train_data=None, rerank=0,
+           rerank_steps=SearchConfig.rerank_steps, **env_options):
     """Search a registered method's policy on labelled arrays `data = (x_val, y_val)`.
 
+    `train_data = (x_train, y_train)` feeds a reward that finetunes (`reward="finetuned"`, `reward_steps=32`):
+    each candidate is trained that many steps of `reward_batch` of these images before it is scored. `rerank=K`
+    re-scores the K best distinct policies and the uniform rule's with `rerank_steps` steps of that fine-tune on
+    `train_data` and returns the best of them (`result.candidates` lists them).
     `kind` ("channels", "weights", "bits") replaces the method's compression kind. The budget defaults
     to the kind's (half the MACs for channels, half the parameters for weights, a quarter of the
     float32 size in bits, `target_size`, for bit widths).
@@ -324,24 +347,49 @@ def search(module, variables, data, method="agmc", target_macs=None, target_para
     """
     if config is None:
         config = build_config(get_method(method), episodes, seed, target_macs, target_params,
-                              {**(ddpg_options or {}), **(agent_options or {})}, env_options, target_size, kind)
+                              {**(ddpg_options or {}), **(agent_options or {})}, env_options, target_size, kind,
+                              rerank, rerank_steps)
     chosen = with_kind(get_method(config.method), config.kind)
     if chosen.agent is not None and config.agent is None:
         config = config._replace(agent=agent_config(chosen.agent, None, config.episodes))
     _check_lengths(config)
     check_output(out, resume)
     out = None if out is None else Path(out)
-    env = environment(chosen, module, variables, data, config, mesh)
+    env = environment(chosen, module, variables, data, config, mesh, train_data)
     directory = None if out is None else out.absolute() / "search_state"
-    fingerprint = _fingerprint(env, config, variables, data)
+    fingerprint = _fingerprint(env, config, variables, data, train_data)
+    judge = _judge(chosen, module, variables, data, config, mesh, train_data)
     if chosen.rule is not None:
-        return _finish(_rule(env, chosen.rule, directory, fingerprint), out)
+        return _finish(_reranked(_rule(env, chosen.rule, directory, fingerprint), judge, config), out)
     history, agent_state = _run(env, chosen, config, directory, fingerprint, out, progress)
     best = int(np.argmax(history.rewards))
     result = SearchResult(env, history.counts[best].copy(), float(history.rewards[best]),
                           float(history.accuracies[best]), [history.record(env, e) for e in range(len(history.rewards))],
                           agent_state)
-    return _finish(result, out)
+    return _finish(_reranked(result, judge, config, history), out)
+
+
+def _judge(method, module, variables, data, config: SearchConfig, mesh, train_data):
+    """The re-ranking environment (the search's, with `rerank_steps` of masked fine-tuning), or None without rerank;
+    built before the search so that missing training data is refused before the first episode."""
+    if not config.rerank:
+        return None
+    env_config = config.env._replace(reward="finetuned", reward_steps=config.rerank_steps)
+    return environment(method, module, variables, data, config._replace(env=env_config), mesh, train_data)
+
+
+def _reranked(result, judge, config: SearchConfig, history=None):
+    """`result` with its policy replaced by the best re-ranked candidate (itself without a judge)."""
+    if judge is None:
+        return result
+    counts = result.counts[None] if history is None else history.counts
+    rewards = np.float32([result.reward]) if history is None else history.rewards
+    ranked = rerank(judge, candidates(result.env, counts, rewards, config.rerank))
+    best = ranked[0]
+    reward = best.reward if not np.isnan(best.reward) else float(
+        result.env.reward(jnp.float32(result.env.accuracy(best.counts[None])[0]), jnp.asarray(best.counts)))
+    return dataclasses.replace(result, counts=np.asarray(best.counts), reward=reward, candidates=ranked,
+                               accuracy=float(result.env.accuracy(best.counts[None])[0]))
 
 
 def _rule(env, rule, directory, fingerprint):
@@ -350,6 +398,8 @@ def _rule(env, rule, directory, fingerprint):
     if directory is not None:  # a saved rule is checked like any search, then scored again (it is deterministic)
         _resume(directory, fingerprint, 1, lambda finished: {"history": _History(env.steps, finished).tree()})
     counts = np.asarray(rule(env))
+    if env.config.fill:
+        counts = np.asarray(jax.jit(env.filled)(jnp.asarray(counts, jnp.int32)))
     accuracy = float(env.accuracy(counts[None])[0])
     reward = float(env.reward(jnp.float32(accuracy), jnp.asarray(counts)))
     history = _History(env.steps)
@@ -421,5 +471,5 @@ def _finish(result, out):
     return result
 
 
-__all__ = ["METHODS", "Method", "SearchConfig", "SearchResult", "UnknownMethodError", "build_config",
+__all__ = ["Candidate", "METHODS", "Method", "SearchConfig", "SearchResult", "UnknownMethodError", "build_config",
            "check_output", "describe_methods", "environment", "get_method", "register_method", "search", "with_kind"]
