@@ -13,6 +13,7 @@ import warnings
 from agmc_jax.env import REWARDS
 from agmc_jax.errors import AgmcError, InputShapeError, UsageError
 from agmc_jax.search.registry import describe_methods
+from agmc_jax.search.rerank import RERANK_STEPS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,8 +214,8 @@ def _search_arguments(parser, methods_help=""):
     parser.add_argument("--rerank", type=_COUNT, default=0, metavar="K",
                         help="score the K best distinct policies and the uniform rule's by --rerank-steps of masked "
                              "fine-tuning and keep the best (default: off)")
-    parser.add_argument("--rerank-steps", type=_COUNT, default=128,
-                        help="SGD steps of the re-rank's fine-tune per candidate (default 128)")
+    parser.add_argument("--rerank-steps", type=_COUNT, default=RERANK_STEPS,
+                        help=f"SGD steps of the re-rank's fine-tune per candidate (default {RERANK_STEPS})")
     parser.add_argument("--reward-images", type=_COUNT, default=1000, help="validation images scoring each policy")
     parser.add_argument("--lbound", type=_RATIO, default=0.2, help="smallest keep ratio per group")
     parser.add_argument("--round-to", type=_COUNT, default=None, help=ROUND_TO_HELP)

@@ -309,11 +309,11 @@ class Budget:
             return counts.at[t].set(self.action_count(t, actions[t], counts)), None
         return jax.lax.scan(step, jnp.asarray(self.sizes, jnp.int32), jnp.arange(self.steps))[0]
 
-    def filled(self, counts):
-        """`counts` (within the budget) raised to it (traceable): first by the largest shift of every step's action
-        that stays within it (AutoCompress rescales each neighbour to its target; a shared shift keeps the actions'
-        order, so the experience rule still holds), then each step in turn to the most the rest leaves it. Costs
-        only grow with counts, so after that pass no step can take one more rounding step."""
+    def shifted(self, counts):
+        """`counts` (walled, so within the budget) raised by the largest shift of every step's action that stays
+        within it (traceable): AutoCompress rescales each neighbour to its target. A shared shift keeps the actions'
+        order, so the experience rule still holds; the step whose count would rise first at a cost over the budget
+        stops it."""
         steps = jnp.arange(self.steps)
         lowest, sizes = jnp.asarray(self.min_counts), jnp.asarray(self.sizes)
         actions = self.count_action(steps, counts)
@@ -330,8 +330,14 @@ class Budget:
 
         low, _ = jax.lax.fori_loop(0, 24, bisect, (jnp.float32(0.0), jnp.float32(1.0)))
         raised = shifted(low)
-        raised = jnp.where(self.feasible(raised, jnp) & jnp.all(raised >= counts), raised, counts)
-        return jax.lax.fori_loop(0, self.steps, lambda t, c: c.at[t].set(self._largest(t, c, c[t])), raised)
+        return jnp.where(self.feasible(raised, jnp) & jnp.all(raised >= counts), raised, counts)
+
+    def filled(self, counts):
+        """`counts` (within the budget) raised to it (traceable): `shifted`, then each step in turn to the most the
+        others leave it. Costs only grow with counts, so after that one pass no step can take one more rounding
+        step within the budget (what `EnvConfig.fill`, the default, does to every policy a search plays)."""
+        return jax.lax.fori_loop(0, self.steps, lambda t, c: c.at[t].set(self._largest(t, c, c[t])),
+                                 self.shifted(counts))
 
     def uniform_counts(self):
         """The handcrafted baseline: one level everywhere (keep ratio, bit width), the largest within budget."""

@@ -20,13 +20,13 @@ from agmc_jax.networks import (check_new_output, evaluate_variables, load_networ
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.quant import save_packed
 from agmc_jax.report import plot_keep, plot_rewards
-from agmc_jax.search import SearchConfig, build_config, get_method, search
+from agmc_jax.search import RERANK_STEPS, SearchConfig, build_config, get_method, search
 from agmc_jax.train import TrainConfig, config_from_dict, config_to_dict, resolve_config, train
 
 
 def check_search(workdir, out, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
                  resume=False, reward_images=1000, agent_options=None, data_dir=None, kind=None, rerank=0,
-                 rerank_steps=SearchConfig.rerank_steps, **env_options) -> SearchConfig:
+                 rerank_steps=RERANK_STEPS, **env_options) -> SearchConfig:
     """The settings of `run_search` checked, and `out` checked against `workdir`, before anything is loaded."""
     if reward_images < 1:
         raise AgmcError(f"--reward-images must be at least 1, got {reward_images}")
@@ -38,7 +38,7 @@ def check_search(workdir, out, method="agmc", target_macs=None, target_params=No
 
 def run_search(workdir, out, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
                resume=False, reward_images=1000, data_dir=None, agent_options=None, kind=None, rerank=0,
-               rerank_steps=SearchConfig.rerank_steps, **env_options):
+               rerank_steps=RERANK_STEPS, **env_options):
     """Search a trained workdir's network on its validation split; writes policy, plots and networks to `out`.
 
     Every output is rewritten whole from the search's checkpointed state, so a resumed run finishes with the
@@ -97,7 +97,7 @@ COMPRESS_OPTIONS = {
     "criterion": "l2", "recalibrate_bn": True, "agent_option": [], "warmup_episodes": None, "sigma_decay": None,
     "stages": ("prune",), "quant_method": "ppo", "quant_target_size": 0.25, "quant_min_bit": None,
     "quant_max_bit": None, "qat_epochs": 1, "reward_steps": None, "reward_lr": None, "fill": None, "rerank": 0,
-    "rerank_steps": SearchConfig.rerank_steps,
+    "rerank_steps": RERANK_STEPS,
 }
 
 

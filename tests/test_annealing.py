@@ -111,13 +111,14 @@ def test_settings_are_checked_and_cooling_follows_the_search_length():
 
 def test_searched_policies_meet_the_budget_and_the_rule_up_to_one_rounding_multiple():
     """On a network, the action wall never cuts a step under the rule's floor: the agent's cap foresees it (up to
-    one multiple the counts are rounded to: 8 for LeNet-5's groups of 16, 120 and 84 channels, 1 for its 6)."""
+    one multiple the counts are rounded to: 8 for LeNet-5's groups of 16, 120 and 84 channels, 1 for its 6). Without
+    the fill's top-up pass, which spends what the shared shift leaves wherever it fits, rule or not."""
     module = create_model("lenet5", 10)
     variables = init_model(module, (28, 28, 1))
     rng = np.random.default_rng(0)
     data = rng.normal(size=(64, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 64).astype(np.int32)
     result = search(module, variables, data, method="annealing", target_macs=0.3, episodes=8, seed=0,
-                    progress=False, eval_batch=32)
+                    progress=False, eval_batch=32, fill=False)
     sizes = result.env.sizes
     weights = np.array([sum(layer.params for layer in layers) for layers in result.env.kind.step_layers])
     bigger = weights[:, None] > weights[None, :]
@@ -155,9 +156,9 @@ def test_the_start_obeys_the_rule_on_counts_and_no_step_can_be_raised(round_to, 
         assert start[t] == sizes[t] or not (budget.feasible(raised) and ruled(raised))
 
 
-def test_filled_is_the_largest_shared_shift_found_by_a_grid_and_annealing_fills_by_default():
-    """`fill` (annealing's default, not AMC's) raises a walled policy by one shift of every action, the largest
-    within the budget: checked against a grid of 20,001 shifts on LeNet-5 policies."""
+def test_shifted_is_the_largest_shared_shift_found_by_a_grid_and_every_method_fills_by_default():
+    """The fill's first part raises a walled policy by one shift of every action, the largest within the budget:
+    checked against a grid of 20,001 shifts on LeNet-5 policies."""
     module = create_model("lenet5", 10)
     net = trace(module, jax.eval_shape(lambda: init_model(module, (28, 28, 1))), (28, 28, 1))
     config = EnvConfig(target_macs=0.3, fill=True)
@@ -171,6 +172,7 @@ def test_filled_is_the_largest_shared_shift_found_by_a_grid_and_annealing_fills_
         grid = np.clip(np.asarray(wanted(actions + np.linspace(0.0, 1.0, 20001)[:, None])), budget.min_counts,
                        budget.sizes)
         last = next(i for i, shifted in enumerate(grid) if not budget.feasible(shifted)) - 1
-        assert np.array_equal(np.asarray(budget.filled(jnp.asarray(counts, jnp.int32))), grid[last])
+        assert np.array_equal(np.asarray(budget.shifted(jnp.asarray(counts, jnp.int32))), grid[last])
     assert get_method("annealing").env_defaults == (("fill", True),)
-    assert not build_config(get_method("amc"), 4, 0, 0.3, None, None, {}).env.fill
+    assert build_config(get_method("amc"), 4, 0, 0.3, None, None, {}).env.fill
+    assert not build_config(get_method("amc"), 4, 0, 0.3, None, None, {"fill": False}).env.fill

@@ -98,7 +98,7 @@ def test_toy_agent_plays_constant_actions_within_the_budget(toy):
 
 
 def test_toy_defaults_apply_without_options(toy):
-    result = search(MODULE, VARIABLES, DATA, method="toy", episodes=1, progress=False, eval_batch=32)
+    result = search(MODULE, VARIABLES, DATA, method="toy", episodes=1, progress=False, eval_batch=32, fill=False)
     np.testing.assert_array_equal(result.counts, result.env.policy_counts(np.full(result.env.steps, 0.5)))
 
 
@@ -113,14 +113,14 @@ def test_toy_through_the_command_line_matches_the_library(toy, capsys, tmp_path)
     assert status == 0 and "toy:" in out.split()  # the --method help is generated from the registry
     status, out, err = run(capsys, "search", "--workdir", str(BASELINE), "--out", str(tmp_path / "s"),
                            "--method", "toy", "--agent-option", "action=0.25", "--episodes", "2",
-                           "--reward-images", "64")
+                           "--reward-images", "64", "--no-fill")
     assert status == 0, err
     policy = json.loads((tmp_path / "s" / "policy.json").read_text())
 
     module, variables, _ = load_network(BASELINE)
     images, labels = load_arrays("fashion_mnist", "validation", limit=64)
     library = search(module, variables, (images, labels), method="toy", episodes=2,
-                     agent_options={"action": 0.25}, progress=False)
+                     agent_options={"action": 0.25}, progress=False, fill=False)
     constant = library.env.policy_counts(np.full(library.env.steps, 0.25))
     kept = np.array([step["kept"] for step in policy["steps"]])
     np.testing.assert_array_equal(kept, constant)
@@ -157,7 +157,7 @@ def test_a_method_needs_exactly_one_of_agent_or_rule(register, method):
 def test_a_rule_registered_here_is_one_scored_policy(register, tmp_path):
     register(Method("toy_rule", "every step at lbound (test)", KINDS["channels"], rule=lambda env: env.min_counts))
     result = search(MODULE, VARIABLES, DATA, method="toy_rule", episodes=5, progress=False, eval_batch=32,
-                    out=tmp_path / "s")
+                    out=tmp_path / "s", fill=False)
     np.testing.assert_array_equal(result.counts, result.env.min_counts)
     assert len(result.history) == 1 and result.history[0]["keep"] == keeps(result.env.min_counts, result.env.sizes)
     assert result.reward == pytest.approx(result.accuracy) and result.history[0]["reward"] == result.reward

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+
 from agmc_jax import checkpoint
 from agmc_jax.agents import DDPGConfig, OptionError, agent_config
 from agmc_jax.env import BudgetError, EnvConfig, Environment
@@ -12,6 +13,7 @@ from agmc_jax.models import create_model, init_model
 from agmc_jax.search import METHODS, SearchConfig, UnknownMethodError, _changes, environment, get_method, search
 from agmc_jax.search import checkpoint as search_checkpoint
 from agmc_jax.search.loop import Runner, make_chunk, place
+from tests.test_rerank import one_step_short
 
 MODULE = create_model("lenet5", 10)
 VARIABLES = init_model(MODULE, (28, 28, 1))
@@ -226,6 +228,7 @@ def test_every_method_with_every_reward(method, reward, tmp_path):
                 "acc_norm": (result.accuracy + np.clip((high - resource) / max(high - low, 1.0), 0, 1)) / 2}[reward]
     assert result.reward == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert (tmp_path / "s" / "policy.json").exists()
+    assert one_step_short(result.env, result.counts)  # every method uses the whole budget (fill, the default)
 
 
 def test_bad_method_budget_and_episodes():
@@ -252,4 +255,4 @@ def test_a_search_saved_before_an_environment_field_existed_resumes_with_its_def
     now = checkpoint.metadata(tmp_path / "s" / "search_state")
     older = {**now, "env": {k: v for k, v in now["env"].items() if k != "fill"}}
     assert _changes(older, now) == []
-    assert _changes({**now, "env": {**now["env"], "fill": True}}, now) == ["env.fill True -> False"]
+    assert _changes({**now, "env": {**now["env"], "fill": False}}, now) == ["env.fill False -> True"]

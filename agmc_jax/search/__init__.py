@@ -24,7 +24,7 @@ from agmc_jax.errors import AgmcError, CheckpointError, CheckpointWarning, DataE
 from agmc_jax.graph import trace
 from agmc_jax.quant import FLOAT_BITS, save_packed
 from agmc_jax.search.loop import Runner, make_chunk, place
-from agmc_jax.search.rerank import Candidate, candidates, rerank
+from agmc_jax.search.rerank import RERANK_STEPS, Candidate, candidates, rerank
 from agmc_jax.search.registry import (METHODS, Method, UnknownMethodError, describe_methods, get_method,
                                       register_method, with_kind)
 
@@ -41,7 +41,7 @@ class SearchConfig(NamedTuple):
     chunk: int = 10  # episodes per compiled chunk: the host logs and checkpoints between chunks
     kind: str | None = None  # a compression kind (KINDS) searched instead of the method's own
     rerank: int = 0  # re-rank this many best distinct policies, plus the uniform rule's, by a longer fine-tune
-    rerank_steps: int = 128  # SGD steps of that fine-tune (reward_lr, reward_batch training images a step)
+    rerank_steps: int = RERANK_STEPS  # SGD steps of that fine-tune (reward_lr, reward_batch training images a step)
 
 
 @dataclasses.dataclass
@@ -242,7 +242,7 @@ class _History:
 
 
 def build_config(method: Method, episodes, seed, target_macs, target_params, agent_options, env_options,
-                 target_size=None, kind=None, rerank=0, rerank_steps=SearchConfig.rerank_steps):
+                 target_size=None, kind=None, rerank=0, rerank_steps=RERANK_STEPS):
     """A `SearchConfig` from the library's keywords: the kind's default budget, the agent's options checked.
     `kind` (a name in KINDS) replaces the method's compression kind; budgets may also come in `env_options`."""
     env_options = {**dict(method.env_defaults), **env_options}
@@ -330,7 +330,7 @@ def check_output(out, resume=False) -> None:
 def search(module, variables, data, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
            out=None, resume=False, progress=True, config: SearchConfig | None = None, agent_options=None,
            ddpg_options=None, mesh=None, kind=None, target_size=None, train_data=None, rerank=0,
-           rerank_steps=SearchConfig.rerank_steps, **env_options):
+           rerank_steps=RERANK_STEPS, **env_options):
     """Search a registered method's policy on labelled arrays `data = (x_val, y_val)`.
 
     `train_data = (x_train, y_train)` feeds a reward that finetunes (`reward="finetuned"`, `reward_steps=32`):
@@ -471,5 +471,5 @@ def _finish(result, out):
     return result
 
 
-__all__ = ["Candidate", "METHODS", "Method", "SearchConfig", "SearchResult", "UnknownMethodError", "build_config",
+__all__ = ["Candidate", "METHODS", "RERANK_STEPS", "Method", "SearchConfig", "SearchResult", "UnknownMethodError", "build_config",
            "check_output", "describe_methods", "environment", "get_method", "register_method", "search", "with_kind"]

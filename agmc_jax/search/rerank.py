@@ -14,6 +14,8 @@ import numpy as np
 
 from agmc_jax.env import Environment
 
+RERANK_STEPS = 128  # SGD steps of each re-ranked candidate's fine-tune
+
 
 class Candidate(NamedTuple):
     """A re-ranked policy: where it came from, its counts, its search reward and its fine-tuned top-1."""
