@@ -190,6 +190,7 @@ def prune_stage(args, out, module, variables, config):
         "latency_ms_batch128": latency_ms({"dense": (module, variables), "slim": (slim_module, slim_variables)},
                                           shape, 128),
         "layers": policy["layers"],
+        **({"rerank": policy["rerank"]} if "rerank" in policy else {}),
     }, out / "search" / "finetune"
 
 
@@ -270,7 +271,17 @@ def markdown_report(report):
                      f"{acc['finetuned'][split]:.4f} |")
     lines += ["", "| layer | channels before | after |", "|---|---|---|"]
     lines += [f"| {l['name']} | {l['out']} | {l['kept']} |" for l in report["layers"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + rerank_report(report.get("rerank", []))) + "\n"
+
+
+def rerank_report(candidates):
+    """The re-ranked candidates, best (the exported one) first, the uniform rule's among them ([] without)."""
+    if not candidates:
+        return []
+    return ["", "## Re-ranked by a longer masked fine-tune (the first is exported)", "",
+            "| candidate | search reward | fine-tuned top-1 | MACs ratio | params ratio |", "|---|---|---|---|---|"] + [
+        f"| {c['name']} | {'-' if c['reward'] is None else format(c['reward'], '.4f')} | {c['finetuned_top1']:.4f} | "
+        f"{c['macs_ratio']:.3f} | {c['params_ratio']:.3f} |" for c in candidates]
 
 
 def quantize_report(report):

@@ -9,9 +9,13 @@ actions: DDPG runs no updates, what the search loop itself costs; PPO still trai
       images), so the ratio isolates the agent, the GNN, the wall and the masking.
   (b) LeNet-5 on 100 reward images, the accelerator regime where evaluation is nearly free:
       episodes per second, target >= 100, and the agent's overhead per episode in ms.
+  (c) the finetuned reward (`--reward finetuned`, issue #22): ResNet-20, random search scoring 4 candidates a round
+      side by side (vmapped), each trained `--reward-steps` masked SGD steps of 128 images, then scored on 1,000
+      images: seconds per scored candidate against the same number of training steps of the dense network on the
+      same batches; the count of compilations over the whole run (target: 1).
 Chunks and dense evaluations alternate; medians over `--repeats`.
 
-    python experiments/bench_search.py [--chunk 10] [--repeats 5] [--methods agmc,amc,ppo,ppo:bits] [--regimes a,b]
+    python experiments/bench_search.py [--chunk 10] [--repeats 5] [--methods agmc,amc,ppo,ppo:bits] [--regimes a,b,c]
 
 A method may name another compression kind after a colon (`ppo:bits`: bit widths at a quarter of the
 float32 size); each kind is searched under its default budget.
@@ -29,7 +33,7 @@ from agmc_jax.search import build_config, environment, get_method
 from agmc_jax.search.registry import with_kind
 from agmc_jax.search.loop import Runner, make_chunk, place
 
-REGIMES = {"a": ("resnet20", 1000), "b": ("lenet5", 100)}
+REGIMES = {"a": ("resnet20", 1000), "b": ("lenet5", 100), "c": ("resnet20", 1000)}
 
 
 def timed(function, *args):
@@ -78,17 +82,62 @@ def measure(name, model, images, labels, chunk_episodes, repeats, warmup):
     return compile_s, float(np.median(episodes)), float(np.median(evaluations)), env.steps
 
 
+def measure_finetuned(model, images, labels, train, steps, chunk_episodes, repeats):
+    """(compile s, compilations, seconds per scored candidate, seconds of `steps` dense training steps) of a random
+    search whose reward finetunes."""
+    module = create_model(model, 10)
+    variables = init_model(module, images.shape[1:])
+    method = get_method("random")
+    config = build_config(method, 10 ** 6, 0, None, None, {"candidates": 4}, {"reward": "finetuned",
+                                                                                "reward_steps": steps})
+    env = environment(method, module, variables, (images, labels), config, train_data=train)
+    traces = []
+    finetuned = env.finetuned
+    env.finetuned = lambda *args: traces.append(1) or finetuned(*args)  # counts the traces: one per compilation
+    state = method.state(env, config.gnn_hidden)
+    agent = method.agent.build(config.agent, state, env.steps)
+    runner = place(env, Runner(agent.init(jax.random.key(1), state.example), jnp.zeros((), jnp.int32)))
+    key, limit = jax.random.key(0), jax.device_put(jnp.int32(10 ** 6))
+    rounds = -(-chunk_episodes // agent.width)
+    chunk = make_chunk(env, state, agent, rounds=rounds)
+    start = time.perf_counter()
+    runner = jax.block_until_ready(chunk(runner, key, env.data, limit)[0])
+    compile_s = time.perf_counter() - start
+    sizes = jnp.asarray(env.sizes, jnp.int32)
+    dense = jax.jit(lambda data: finetuned(data, sizes, data["kind"]["variables"]))
+    timed(dense, env.data)
+    candidates, trainings = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner = jax.block_until_ready(chunk(runner, key, env.data, limit)[0])
+        candidates.append((time.perf_counter() - start) / (rounds * agent.width))
+        trainings.append(timed(dense, env.data))
+    return compile_s, len(traces), float(np.median(candidates)), float(np.median(trainings))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunk", type=int, default=10, help="episodes per timed chunk")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", default="agmc,amc")
-    parser.add_argument("--regimes", default="a,b")
+    parser.add_argument("--regimes", default="a,b,c")
+    parser.add_argument("--reward-steps", type=int, default=8, help="(c): SGD steps of each candidate's fine-tune")
     args = parser.parse_args()
     spec = dataset_spec("fashion_mnist")
     for regime in args.regimes.split(","):
         model, count = REGIMES[regime]
         images, labels = load_arrays("fashion_mnist", "validation", limit=count)
+        if regime == "c":
+            train = load_arrays("fashion_mnist", "train", limit=128 * args.reward_steps)
+            compile_s, compilations, candidate_s, dense_s = measure_finetuned(model, images, labels, train,
+                                                                              args.reward_steps, args.chunk,
+                                                                              args.repeats)
+            print(f"(c) {model}, finetuned reward, {args.reward_steps} steps of 128 images per candidate, {count} "
+                  f"reward images, {jax.device_count()} device(s): {candidate_s:.3f} s per scored candidate, "
+                  f"{args.reward_steps} dense training steps {dense_s:.3f} s; ratio {candidate_s / dense_s:.3f}; "
+                  f"{compilations} compilation(s) over {1 + args.repeats} chunks (first chunk, compiling, "
+                  f"{compile_s:.1f} s)", flush=True)
+            continue
         print(f"({regime}) {model} on Fashion-MNIST {spec.input_shape}, {count} reward images, "
               f"BatchNorm re-estimation on, {jax.device_count()} device(s), median of {args.repeats} chunks of "
               f"{args.chunk} episodes")
