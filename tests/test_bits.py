@@ -194,7 +194,7 @@ def test_rewards_normalise_the_size_within_bounds_known_in_advance():
         saving = (env.targets[0] - size) / (env.targets[0] - low)
         reward = jax.jit(env.reward)(jnp.float32(0.5), jnp.asarray(counts))
         assert float(reward) == pytest.approx((0.5 + saving) / 2, rel=1e-5)
-        assert float(REWARDS["acc_flops"](0.5, size, env.bounds)) == pytest.approx(-0.5 * np.log(size), rel=1e-6)
+        assert float(REWARDS["acc_flops"].score(0.5, size, env.bounds)) == pytest.approx(-0.5 * np.log(size), rel=1e-6)
     assert float(jax.jit(env.reward)(jnp.float32(0.5), jnp.asarray(env.min_counts))) == pytest.approx(0.75)
 
 
