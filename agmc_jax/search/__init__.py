@@ -386,10 +386,11 @@ def _reranked(result, judge, config: SearchConfig, history=None):
     rewards = np.float32([result.reward]) if history is None else history.rewards
     ranked = rerank(judge, candidates(result.env, counts, rewards, config.rerank))
     best = ranked[0]
+    accuracy = float(result.env.accuracy(best.counts[None])[0])
     reward = best.reward if not np.isnan(best.reward) else float(
-        result.env.reward(jnp.float32(result.env.accuracy(best.counts[None])[0]), jnp.asarray(best.counts)))
+        result.env.reward(jnp.float32(accuracy), jnp.asarray(best.counts)))
     return dataclasses.replace(result, counts=np.asarray(best.counts), reward=reward, candidates=ranked,
-                               accuracy=float(result.env.accuracy(best.counts[None])[0]))
+                               accuracy=accuracy)
 
 
 def _rule(env, rule, directory, fingerprint):
