@@ -1,12 +1,14 @@
 """agmc-jax: automatic graph-based compression of convolutional networks in JAX."""
 from agmc_jax import prune
+from agmc_jax.compression import CompressConfig, Compressed, compress
 from agmc_jax.errors import AgmcError
 from agmc_jax.graph import ChannelGroup, Layer, Network, trace
 from agmc_jax.latency import latency_ms
 from agmc_jax.portable import export_network, load_exported
 from agmc_jax.reproduce import load_config, reproduce
 from agmc_jax.search import METHODS, Method, SearchConfig, SearchResult, register_method, search
+from agmc_jax.stages import STAGES, Stage, StageRun, register_stage
 
-__all__ = ["AgmcError", "ChannelGroup", "Layer", "METHODS", "Method", "Network", "export_network", "latency_ms",
-           "load_config", "load_exported", "prune", "register_method", "reproduce", "trace", "search", "SearchConfig",
-           "SearchResult"]
+__all__ = ["AgmcError", "ChannelGroup", "CompressConfig", "Compressed", "Layer", "METHODS", "Method", "Network",
+           "STAGES", "SearchConfig", "SearchResult", "Stage", "StageRun", "compress", "export_network", "latency_ms",
+           "load_config", "load_exported", "prune", "register_method", "register_stage", "reproduce", "search", "trace"]

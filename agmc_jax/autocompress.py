@@ -32,8 +32,6 @@ from agmc_jax.agents.registry import AGENTS, agent_config
 from agmc_jax.env import Budget, EnvConfig
 from agmc_jax.errors import AdmmError, BudgetError, CheckpointError
 from agmc_jax.graph import trace
-from agmc_jax.latency import latency_ms
-from agmc_jax.networks import check_new_output, evaluate_variables, load_network, save_network
 from agmc_jax.prune import Slimmed, slim_variables
 from agmc_jax.prune.admm import (AdmmConfig, Feed, FitConfig, Sparsity, Target, admm_train, check_admm_config,
                                  masked_train)
@@ -268,106 +266,7 @@ def autocompress(module, variables, feed: Feed, validation, target_macs=None, ta
     return AutoCompressResult(module, variables, macs, params, net.macs, net.params, records)
 
 
-# ----- `agmc compress --method autocompress` -------------------------------------------------------
-AUTOCOMPRESS = "autocompress"
-
-
 def training_feed(source, dataset, batch_size, seed) -> Feed:
     """A `Feed` over a dataset's training source with its augmentation, shuffled per (seed, epoch)."""
     return Feed(lambda epoch: data.batches(source, dataset, batch_size, train=True, seed=seed, epoch=epoch),
                 data.steps_per_epoch(source, batch_size))
-
-
-def _layers(dense_net, final_net):
-    return [{"name": a.name, "out": a.out_channels, "kept": b.out_channels}
-            for a, b in zip(dense_net.layers, final_net.layers)]
-
-
-def _export_note(result, dense_net):
-    filters = any(l.out_channels < d.out_channels for l, d in zip(
-        trace(result.module, result.variables, dense_net.example).layers, dense_net.layers))
-    columns = any(np.count_nonzero(np.asarray(v)) < np.size(v) for v in jax.tree.leaves(result.variables["params"])
-                  if np.ndim(v) > 1)
-    return ("physically smaller (channels removed)" if filters else "same shapes") + (
-        "; pruned columns kept as zeros in place (masked: no im2col export)" if columns else "")
-
-
-def _markdown(report, markdown_report):
-    lines = [markdown_report(report), "## AutoCompress", "",
-             f"structure {report['autocompress']['structure']}, {report['autocompress']['rounds']} round(s); export: "
-             f"{report['autocompress']['export']}. MACs and parameters count the weights kept (columns included); "
-             "purification removed {channels} channels, {macs:,.0f} MACs and {params:,.0f} parameters beyond the "
-             "hard masks.".format(**report["autocompress"]["purified"]), "",
-             "| stage | structure | budget MACs | MACs | params | purified channels | purified MACs | "
-             "purified params | accuracy pruned | retrained |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in report["autocompress"]["stages"]:
-        budget = "-" if s["budget"]["macs"] is None else f"{s['budget']['macs']:,.0f}"
-        if "skipped" in s:
-            lines.append(f"| {s['stage']} | {s['structure']} | {budget} | {s['skipped']} |")
-            continue
-        p = s["purified"]
-        lines.append(f"| {s['stage']} | {s['structure']} | {budget} | {s['macs']:,.0f} | "
-                     f"{s['params']:,.0f} | {p['channels']} | {p['macs']:,.0f} | {p['params']:,.0f} | "
-                     f"{s['pruned_accuracy']:.4f} | {s['retrained_accuracy']:.4f} |")
-    return "\n".join(lines) + "\n"
-
-
-def compress_autocompress(args, markdown_report):
-    """`agmc compress --method autocompress`: baseline, AutoCompress stages (checkpointed: --resume), export,
-    fine-tune with every zero fixed, report. `markdown_report` is the pipeline's."""
-    config, annealing = split_options(parse_options(args.agent_option))  # checked before anything loads
-    env_options = {"lbound": args.lbound, "round_to": args.round_to, "reward": args.reward,
-                   "criterion": args.criterion, "recalibrate_bn": args.recalibrate_bn}
-    out = Path(args.out)
-    check_new_output(args.workdir, out, args.resume)
-    if (out / "report.json").exists():
-        raise CheckpointError(f"{out} already holds a finished compression; choose a new --out")
-    module, variables, train_config = load_network(args.workdir)
-    dataset, data_dir = train_config["dataset"], args.data_dir or train_config["data_dir"]
-    shape = tuple(train_config["input_shape"])
-    validation = data.load_arrays(dataset, "validation", data_dir, limit=args.reward_images)
-    feed = training_feed(data.load(dataset, "train", data_dir), dataset, train_config["batch_size"], args.seed)
-    dense_net = trace(module, variables, shape)
-    check_budget(dense_net, variables, config, args.target_macs, args.target_params, env_options)
-
-    def evaluated(module, variables):
-        return {split: evaluate_variables(module, variables, train_config, split, data_dir)["accuracy"]
-                for split in ("validation", "test")}
-
-    print(f"[1/4] baseline {train_config['model']} on {dataset}", flush=True)
-    dense = evaluated(module, variables)
-    print(f"[2/4] autocompress: {config.structure}, {config.rounds} round(s), {config.episodes} episodes a stage",
-          flush=True)
-    result = autocompress(module, variables, feed, validation, args.target_macs, args.target_params, config,
-                          args.seed, annealing, out=out / "autocompress", resume=args.resume, progress=True,
-                          **env_options)
-    info = {"source": str(args.workdir), "method": AUTOCOMPRESS, "macs": result.macs, "params": result.params,
-            "stages": result.stages}
-    kind = "slim" if isinstance(result.module, Slimmed) else "sparse"
-    if not (out / "export" / "network.json").exists():
-        save_network(out / "export", kind, train_config, result.variables, info)
-    pruned = evaluated(result.module, result.variables)
-    print(f"[3/4] fine-tune with every pruned weight fixed, {args.finetune_epochs} epoch(s)", flush=True)
-    fit = FitConfig(args.finetune_epochs, args.lr, train_config["momentum"], train_config["weight_decay"])
-    tuned, _ = masked_train(result.module, result.variables, structure_masks(result.variables), feed, fit)
-    tuned = jax.device_get(tuned)
-    if not (out / "finetune" / "network.json").exists():
-        save_network(out / "finetune", kind, train_config, tuned, info)
-    final = evaluated(result.module, tuned)
-    report = {
-        "model": train_config["model"], "dataset": dataset, "method": AUTOCOMPRESS,
-        "macs": {"dense": result.dense_macs, "slim": int(result.macs), "ratio": result.macs / result.dense_macs},
-        "params": {"dense": result.dense_params, "slim": int(result.params),
-                   "ratio": result.params / result.dense_params},
-        "accuracy": {"dense": dense, "pruned": pruned, "finetuned": final},
-        "latency_ms_batch128": latency_ms({"dense": (module, variables), "slim": (result.module, tuned)}, shape, 128),
-        "layers": _layers(dense_net, trace(result.module, tuned, shape)),
-        "autocompress": {"structure": config.structure, "rounds": config.rounds, "export": _export_note(
-            result, dense_net), "purified": {key: sum(s["purified"][key] for s in result.stages if "purified" in s)
-                                             for key in ("channels", "macs", "params")}, "stages": result.stages},
-    }
-    print("[4/4] report", flush=True)
-    text = _markdown(report, markdown_report)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(text)
-    print(text)

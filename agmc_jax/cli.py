@@ -14,6 +14,7 @@ from agmc_jax.env import REWARDS
 from agmc_jax.errors import AgmcError, InputShapeError, UsageError
 from agmc_jax.search.registry import describe_methods
 from agmc_jax.search.rerank import RERANK_STEPS
+from agmc_jax.stages import describe_stages
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,15 +53,13 @@ _BITS = _number(int, low=1, high=16)  # weight bit widths
 
 
 def _stages(text):
-    """`--stages`: compress stages, comma-separated, in the pipeline's order."""
-    from agmc_jax.pipeline import STAGES
+    """`--stages`: compress stages, comma-separated, each once (run in the registry's order)."""
+    from agmc_jax.stages import ordered_stages
 
-    stages = tuple(s.strip() for s in text.split(","))
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages or len(set(stages)) < len(stages):
-        raise argparse.ArgumentTypeError(f"expected some of {', '.join(STAGES)} (comma-separated, each once), "
-                                         f"got {text!r}")
-    return tuple(s for s in STAGES if s in stages)
+    try:
+        return ordered_stages(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _one_line_warnings(command):
@@ -149,7 +148,7 @@ def cmd_prune(args):
 def cmd_search(args):
     from agmc_jax.pipeline import run_search, search_options
 
-    result = run_search(args.workdir, args.out, **search_options(args))
+    result = run_search(args.workdir, args.out, **search_options(args, args.resume))
     print(json.dumps({k: v for k, v in result.policy().items() if k not in ("steps", "layers")}, indent=1))
 
 
@@ -160,9 +159,9 @@ def cmd_finetune(args):
 
 
 def cmd_compress(args):
-    from agmc_jax.pipeline import compress
+    from agmc_jax.compression import CompressConfig, compress
 
-    compress(args)
+    compress(CompressConfig.from_options(args), args.out, workdir=args.workdir, resume=args.resume)
 
 
 def cmd_export(args):
@@ -188,12 +187,6 @@ def cmd_reproduce(args):
     config = load_config(args.config, args.set)
     with mock_data(args.mock_data) if args.mock_data else contextlib.nullcontext():
         print(json.dumps(reproduce(config, args.workdir, args.data_dir), indent=1))
-
-
-AUTOCOMPRESS_HELP = ("; autocompress: AutoCompress's rounds of annealing, ADMM structured pruning, purification and "
-                     "retraining (--agent-option structure=filter|column|both, rounds, episodes, admm_epochs, "
-                     "retrain_epochs, learning_rate, momentum, weight_decay, rho, rho_growth, rho_max, admm_interval, "
-                     "and annealing's options)")
 
 
 def _search_arguments(parser, methods_help=""):
@@ -306,10 +299,9 @@ def parser():
     p.add_argument("--data-dir")
     p.add_argument("--finetune-epochs", type=_COUNT, default=1)
     p.add_argument("--lr", type=_POSITIVE, default=0.02)
-    _search_arguments(p, AUTOCOMPRESS_HELP)
+    _search_arguments(p, "; autocompress: the autocompress stage in place of prune")
     p.add_argument("--stages", type=_stages, default=("prune",),
-                   help="prune | quantize | prune,quantize: search keep ratios, slim and fine-tune; then search "
-                        "weight bits per layer, fine-tune quantization-aware and export a packed file")
+                   help="comma-separated, each once: " + describe_stages())
     p.add_argument("--quant-method", default="ppo", help="the bit-width search's method (ppo, haq, random, ...)")
     p.add_argument("--target-size", dest="quant_target_size", type=_FRACTION, default=0.25,
                    help="quantize: size budget as a fraction of the float32 size of the network it quantizes")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from agmc_jax import checkpoint, data
 from agmc_jax.errors import CheckpointError
@@ -119,6 +120,17 @@ def evaluate_variables(module, variables, config_dict, split="test", data_dir=No
     mesh = data_mesh()
     variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return evaluate_source(variables, make_eval_step(mesh, module), source, config, mesh, batch_size)
+
+
+def accuracies(module, variables, config_dict, data_dir=None) -> dict:
+    """Top-1 of (module, variables) on the validation and test splits of the network's dataset."""
+    return {split: evaluate_variables(module, variables, config_dict, split, data_dir)["accuracy"]
+            for split in ("validation", "test")}
+
+
+def float_bytes(variables) -> int:
+    """The size of `variables` stored as float32."""
+    return 4 * sum(int(np.size(leaf)) for leaf in jax.tree.leaves(variables))
 
 
 def evaluate_network(path, split="test", data_dir=None):

@@ -25,6 +25,33 @@ def layer_table(net) -> str:
     return "\n".join(rows)
 
 
+def title_markdown(report) -> str:
+    """The report's title, and the dense accuracy alone when no stage left a pruned network's summary."""
+    title = f"# {report['model']} on {report['dataset']}: {report['method']}\n"
+    if "macs" in report:
+        return title
+    return title + "\n| accuracy | dense |\n|---|---|\n" + "".join(
+        f"| {split} | {report['accuracy']['dense'][split]:.4f} |\n" for split in ("validation", "test"))
+
+
+def pruned_markdown(report) -> str:
+    """A pruned network's summary (MACs, parameters, latency, accuracy before and after) and its layers."""
+    acc, latency = report["accuracy"], report["latency_ms_batch128"]
+    lines = ["", "| | dense | compressed | ratio |", "|---|---|---|---|",
+             f"| MACs | {report['macs']['dense']:,} | {report['macs']['slim']:,} | {report['macs']['ratio']:.3f} |",
+             f"| parameters | {report['params']['dense']:,} | {report['params']['slim']:,} | "
+             f"{report['params']['ratio']:.3f} |",
+             f"| latency, batch 128 (ms) | {latency['dense']:.1f} | {latency['slim']:.1f} | "
+             f"{latency['slim'] / latency['dense']:.3f} |", "",
+             "| accuracy | dense | pruned | fine-tuned |", "|---|---|---|---|"]
+    for split in ("validation", "test"):
+        lines.append(f"| {split} | {acc['dense'][split]:.4f} | {acc['pruned'][split]:.4f} | "
+                     f"{acc['finetuned'][split]:.4f} |")
+    lines += ["", "| layer | channels before | after |", "|---|---|---|"]
+    lines += [f"| {l['name']} | {l['out']} | {l['kept']} |" for l in report["layers"]]
+    return "\n".join(lines) + "\n"
+
+
 def plot_rewards(history, path):
     """Reward per episode and the best so far."""
     figure, axis = plt.subplots(figsize=(6, 3.5))

@@ -5,7 +5,6 @@ A config file defines `get_config()` returning an `ml_collections.ConfigDict` (t
 with `train` (the fields of `TrainConfig`), `compress` (options of `agmc compress`, by their argument names)
 and `published` (the paper, its dense and compressed figures and the budget they were reached at).
 """
-import argparse
 import ast
 import importlib.util
 import json
@@ -15,7 +14,7 @@ import ml_collections
 
 from agmc_jax import checkpoint
 from agmc_jax.errors import UsageError
-from agmc_jax.pipeline import COMPRESS_OPTIONS, compress
+from agmc_jax.compression import COMPRESS_OPTIONS, CompressConfig, compress
 from agmc_jax.train import TrainConfig, train
 
 
@@ -59,12 +58,9 @@ def _override(config, text: str) -> None:
                          "field and a value of its type") from error
 
 
-def compress_arguments(config, workdir, data_dir=None) -> argparse.Namespace:
-    """The `agmc compress` options of `config` for its stage in `workdir` (always resuming)."""
-    options = {**COMPRESS_OPTIONS, **config.compress.to_dict()}
-    options.update(stages=tuple(options["stages"]), agent_option=list(options["agent_option"]), data_dir=data_dir,
-                   workdir=str(Path(workdir) / "baseline"), out=str(Path(workdir) / "compress"), resume=True)
-    return argparse.Namespace(**options)
+def compress_config(config, data_dir=None) -> CompressConfig:
+    """The checked `CompressConfig` of a reproduction config's `compress` section."""
+    return CompressConfig.from_options({**config.compress.to_dict(), "data_dir": data_dir})
 
 
 def _measured(baseline: dict, report: dict) -> dict:
@@ -80,14 +76,13 @@ def reproduce(config, workdir, data_dir=None) -> dict:
     """Run `config` in `workdir`: train the baseline (resuming), compress it (resuming), then write and return
     `reproduce.json`: the published figures next to the measured ones."""
     workdir = Path(workdir)
+    compression = compress_config(config, data_dir)  # checked before the baseline trains
     train_config = TrainConfig(**{**config.train.to_dict(), "data_dir": data_dir})
     print(f"[baseline] {train_config.model} on {train_config.dataset}, {train_config.epochs} epoch(s) in "
           f"{workdir / 'baseline'}", flush=True)
     baseline = train(train_config, workdir / "baseline")
-    print(f"[compress] {', '.join(config.compress.get('stages', COMPRESS_OPTIONS['stages']))} in "
-          f"{workdir / 'compress'}", flush=True)
-    compress(compress_arguments(config, workdir, data_dir))
-    report = json.loads((workdir / "compress" / "report.json").read_text())
+    print(f"[compress] {', '.join(compression.stages)} in {workdir / 'compress'}", flush=True)
+    report = compress(compression, workdir / "compress", workdir=workdir / "baseline", resume=True).report
     summary = {"published": config.published.to_dict(), "measured": _measured(baseline, report),
                "baseline": str(workdir / "baseline"), "compress": str(workdir / "compress")}
     checkpoint.write_text(workdir / "reproduce.json", json.dumps(summary, indent=1) + "\n")

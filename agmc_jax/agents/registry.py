@@ -3,6 +3,7 @@
 Agent settings belong to the agent: a search passes `options` (a dict, or `KEY=VALUE` strings from
 the command line) which `agent_config` checks against the agent's config class.
 """
+import math
 import typing
 from typing import Callable, NamedTuple
 
@@ -79,6 +80,8 @@ def agent_config(agent: AgentType, options: dict | None = None, episodes: int = 
                 value = _parse(value, hints[name], getattr(config, name))
             except ValueError:
                 raise OptionError(f"{agent.name} option {name} takes a {hints[name]}, got {value!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionError(f"{agent.name} option {name} must be a finite number, got {value}")
         values[name] = value
     return config._replace(**values)
 

@@ -16,8 +16,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from agmc_jax.data import fashion_mnist
-from agmc_jax.data.specs import SPLITS, dataset_spec
+from agmc_jax.data.specs import DATASETS, SPLITS, DatasetSpec, dataset_spec
 from agmc_jax.errors import DataNotFoundError, InputShapeError
+
+ARRAYS = {}  # dataset name -> {split: ArraySource}: datasets held in memory (`register_dataset`)
 
 TEST_SPLIT = {"imagenet2012": "validation"}  # tfds split serving as our 'test' where it is not 'test'
 
@@ -77,6 +79,46 @@ class TfdsSource(Source):
         return self._arrays.get(indices)
 
 
+class ArrayRecords:
+    """An `ArraySource` as a tfds data source reads: `len` and `__getitems__` of {'image', 'label'} records."""
+
+    def __init__(self, source: ArraySource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitems__(self, indices) -> list:
+        images, labels = self.source.get(np.asarray(indices, np.int64))
+        return [{"image": image, "label": label} for image, label in zip(images, labels)]
+
+
+def check_splits(name: str, splits) -> None:
+    """Raise `DataNotFoundError` unless `splits` has each of our splits."""
+    missing = [split for split in SPLITS if split not in splits]
+    if missing:
+        raise DataNotFoundError(f"dataset {name!r} has no {', '.join(missing)} split; give (images, labels) for "
+                                f"each of {', '.join(SPLITS)}")
+
+
+def register_dataset(name: str, spec: DatasetSpec, splits=None) -> None:
+    """Add (or replace) the dataset `name`; `splits` maps 'train', 'validation' and 'test' to (uint8 NHWC images,
+    labels) held in memory (None: a tfds dataset of that name, prepared as array_record)."""
+    if not isinstance(spec, DatasetSpec):
+        raise InputShapeError(f"register_dataset takes a DatasetSpec, got {type(spec).__name__}")
+    if splits is not None:
+        check_splits(name, splits)
+        sources = {split: ArraySource(*splits[split]) for split in SPLITS}
+        for split, source in sources.items():
+            if source.images.shape[1:] != tuple(spec.input_shape) or not len(source):
+                raise InputShapeError(f"the {split} images of {name!r} are {len(source)} of shape "
+                                      f"{source.images.shape[1:]}; expected at least one of {tuple(spec.input_shape)}")
+        ARRAYS[name] = sources
+    else:
+        ARRAYS.pop(name, None)
+    DATASETS[name] = spec
+
+
 def read_records(data_source, indices, stack: bool) -> tuple:
     """(images stacked to one array if `stack` else a list, int32 labels) of records at `indices`."""
     records = data_source.__getitems__([int(i) for i in indices])
@@ -85,11 +127,17 @@ def read_records(data_source, indices, stack: bool) -> tuple:
     return (np.stack(images) if stack else images), labels
 
 
+def check_split(split: str) -> str:
+    """`split`, after checking that it is one of ours."""
+    if split not in SPLITS:
+        raise DataNotFoundError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    return split
+
+
 def tfds_split(name: str, split: str) -> str:
     """The tfds split string for our `split` of dataset `name`."""
     held_out = dataset_spec(name).validation_size
-    if split not in SPLITS:
-        raise DataNotFoundError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    check_split(split)
     return {"train": f"train[:-{held_out}]", "validation": f"train[-{held_out}:]",
             "test": TEST_SPLIT.get(name, "test")}[split]
 
@@ -108,6 +156,8 @@ def not_prepared_message(name: str, builder) -> str:
 
 def split_data_source(name: str, split: str, data_dir: str | None = None):
     """The tfds random-access data source of our `split` of dataset `name`."""
+    if name in ARRAYS:
+        return ArrayRecords(ARRAYS[name][check_split(split)])
     wanted = tfds_split(name, split)
     if name == "fashion_mnist":  # its builder holds tfds's output back itself
         return fashion_mnist.prepared_builder(data_dir).as_data_source(split=wanted)
@@ -122,4 +172,6 @@ def split_data_source(name: str, split: str, data_dir: str | None = None):
 def load(name: str, split: str, data_dir: str | None = None) -> Source:
     """Our `split` ('train', 'validation' or 'test') of dataset `name` as a random-access `Source`."""
     in_memory = dataset_spec(name).augment != "imagenet"
+    if name in ARRAYS:
+        return ARRAYS[name][check_split(split)]
     return TfdsSource(split_data_source(name, split, data_dir), in_memory)

@@ -11,7 +11,7 @@ class DatasetSpec(NamedTuple):
     input_shape: tuple  # (H, W, C) after preprocessing
     mean: tuple  # per channel, in [0, 1] pixel units
     std: tuple  # per channel, in [0, 1] pixel units
-    augment: str  # 'crop' (pad 4, random crop), 'crop_flip' (and horizontal flip) or 'imagenet'
+    augment: str  # 'crop' (pad 4, random crop), 'crop_flip' (and horizontal flip), 'imagenet' or 'none'
     validation_size: int  # examples held out of the end of tfds 'train' as our 'validation'
 
 

@@ -85,7 +85,7 @@ def preprocess(images, augment: str, shape: tuple, uniforms: np.ndarray | None) 
             out = [imagenet_train(image, u, size) for image, u in zip(images, uniforms)]
         return np.stack(out) if out else np.zeros((0, *shape), np.uint8)
     images = np.asarray(images)
-    if uniforms is None:
+    if uniforms is None or augment == "none":
         return images
     return crop(images, uniforms, flip=augment == "crop_flip")
 

@@ -34,6 +34,13 @@ MODELS = {
 }
 
 
+def register_model(name: str, spec: ModelSpec) -> None:
+    """Add (or replace) the model `name`: training, search and every saved network rebuild it by that name."""
+    if not isinstance(spec, ModelSpec):
+        raise UnknownModelError(f"register_model takes a ModelSpec, got {type(spec).__name__}")
+    MODELS[name] = spec
+
+
 def model_spec(name: str) -> ModelSpec:
     """The registry entry for `name`, or an `UnknownModelError` listing the known names."""
     if name not in MODELS:
@@ -71,5 +78,5 @@ def init_model(module, input_shape: Sequence[int], seed: int = 0):
     return _init(module, tuple(int(s) for s in input_shape), int(seed))
 
 
-__all__ = ["MODELS", "ModelSpec", "model_spec", "create_model", "check_input_shape", "init_model",
+__all__ = ["MODELS", "ModelSpec", "model_spec", "register_model", "create_model", "check_input_shape", "init_model",
            "LeNet5", "ResNetCifar", "ResNetImageNet", "VGG", "MobileNetV1", "MobileNetV2"]

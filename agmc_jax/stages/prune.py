@@ -1,0 +1,63 @@
+"""The prune stage: search keep counts on the network, slim it, fine-tune it; its report section is the
+compressed network's MACs, parameters, latency, accuracy and layers (and the re-ranked candidates)."""
+from agmc_jax.latency import latency_ms
+from agmc_jax.networks import accuracies, load_network
+from agmc_jax.pipeline import finetune, finetune_config, run_search, search_config, search_options
+from agmc_jax.report import pruned_markdown
+from agmc_jax.stages.registry import Stage, register_stage
+
+
+def check(config) -> None:
+    """The search's settings checked."""
+    search_config(**search_options(config))
+
+
+def check_network(config, network, first) -> None:
+    """The fine-tune's settings checked against the network's training config."""
+    finetune_config(network[2], config.finetune_epochs, config.lr, config.data_dir)
+
+
+def run(run, source, report):
+    """search -> slim -> fine-tune in `run.out`/search; returns the report with the prune fields and the fine-tuned
+    network's directory."""
+    config, out = run.config, run.out
+    module, variables, train_config = load_network(source)
+    print(f"  search: {config.method}, {config.episodes} episodes", flush=True)
+    result = run_search(source, out / "search", **search_options(config, run.resume))
+    slim_module, slim_variables, _ = load_network(out / "search" / "slim")
+    pruned = accuracies(slim_module, slim_variables, train_config, config.data_dir)
+    print(f"  fine-tune the slimmed network, {config.finetune_epochs} epoch(s)", flush=True)
+    tuned = finetune(out / "search", config.finetune_epochs, config.lr, config.data_dir)
+    policy = result.policy()
+    shape = tuple(train_config["input_shape"])
+    return {
+        **report,
+        "macs": {"dense": result.net.macs, "slim": policy["macs"], "ratio": policy["macs_ratio"]},
+        "params": {"dense": result.net.params, "slim": policy["params"], "ratio": policy["params_ratio"]},
+        "accuracy": {**report["accuracy"], "pruned": pruned,
+                     "finetuned": {"validation": tuned["val_acc"], "test": tuned["test_acc"]}},
+        "latency_ms_batch128": latency_ms({"dense": (module, variables), "slim": (slim_module, slim_variables)},
+                                          shape, 128),
+        "layers": policy["layers"],
+        **({"rerank": policy["rerank"]} if "rerank" in policy else {}),
+    }, out / "search" / "finetune"
+
+
+def markdown(report) -> str:
+    """The pruned network's summary, its layers and the re-ranked candidates."""
+    return pruned_markdown(report) + rerank_markdown(report.get("rerank", []))
+
+
+def rerank_markdown(candidates) -> str:
+    """The re-ranked candidates, best (the exported one) first, the uniform rule's among them ('' without)."""
+    if not candidates:
+        return ""
+    return "\n".join(["", "## Re-ranked by a longer masked fine-tune (the first is exported)", "",
+                      "| candidate | search reward | fine-tuned top-1 | MACs ratio | params ratio |",
+                      "|---|---|---|---|---|"] + [
+        f"| {c['name']} | {'-' if c['reward'] is None else format(c['reward'], '.4f')} | {c['finetuned_top1']:.4f} | "
+        f"{c['macs_ratio']:.3f} | {c['params_ratio']:.3f} |" for c in candidates]) + "\n"
+
+
+register_stage("prune", Stage(check, check_network, run, markdown,
+                              "search keep ratios per channel group, slim and fine-tune"))

@@ -1,0 +1,177 @@
+"""`agmc_jax.compress`: a user's own module, variables and arrays through the stages; a stage registered from
+outside the package; the config checked when it is built."""
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import agmc_jax
+from agmc_jax import data
+from agmc_jax.cli import main
+from agmc_jax.errors import BudgetError, CheckpointError, DataNotFoundError, InputShapeError, UsageError
+from agmc_jax.graph import trace
+from agmc_jax.portable import export_network, load_exported
+from agmc_jax.stages import STAGES, Stage
+from tests.test_cli import BASELINE, run
+
+
+class TwoBranch(nn.Module):
+    """A network the project has never seen: two parallel 3x3 / 5x5 branches summed, BatchNorm, a dense head."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+        x = nn.relu(norm()(nn.Conv(24, (3, 3), strides=2)(x)))
+        y = nn.Conv(32, (3, 3))(x) + nn.Conv(32, (5, 5))(x)
+        y = nn.relu(norm()(y))
+        y = nn.relu(nn.Conv(16, (3, 3), strides=2)(y))
+        return nn.Dense(10)(y.mean(axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def user_network():
+    """TwoBranch's variables and Fashion-MNIST arrays as a user holds them: uint8 images, integer labels."""
+    train, test = data.load("fashion_mnist", "train"), data.load("fashion_mnist", "test")
+    arrays = {"train": train.get(np.arange(512)), "validation": train.get(np.arange(512, 768)),
+              "test": test.get(np.arange(256))}
+    module = TwoBranch()
+    variables = jax.device_get(module.init(jax.random.key(1), np.zeros((1, 28, 28, 1), np.float32)))
+    return module, variables, arrays
+
+
+def _top1(module, variables, images, labels, spec):
+    """Test top-1 computed apart from the library's evaluator: normalised with the spec, argmax in NumPy."""
+    x = (images.astype(np.float32) / 255 - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return float(np.mean(np.argmax(np.asarray(module.apply(variables, x, train=False)), -1) == labels))
+
+
+def test_compress_a_users_module_and_arrays(tmp_path, user_network):
+    """The report's costs are the slim network's traced costs and meet the budget within a rounding step; its test
+    accuracy is what an independent evaluation of the returned network gives; a resumed call returns the same."""
+    module, variables, arrays = user_network
+    config = agmc_jax.CompressConfig(method="random", target_macs=0.5, episodes=4, reward_images=128, round_to=1)
+    result = agmc_jax.compress(config, tmp_path / "c", module=module, variables=variables, data=arrays)
+    report = result.report
+    dense = trace(module, variables, (28, 28, 1))
+    slim = trace(result.module, result.variables, (28, 28, 1))
+    assert (report["macs"]["dense"], report["macs"]["slim"]) == (dense.macs, slim.macs)
+    assert report["params"]["slim"] == slim.params and report["macs"]["ratio"] <= 0.5
+    assert report["macs"]["ratio"] > 0.5 - max(l.macs / l.out_channels for l in dense.layers) / dense.macs
+    assert report["model"] == "TwoBranch" and report["dataset"].startswith("arrays-")
+    spec = data.dataset_spec(report["dataset"])
+    assert report["accuracy"]["finetuned"]["test"] == pytest.approx(
+        _top1(result.module, result.variables, *arrays["test"], spec), abs=1e-6)
+    assert json.loads((tmp_path / "c" / "report.json").read_text()) == report
+    again = agmc_jax.compress(config, tmp_path / "c", module=module, variables=variables, data=arrays, resume=True)
+    assert again.report["accuracy"] == report["accuracy"] and again.report["layers"] == report["layers"]
+    other = jax.tree.map(lambda v: v + 1, variables)
+    with pytest.raises(CheckpointError, match="other variables"):
+        agmc_jax.compress(config, tmp_path / "c", module=module, variables=other, data=arrays, resume=True)
+
+
+def _export_check(config):
+    """An exported stage's options: none."""
+
+
+def _export_network(network, config, first):
+    """Nothing to check against the input."""
+
+
+def _export_run(run, source, report):
+    """Write the network `source` holds as a jax.export artifact, and its size."""
+    from agmc_jax.networks import load_network
+
+    module, variables, train_config = load_network(source)
+    out = run.out / "portable"
+    if not (out / "export.json").exists():
+        export_network(module, variables, tuple(train_config["input_shape"]), out)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    return {**report, "portable": {"dir": str(out), "bytes": size}}, source
+
+
+def _export_markdown(report):
+    return f"\n## Portable export\n\n{report['portable']['bytes']:,} bytes in {report['portable']['dir']}\n"
+
+
+@pytest.fixture
+def export_stage():
+    agmc_jax.register_stage("portable", Stage(_export_check, _export_network, _export_run, _export_markdown,
+                                              "write the network as a jax.export artifact"))
+    yield
+    del STAGES["portable"]
+
+
+def test_a_stage_registered_outside_the_package_runs_after_prune(capsys, tmp_path, export_stage):
+    """The new stage runs on the fine-tuned network, from the library and the command line (listed in its help),
+    adds its section to both reports, and its artifact computes the compressed network's logits."""
+    config = agmc_jax.CompressConfig(stages=("portable", "prune"), method="random", target_macs=0.5, episodes=3,
+                                     reward_images=64)
+    assert config.stages == ("prune", "portable")
+    result = agmc_jax.compress(config, tmp_path / "c", workdir=BASELINE)
+    assert "## Portable export" in (tmp_path / "c" / "report.md").read_text()
+    images = data.load_arrays("fashion_mnist", "test", limit=16)[0]
+    np.testing.assert_allclose(load_exported(result.report["portable"]["dir"])(images),
+                               result.module.apply(result.variables, images, train=False), rtol=1e-5, atol=1e-5)
+    status, _, err = run(capsys, "compress", "--workdir", str(BASELINE), "--out", str(tmp_path / "d"),
+                         "--stages", "prune,portable", "--method", "random", "--target-macs", "0.5",
+                         "--episodes", "3", "--reward-images", "64")
+    assert status == 0, err
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["portable"]["bytes"] > 0
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    assert "portable: write the network" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("options, error, words", [
+    ({"target_macs": 1.5}, BudgetError, "--target-macs must be a fraction"),
+    ({"target_params": float("nan")}, BudgetError, "--target-params"),
+    ({"quant_target_size": 0.0, "stages": ("quantize",)}, BudgetError, "--target-size"),
+    ({"stages": ("prune", "autocompress"), "target_macs": 0.5}, UsageError, "not both"),
+    ({"stages": ("squeeze",)}, UsageError, "stages must be some of"),
+    ({"method": "nope", "target_macs": 0.5}, agmc_jax.AgmcError, "unknown method"),
+    ({"reward": "finetuned", "stages": ("quantize",)}, UsageError, "cannot train"),
+    ({"finetune_epochs": 0}, UsageError, "--finetune-epochs"),
+    ({"lr": -1.0}, UsageError, "--lr"),
+    ({"method": "autocompress"}, BudgetError, "give a budget"),
+    ({"method": "autocompress", "target_macs": 0.5, "agent_option": {"temperature": "nan"}}, agmc_jax.AgmcError,
+     "temperature"),
+])
+def test_a_config_is_checked_when_it_is_built(options, error, words):
+    with pytest.raises(error, match=words):
+        agmc_jax.CompressConfig(**options)
+
+
+def test_autocompress_is_a_stage_and_its_old_spelling_too():
+    assert agmc_jax.CompressConfig(method="autocompress", target_macs=0.5).stages == ("autocompress",)
+    config = agmc_jax.CompressConfig(stages="autocompress", target_macs=0.5)
+    assert config.stages == ("autocompress",) and config.method == "autocompress"
+    with pytest.raises(UsageError, match="no option"):
+        agmc_jax.CompressConfig.from_options({"target_mac": 0.5})
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda a: {k: v for k, v in a.items() if k != "test"}, DataNotFoundError, "no test split"),
+    (lambda a: {**a, "train": (a["train"][0].astype(np.float32), a["train"][1])}, InputShapeError, "uint8"),
+    (lambda a: {**a, "test": (a["test"][0][:, :20], a["test"][1])}, InputShapeError, "test images"),
+    (lambda a: [a["train"]], UsageError, "mapping"),
+])
+def test_bad_user_data_is_one_error_and_nothing_written(tmp_path, user_network, change, error, words):
+    module, variables, arrays = user_network
+    config = agmc_jax.CompressConfig(method="random", target_macs=0.5, episodes=2)
+    with pytest.raises(error, match=words):
+        agmc_jax.compress(config, tmp_path / "c", module=module, variables=variables, data=change(arrays))
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_compress_takes_one_kind_of_input(tmp_path, user_network):
+    module, variables, arrays = user_network
+    config = agmc_jax.CompressConfig(target_macs=0.5)
+    for kwargs in ({}, {"workdir": BASELINE, "module": module, "variables": variables, "data": arrays},
+                   {"module": module, "data": arrays}):
+        with pytest.raises(UsageError, match="either workdir"):
+            agmc_jax.compress(config, tmp_path / "c", **kwargs)
+    with pytest.raises(InputShapeError, match="cannot apply"):
+        agmc_jax.compress(config, tmp_path / "c", module=module, variables={"params": {}}, data=arrays)
