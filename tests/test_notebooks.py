@@ -107,7 +107,7 @@ def test_own_model(small_data, tmp_path):
     notebook = execute("own_model", tmp_path, TRAIN_EPOCHS=1, EPISODES=4, REWARD_IMAGES=100, FINETUNE_EPOCHS=1,
                        DATA_DIR=small_data, WORKDIR="runs/own_model")
     work = tmp_path / "runs" / "own_model"
-    assert (work / "export" / "model.stablehlo").is_file() and (work / "finetune" / "network.json").is_file()
+    assert (work / "export" / "model.stablehlo").is_file() and (work / "compress" / "report.json").is_file()
     assert len(outputs(notebook, "image/png")) == 1  # one figure: reward per episode, keep ratio per group
     printed = "".join(output.text for output in outputs(notebook, "stream"))
     assert "a fresh process without the network's code ran the export: logits (512, 10)" in printed
