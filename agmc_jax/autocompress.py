@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax import checkpoint, data
-from agmc_jax.agents import AnnealingConfig, OptionError, parse_options
+from agmc_jax.agents import AnnealingConfig, OptionError
 from agmc_jax.agents.registry import AGENTS, agent_config
 from agmc_jax.env import Budget, EnvConfig
 from agmc_jax.errors import AdmmError, BudgetError, CheckpointError
@@ -161,25 +161,35 @@ def check_budget(net, variables, config, target_macs, target_params, env_options
     Budget(get_method(SEARCHES[first]).kind(net, env), env)  # the first stage's budget, with its lbound
 
 
-def _fingerprint(net, config, target_macs, target_params, seed, env_options, annealing):
+def _fingerprint(net, variables, validation, feed, config, target_macs, target_params, seed, env_options, annealing):
+    """What a resumed AutoCompress must share with the saved one: network, weights, data (hashed) and settings."""
     return json.loads(json.dumps({"model": type(net.module).__name__, "macs": net.macs, "params": net.params,
+                                  "variables": checkpoint.digest(variables), "data": checkpoint.digest(validation),
+                                  "train": checkpoint.digest(dict(next(iter(feed.batches(0))))),
                                   "config": config._asdict(), "target_macs": target_macs,
                                   "target_params": target_params, "seed": seed, "env": env_options,
                                   "annealing": annealing}))
 
 
 def _resume(out, base, fingerprint, resume):
-    """(stages done, module, variables, records) of the checkpoint in `out`, or None to start afresh."""
+    """(stages done, module, variables, records) of the newest readable checkpoint in `out`, or None to start
+    afresh; a checkpoint of other weights, data or settings is refused in one line naming what differs."""
     directory = None if out is None else Path(out).absolute() / "stages"
     if directory is None or checkpoint.latest_step(directory) is None:
         return None
     if not resume:
         raise CheckpointError(f"{out} already holds AutoCompress stages; pass --resume or choose a new --out")
-    meta = checkpoint.metadata(directory)
-    if meta.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"{directory} holds another network's or setting's AutoCompress stages; "
-                              "choose a new --out")
-    variables = checkpoint.restore(directory)
+
+    def read(step):
+        meta = checkpoint.metadata(directory, step)
+        saved = meta.get("fingerprint", {})
+        changed = [key for key in fingerprint if saved.get(key) != fingerprint[key]]
+        if changed:
+            raise CheckpointError(f"{directory} holds AutoCompress stages of another {', '.join(changed)}; resume "
+                                  "with the same network, data and settings or choose a new --out")
+        return meta, checkpoint.restore(directory, step)
+
+    meta, variables = checkpoint.restore_newest(directory, read)[1]
     return meta["done"], (Slimmed(base) if meta["slim"] else base), variables, meta["records"]
 
 
@@ -245,7 +255,8 @@ def autocompress(module, variables, feed: Feed, validation, target_macs=None, ta
     net = trace(module, variables, images[:1])
     check_budget(net, variables, config, target_macs, target_params, env_options)
     kinds = STAGES[config.structure] * config.rounds
-    fingerprint = _fingerprint(net, config, target_macs, target_params, seed, env_options, annealing_options)
+    fingerprint = _fingerprint(net, variables, (images, labels), feed, config, target_macs, target_params, seed,
+                               env_options, annealing_options)
     base = module.base if isinstance(module, Slimmed) else module
     done, records = 0, []
     resumed = _resume(out, base, fingerprint, resume)

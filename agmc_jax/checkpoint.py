@@ -1,23 +1,33 @@
 """Durable outputs: orbax checkpoints of any pytree, numbered by step, with JSON metadata, and atomic files.
 
-Training state, search state and saved networks use these functions. Reading never modifies a
-checkpoint directory (the manager is opened read-only), read failures are `CheckpointError`s, and
+Training state, search state and saved networks use these functions. Every step's files get a SHA-256
+manifest (`.sha256/STEP.json`) when written and are checked against it when read, so flipped bytes are a
+`CheckpointError`, never silently different numbers. Reading never modifies a checkpoint directory (the
+manager is opened read-only), read failures are `CheckpointError`s, and
 orbax's log chatter (absl warnings, asyncio task errors) is held back: what matters reaches the
 caller as the error. Files and directories are written under a temporary name and renamed into
 place, so a process killed at any moment leaves either the old output or the new one.
 """
 import contextlib
+import fcntl
 import gc
+import hashlib
+import json
 import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from agmc_jax.errors import CheckpointError
+from agmc_jax.errors import CheckpointError, CheckpointWarning
+
+LOCK = ".lock"  # in an output directory: held (flock) by the process writing it, holding its pid
+MANIFESTS = ".sha256"  # per checkpoint directory: STEP.json, {relative file path: sha256} of that step's files
 
 
 class _Held(logging.Filter):
@@ -136,11 +146,83 @@ def save(directory, step: int, pytree, metadata: dict | None = None, keep: int |
     with _quiet(), _manager(directory, read_only=False, keep=keep) as manager:
         manager.save(step, args=ocp.args.StandardSave(pytree), custom_metadata=metadata or {}, force=True)
         manager.wait_until_finished()
+        kept = set(manager.all_steps())
+    manifests = Path(directory) / MANIFESTS
+    manifests.mkdir(exist_ok=True)
+    write_text(manifests / f"{step}.json", json.dumps(_digests(Path(directory) / str(step))))
+    for stale in manifests.glob("*.json"):  # the steps `keep` removed
+        if stale.stem.isdigit() and int(stale.stem) not in kept:
+            stale.unlink()
+
+
+def digest(*trees) -> str:
+    """A short hash of arrays' bytes, for fingerprints: resuming with other weights or other data is refused."""
+    sha = hashlib.sha256()
+    for leaf in jax.tree.leaves(trees):
+        sha.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return sha.hexdigest()[:16]
+
+
+def _digests(root: Path) -> dict:
+    """{path relative to `root`: sha256} of every file under `root`."""
+    digests = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests[str(path.relative_to(root))] = digest.hexdigest()
+    return digests
+
+
+def _verify(directory, step: int) -> None:
+    """Raise the unreadable-checkpoint error when a file of `step` differs from its manifest (steps written
+    before manifests existed have none and are read as they are)."""
+    manifest = Path(directory) / MANIFESTS / f"{step}.json"
+    if not manifest.exists():
+        return
+    try:
+        expected = json.loads(manifest.read_text())
+    except ValueError:
+        raise _unreadable(directory, step, f"its manifest {manifest} is corrupt") from None
+    found = _digests(Path(directory) / str(step))
+    changed = sorted(name for name, digest in expected.items() if found.get(name) != digest)
+    if changed:
+        raise _unreadable(directory, step, f"{changed[0]} is not the file that was written (SHA-256 differs)")
 
 
 def delete(directory, step: int) -> None:
     """Remove checkpoint `step` from `directory` (an unreadable one, before its step is written again)."""
     shutil.rmtree(Path(directory) / str(step))
+    (Path(directory) / MANIFESTS / f"{step}.json").unlink(missing_ok=True)
+
+
+def restore_newest(directory, read):
+    """(step, read(step)) of the newest checkpoint in `directory` that reads back, None when there is none.
+
+    Newer steps that cannot be read (corrupt, cut short, bytes changed) are passed over with one warning and
+    removed, so the run continues from the older one; errors `read` raises for other reasons (a foreign run)
+    propagate. All steps unreadable is a `CheckpointError`."""
+    lost = []
+    for step in reversed(steps(directory)):
+        try:
+            value = read(step)
+        except CheckpointError as error:
+            if not hasattr(error, "reason"):
+                raise
+            lost.append((step, error))
+            continue
+        if lost:
+            warnings.warn(f"resuming from checkpoint {step} of {directory}: the unreadable newer step(s) "
+                          f"{', '.join(str(s) for s, _ in lost)} are removed and their work done again "
+                          f"({lost[0][1].reason})", CheckpointWarning, stacklevel=3)
+            for bad, _ in lost:
+                delete(directory, bad)
+        return step, value
+    if lost:
+        raise CheckpointError(f"no readable checkpoint in {directory} ({lost[0][1].reason}); delete "
+                              f"{Path(directory).parent} to start over")
+    return None
 
 
 def _checked_step(directory, step: int | None) -> int:
@@ -168,6 +250,7 @@ def _abstract(target):
 def restore(directory, step: int | None = None, target=None):
     """Checkpoint `step` (default: latest) as a pytree shaped, typed and sharded like `target`."""
     step = _checked_step(directory, step)
+    _verify(directory, step)
     args = ocp.args.StandardRestore(None if target is None else _abstract(target))
     with _reading(directory, step), _manager(directory, read_only=True) as manager:
         return manager.restore(step, args=args)
@@ -176,6 +259,7 @@ def restore(directory, step: int | None = None, target=None):
 def metadata(directory, step: int | None = None) -> dict:
     """The JSON metadata saved with checkpoint `step` (default: latest)."""
     step = _checked_step(directory, step)
+    _verify(directory, step)
     with _reading(directory, step), _manager(directory, read_only=True) as manager:
         return dict(manager.metadata(step).custom_metadata or {})
 
@@ -221,3 +305,36 @@ def new_directory(path, replace: bool = False):
         shutil.rmtree(old)
     else:
         os.rename(partial, path)
+
+
+_HELD = {}  # output directories this process holds: path -> open lock file
+
+
+@contextlib.contextmanager
+def locked(directory):
+    """Hold `directory`'s lock while the block writes it (re-entrant in one process; process 0 of a multi-process
+    run takes it): a second process on the same output stops at once with one line naming the holder's pid."""
+    path = Path(directory).absolute()
+    if path in _HELD or jax.process_index() != 0:
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise CheckpointError(f"{directory} is in use by another agmc process{f' (pid {owner})' if owner else ''}; "
+                              "wait for it to finish or choose another output directory") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _HELD[path] = handle
+    try:
+        yield
+    finally:
+        del _HELD[path]
+        handle.truncate(0)  # a finished run leaves the lock file empty
+        handle.close()  # releases the flock

@@ -12,6 +12,7 @@ import warnings
 
 from agmc_jax.env import REWARDS
 from agmc_jax.errors import AgmcError, InputShapeError, UsageError
+from agmc_jax.kinds import KINDS
 from agmc_jax.search.registry import describe_methods
 from agmc_jax.search.rerank import RERANK_STEPS
 from agmc_jax.stages import describe_stages
@@ -228,7 +229,9 @@ def _search_arguments(parser, methods_help=""):
 
 
 def parser():
-    top = _Parser(prog="agmc", description="Automatic graph-based compression of CNNs in JAX.")
+    top = _Parser(prog="agmc", description="Automatic graph-based compression of CNNs in JAX. --plugin MODULE (before "
+                                           "the command, repeatable; or $AGMC_PLUGINS) imports a module that "
+                                           "registers methods, kinds, stages, rewards or models.")
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("summary", help="per-layer table, parameters and MACs, traced from the program")
@@ -280,7 +283,7 @@ def parser():
     p.add_argument("--resume", action="store_true")
     p.add_argument("--data-dir")
     _search_arguments(p)
-    p.add_argument("--kind", help="search this compression kind instead of the method's: channels | weights | bits")
+    p.add_argument("--kind", help="search this compression kind instead of the method's: " + " | ".join(KINDS))
     p.add_argument("--target-size", type=_FRACTION, help="bits: size budget as a fraction of the float32 size")
     p.add_argument("--min-bit", type=_BITS, help="bits: fewest weight bits of a layer (default 2)")
     p.add_argument("--max-bit", type=_BITS, help="bits: most weight bits of a layer (default 8)")
@@ -300,6 +303,8 @@ def parser():
     p.add_argument("--finetune-epochs", type=_COUNT, default=1)
     p.add_argument("--lr", type=_POSITIVE, default=0.02)
     _search_arguments(p, "; autocompress: the autocompress stage in place of prune")
+    p.add_argument("--kind", help="the prune stage's compression kind instead of the method's: "
+                                  + " | ".join(k for k in KINDS if k != "bits"))
     p.add_argument("--stages", type=_stages, default=("prune",),
                    help="comma-separated, each once: " + describe_stages())
     p.add_argument("--quant-method", default="ppo", help="the bit-width search's method (ppo, haq, random, ...)")
@@ -328,7 +333,35 @@ def parser():
     return top
 
 
+def _plugins(argv) -> list:
+    """`argv` without its `--plugin MODULE` options, after importing each module (and those of $AGMC_PLUGINS,
+    comma-separated): a plugin registers methods, kinds, stages, rewards or models before the parser lists them."""
+    import importlib
+    import os
+
+    names = [n for n in os.environ.get("AGMC_PLUGINS", "").split(",") if n.strip()]
+    rest = []
+    argv = list(argv)
+    while argv:
+        item = argv.pop(0)
+        if item == "--plugin" and argv:
+            names.append(argv.pop(0))
+        elif item.startswith("--plugin="):
+            names.append(item.partition("=")[2])
+        else:
+            rest.append(item)
+    for name in names:
+        try:
+            importlib.import_module(name.strip())
+        except ImportError as error:
+            print(f"agmc: error: --plugin {name.strip()} cannot be imported ({error}); give an importable module "
+                  "name (its directory on PYTHONPATH)", file=sys.stderr)
+            sys.exit(2)
+    return rest
+
+
 def main(argv=None):
+    argv = _plugins(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)

@@ -32,6 +32,7 @@ class CompressConfig:
 
     stages: tuple = ("prune",)
     method: str = "agmc"  # the prune stage's search (see `agmc search --help`)
+    kind: str | None = None  # the prune stage's compression kind in place of the method's (KINDS)
     target_macs: float | None = None
     target_params: float | None = None
     episodes: int = 100
@@ -131,22 +132,32 @@ def compress(config: CompressConfig, out, *, workdir=None, module=None, variable
         raise UsageError("give compress either workdir= (a trained network directory) or module=, variables= and "
                          "data=")
     if module is not None:
-        check_new_output(out / "baseline", out, resume)
-        workdir = _user_baseline(out / "baseline", module, variables, data, config.seed)
+        workdir = out / "baseline"
+        check_new_output(workdir, out, resume)
+        network = _user_network(module, variables, data, config.seed)
     else:
         check_new_output(workdir, out, resume)
-    network = load_network(workdir)
+        network = load_network(workdir)
     for i, stage in enumerate(config.stages):
         STAGES[stage].check_network(config, network, i == 0)
-    module, variables, train_config = network
+    train_config = network[2]
     load(train_config["dataset"], "validation", config.data_dir or train_config["data_dir"])  # the reward data found
+    with checkpoint.locked(out):
+        if module is not None:
+            _save_baseline(workdir, network)
+        return _run_stages(config, out, Path(workdir), network, resume)
+
+
+def _run_stages(config, out: Path, workdir: Path, network, resume) -> Compressed:
+    """The baseline's accuracy, every stage, the report: `compress` once its input is checked."""
+    module, variables, train_config = network
     total = len(config.stages) + 2
     print(f"[1/{total}] baseline {train_config['model']} on {train_config['dataset']}", flush=True)
     report = {"model": train_config["model"], "dataset": train_config["dataset"], "stages": list(config.stages),
               "method": config.method if config.stages[0] != "quantize" else config.quant_method,
               "accuracy": {"dense": accuracies(module, variables, train_config, config.data_dir)},
               "size_bytes_float32": float_bytes(variables)}
-    source, run = Path(workdir), StageRun(config, out, resume)
+    source, run = workdir, StageRun(config, out, resume)
     for number, stage in enumerate(config.stages, 2):
         print(f"[{number}/{total}] {stage}", flush=True)
         report, source = STAGES[stage].run(run, source, report)
@@ -159,9 +170,9 @@ def compress(config: CompressConfig, out, *, workdir=None, module=None, variable
     return Compressed(final_module, final_variables, report, source)
 
 
-def _user_baseline(path: Path, module, variables, data, seed) -> Path:
-    """The user's network saved as the network directory `path`, its module registered as a model and its arrays
-    as a dataset (in this process); a resumed run checks that `path` holds these very variables."""
+def _user_network(module, variables, data, seed) -> tuple:
+    """(module, variables, train config dict) of the user's network, its module registered as a model and its
+    arrays as a dataset (in this process), after checking that the module applies the variables to the data."""
     dataset = data if isinstance(data, str) else _register_arrays(data)
     spec = dataset_spec(dataset)
     name = type(module).__name__
@@ -174,17 +185,23 @@ def _user_baseline(path: Path, module, variables, data, seed) -> Path:
     except Exception as error:  # flax and jax raise many kinds for a module that cannot take these variables
         raise InputShapeError(f"the module cannot apply these variables to {dataset} inputs of shape "
                               f"{tuple(spec.input_shape)} with train=False: {str(error).splitlines()[0]}") from error
-    config = config_to_dict(resolve_config(TrainConfig(model=name, dataset=dataset, epochs=1, seed=seed)))
+    return module, variables, config_to_dict(resolve_config(TrainConfig(model=name, dataset=dataset, epochs=1,
+                                                                        seed=seed)))
+
+
+def _save_baseline(path: Path, network) -> None:
+    """The user's network saved as the network directory `path` that the stages read; a resumed run checks that
+    `path` holds these very variables."""
+    module, variables, config = network
     if (path / "network.json").exists():
         saved = load_network(path)[1]
         same = jax.tree.structure(saved) == jax.tree.structure(variables) and all(
             np.array_equal(a, b) for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(variables)))
         if not same:
             raise CheckpointError(f"{path} holds other variables than these; choose a new out to compress them")
-        return path
+        return
     with checkpoint.new_directory(path) as partial:
-        save_network(partial, "dense", config, variables, {"source": f"compress(module={name}(...))"})
-    return path
+        save_network(partial, "dense", config, variables, {"source": f"compress(module={type(module).__name__}(...))"})
 
 
 def _register_arrays(splits) -> str:

@@ -153,7 +153,7 @@ def check_new_output(workdir, out, resume=None):
         raise CheckpointError(f"--out {out} is the --workdir it reads; choose a new --out")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file; choose a directory for --out")
-    if out.is_dir() and not resume and any(out.iterdir()):
+    if out.is_dir() and not resume and any(p.name != checkpoint.LOCK for p in out.iterdir()):
         raise CheckpointError(f"{out} already holds files; choose a new --out"
                               + (" or pass --resume to continue what is there" if resume is not None else ""))
 

@@ -48,9 +48,10 @@ def run_search(workdir, out, method="agmc", target_macs=None, target_params=None
     module, variables, config = load_network(workdir)
     images, labels = data.load_arrays(config["dataset"], "validation", data_dir or config["data_dir"],
                                       limit=reward_images)
-    result = search(module, variables, (images, labels), out=out, resume=resume, config=search_config,
-                    train_data=training_images(search_config, config, data_dir))
-    write_search(result, Path(out), workdir, method, config)
+    with checkpoint.locked(out):
+        result = search(module, variables, (images, labels), out=out, resume=resume, config=search_config,
+                        train_data=training_images(search_config, config, data_dir))
+        write_search(result, Path(out), workdir, method, config)
     return result
 
 
@@ -94,7 +95,7 @@ def search_options(args, resume=False):
     flags = {name: getattr(args, name) for name in ("warmup_episodes", "sigma_decay") if getattr(args, name) is not None}
     env = {name: getattr(args, name) for name in ("fill", "reward_steps", "reward_lr") if getattr(args, name) is not None}
     bits = {name: getattr(args, name) for name in ("kind", "target_size", "min_bit", "max_bit")
-            if getattr(args, name, None) is not None}  # `agmc search` only: compress has its quantize stage's own
+            if getattr(args, name, None) is not None}  # bits options: `agmc search` only (compress: its quantize stage)
     return {**{name: getattr(args, name) for name in names}, **bits, **env, "resume": resume,
             "agent_options": {**flags, **parse_options(args.agent_option)}}
 

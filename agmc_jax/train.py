@@ -365,16 +365,22 @@ def abstract_train_state(module, config: TrainConfig, sharding=None, variables=N
 
 
 def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, variables=None) -> tuple[TrainState, int]:
-    """The latest checkpoint's state and epoch when there is one, else a fresh state and epoch 0 (replicated)."""
+    """The newest readable checkpoint's state and epoch when there is one (unreadable newer ones are passed over
+    with a warning), else a fresh state and epoch 0 (replicated)."""
     directory, replicated = workdir / "checkpoints", NamedSharding(mesh, P())
-    if checkpoint.latest_step(directory) is None:
+    target = abstract_train_state(module, config, replicated, variables)
+
+    def read(step):
+        meta = _run_metadata(directory, step)
+        _check_same_run(meta["config"], config_to_dict(config), f"checkpoint {step} in {directory}")
+        return checkpoint.restore(directory, step, target=target), int(meta["epoch"])
+
+    found = checkpoint.restore_newest(directory, read)
+    if found is None:
         fresh = (create_train_state(module, config.input_shape, config) if variables is None  # a copy: the
                  else state_from_variables(jax.tree.map(jnp.array, variables), config))  # steps donate the state
         return jax.device_put(fresh, replicated), 0
-    meta = _run_metadata(directory)
-    _check_same_run(meta["config"], config_to_dict(config), f"the latest checkpoint in {directory}")
-    target = abstract_train_state(module, config, replicated, variables)
-    return checkpoint.restore(directory, target=target), int(meta["epoch"])
+    return found[1]
 
 
 def _records(path: Path) -> list:
@@ -496,6 +502,12 @@ def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_aft
     run = _Run(config, mesh, steps, config.epochs if stop_after is None else min(stop_after, config.epochs),
                make_train_step(mesh, module, optimizer), make_eval_step(mesh, module),
                learning_rate_schedule(optimizer), train_source, _source(sources, config, "validation"))
+    with checkpoint.locked(workdir):
+        return _train(run, workdir, module, config, mesh, variables, sources)
+
+
+def _train(run, workdir, module, config, mesh, variables, sources) -> dict:
+    """`train` once its inputs are checked and its workdir locked."""
     state, start = _restore_or_init(workdir, module, config, mesh, variables)
     writer = _open_workdir(workdir, config, start)
     record = _last_record(workdir)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from agmc_jax.embed import amc_state
 from agmc_jax.env import REWARDS, Budget, BudgetError, EnvConfig, Environment

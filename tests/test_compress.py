@@ -2,6 +2,9 @@
 outside the package; the config checked when it is built."""
 import functools
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -175,3 +178,32 @@ def test_compress_takes_one_kind_of_input(tmp_path, user_network):
             agmc_jax.compress(config, tmp_path / "c", **kwargs)
     with pytest.raises(InputShapeError, match="cannot apply"):
         agmc_jax.compress(config, tmp_path / "c", module=module, variables={"params": {}}, data=arrays)
+
+
+HOLD = """import sys
+from agmc_jax import checkpoint
+with checkpoint.locked(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_process_on_the_same_output_stops_in_one_line(capsys, tmp_path):
+    """While another process writes an output directory, `agmc search` and `agmc compress` on it stop with one line
+    naming that process, before writing anything; once it has ended, the same command runs."""
+    out = tmp_path / "s"
+    search = ["search", "--workdir", str(BASELINE), "--out", str(out), "--method", "random", "--episodes", "2",
+              "--reward-images", "32", "--target-macs", "0.5"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for argv in (search, ["compress", *search[1:]]):
+            status, _, err = run(capsys, *argv)
+            assert status == 2 and f"in use by another agmc process (pid {holder.pid})" in err, err
+            assert len(err.splitlines()) == 1 and [p.name for p in out.iterdir()] == [".lock"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    status, _, err = run(capsys, *search)
+    assert status == 0, err

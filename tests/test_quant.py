@@ -21,8 +21,7 @@ from agmc_jax.graph import trace
 from agmc_jax.models import create_model, init_model
 from agmc_jax.networks import evaluate_variables, load_network, mark_trained_quantized, save_quantized
 from agmc_jax.prune import Slimmed, channel_masks, slim
-from agmc_jax.quant import (Quantized, channel_scale, fake_quantize, freeze_bits, levels, load_packed, quantize,
-                            quantized_variables, save_packed)
+from agmc_jax.quant import (Quantized, channel_scale, fake_quantize, freeze_bits, levels, load_packed, quantized_variables, save_packed)
 from agmc_jax.quant import packed
 from agmc_jax.train import config_to_dict, load_trained, resolve_config, train
 from realistic import realistic

@@ -11,8 +11,8 @@ from agmc_jax.errors import AgmcError, BudgetError, DataError
 from agmc_jax.graph import trace
 from agmc_jax.kinds import KINDS
 from agmc_jax.models import create_model, init_model
-from agmc_jax.search import get_method, search
-from agmc_jax.search.rerank import candidates, rerank
+from agmc_jax.search import search
+from agmc_jax.search.rerank import rerank
 
 
 def next_count(space, t, count):

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from agmc_jax import checkpoint, data
-from agmc_jax.errors import CheckpointError
+from agmc_jax.errors import CheckpointError, CheckpointWarning
 from agmc_jax.train import (TrainConfig, abstract_train_state, build_module, create_train_state, evaluate, global_batch,
                             load_trained, make_train_step, optimizer_spec, resolve_config, state_from_variables,
                             train)
@@ -191,6 +191,46 @@ def test_corrupt_checkpoint_raises_and_is_left_alone(trained, tmp_path, damage):
         load_trained(workdir)
     assert "\n" not in str(error.value)
     assert _snapshot(workdir) == before
+
+
+def _flip_bytes(checkpoint_dir: Path) -> None:
+    """Invert 8 bytes in the middle of the largest array data file: same size, still decodable."""
+    victim = max((p for p in checkpoint_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
+                 key=lambda p: p.stat().st_size)
+    content = bytearray(victim.read_bytes())
+    middle = len(content) // 2
+    content[middle:middle + 8] = bytes(b ^ 0xFF for b in content[middle:middle + 8])
+    victim.write_bytes(bytes(content))
+
+
+def test_flipped_bytes_are_refused_on_load(trained, tmp_path):
+    """Bytes changed in place (same size) are a one-line CheckpointError naming the file, not other numbers."""
+    workdir = Path(shutil.copytree(trained[0], tmp_path / "run"))
+    latest = workdir / "checkpoints" / str(checkpoint.latest_step(workdir / "checkpoints"))
+    _flip_bytes(latest)
+    with pytest.raises(CheckpointError, match="SHA-256 differs") as error:
+        load_trained(workdir)
+    assert "\n" not in str(error.value) and str(latest) in str(error.value)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's abandoned reads
+@pytest.mark.parametrize("damage", ["flip", "garbage_data"])
+def test_training_resumes_from_the_newest_readable_checkpoint(trained, tmp_path, damage):
+    """A run whose latest checkpoint is damaged warns once, removes it, redoes that epoch from the one before and
+    ends with the uninterrupted run's state and metrics."""
+    workdir, final = trained
+    train(CONFIG, tmp_path, SOURCES, stop_after=1)
+    train(CONFIG, tmp_path, SOURCES)
+    latest = tmp_path / "checkpoints" / str(2 * STEPS_PER_EPOCH)
+    _flip_bytes(latest) if damage == "flip" else _damage(latest, damage)
+    with pytest.warns(CheckpointWarning, match=f"step\\(s\\) {2 * STEPS_PER_EPOCH} are removed"):
+        resumed = train(CONFIG, tmp_path, SOURCES)
+    assert resumed == {**final, "seconds": resumed["seconds"]}
+    config = resolve_config(CONFIG)
+    target = abstract_train_state(build_module(config), config)
+    for a, b in zip(jax.tree.leaves(checkpoint.restore(workdir / "checkpoints", target=target)),
+                    jax.tree.leaves(checkpoint.restore(tmp_path / "checkpoints", target=target))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_mismatched_config_refuses_to_resume(trained, tmp_path):

@@ -6,8 +6,9 @@ from agmc_jax.agents.ddpg import DDPGConfig, DDPGState, ddpg
 from agmc_jax.agents.heads import MLP, Actor, Critic
 from agmc_jax.agents.ppo import PPOConfig, PPOState, ppo
 from agmc_jax.agents.random_agent import RandomConfig, random_agent
-from agmc_jax.agents.registry import AGENTS, AgentType, OptionError, agent_config, parse_options
+from agmc_jax.agents.registry import AGENTS, AgentType, OptionError, agent_config, parse_options, register_agent
 
 __all__ = ["AGENTS", "Agent", "AgentType", "Actor", "AnnealingConfig", "AnnealingState", "Critic", "DDPGConfig",
            "DDPGState", "MLP", "OptionError", "PPOConfig", "PPOState", "RandomConfig", "agent_config", "annealing",
-           "annealing_observation", "ddpg", "experience_interval", "parse_options", "ppo", "random_agent"]
+           "annealing_observation", "ddpg", "experience_interval", "parse_options", "ppo", "random_agent",
+           "register_agent"]

@@ -52,6 +52,14 @@ AGENTS = {
 }
 
 
+def register_agent(agent: AgentType) -> AgentType:
+    """Add (or replace) an agent under `agent.name`: methods name it, `agent_config` checks its options."""
+    if not isinstance(agent, AgentType):
+        raise AgmcError(f"register_agent takes an AgentType, got {type(agent).__name__}")
+    AGENTS[agent.name] = agent
+    return agent
+
+
 def _parse(text: str, annotation, default):
     """A command-line string as the type of a config field (int, float, bool, optional)."""
     kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.embed.gnn import AGMCEncoder, graph_data
+from agmc_jax.errors import AgmcError
 
 
 class State(NamedTuple):
@@ -70,3 +71,10 @@ def no_state(env, hidden: int = 32) -> State:
 
 
 STATES = {"agmc": agmc_state, "amc": amc_state, "none": no_state}
+
+
+def register_state(name: str, build) -> None:
+    """Add (or replace) the state `name`: `build(env, ...)` -> `State`, what an agent of a method sees."""
+    if not callable(build):
+        raise AgmcError(f"register_state takes a function building a State, got {type(build).__name__}")
+    STATES[name] = build

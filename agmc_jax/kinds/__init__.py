@@ -8,6 +8,20 @@ from agmc_jax.kinds.channels import Channels
 from agmc_jax.kinds.columns import Columns
 from agmc_jax.kinds.weights import Weights
 
-KINDS = {"channels": Channels, "columns": Columns, "weights": Weights, "bits": Bits}
+from agmc_jax.errors import AgmcError
 
-__all__ = ["KINDS", "Bits", "BitWidths", "Channels", "Columns", "Weights"]
+KINDS = {"channels": Channels, "columns": Columns, "weights": Weights, "bits": Bits}
+PROTOCOL = ("unit", "export_name", "default_budget", "cost", "layer_usage", "prepare", "mask", "masks", "export")
+
+
+def register_kind(name: str, kind: type) -> type:
+    """Add (or replace) the compression kind `name`, a class with the attributes of `PROTOCOL` built as
+    `kind(net, env_config)`; `agmc search --kind` and `agmc_jax.search(kind=...)` then accept it."""
+    missing = [attribute for attribute in PROTOCOL if not hasattr(kind, attribute)]
+    if missing:
+        raise AgmcError(f"kind {name!r} lacks {', '.join(missing)}; a kind defines {', '.join(PROTOCOL)}")
+    KINDS[name] = kind
+    return kind
+
+
+__all__ = ["KINDS", "PROTOCOL", "Bits", "BitWidths", "Channels", "Columns", "Weights", "register_kind"]

@@ -5,10 +5,8 @@ checkpoint of the runner and the history, so `resume=True` after a kill loses at
 and replays it identically.
 """
 import dataclasses
-import hashlib
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,7 +18,7 @@ from tqdm.auto import tqdm
 from agmc_jax import checkpoint
 from agmc_jax.agents import agent_config
 from agmc_jax.env import EnvConfig, Environment, check_config
-from agmc_jax.errors import AgmcError, CheckpointError, CheckpointWarning, DataError
+from agmc_jax.errors import AgmcError, CheckpointError, DataError
 from agmc_jax.graph import trace
 from agmc_jax.quant import FLOAT_BITS, save_packed
 from agmc_jax.search.loop import Runner, make_chunk, place
@@ -132,20 +130,12 @@ class SearchResult:
         }
 
 
-def _digest(*trees) -> str:
-    """A short hash of arrays' bytes: resuming with other weights or other reward data is refused."""
-    sha = hashlib.sha256()
-    for leaf in jax.tree.leaves(trees):
-        sha.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return sha.hexdigest()[:16]
-
-
 def _fingerprint(env, config, variables, data, train_data=None):
     return {"model": type(env.net.module).__name__, "sizes": [int(s) for s in env.sizes], "macs": int(env.net.macs),
             "method": config.method, "kind": config.kind, "seed": config.seed, "env": config.env._asdict(),
             "agent": None if config.agent is None else config.agent._asdict(), "gnn_hidden": config.gnn_hidden,
-            "chunk": config.chunk, "variables": _digest(variables), "data": _digest(data),
-            **({"train": _digest(train_data)} if env.finetunes else {})}
+            "chunk": config.chunk, "variables": checkpoint.digest(variables), "data": checkpoint.digest(data),
+            **({"train": checkpoint.digest(train_data)} if env.finetunes else {})}
 
 
 def _changes(saved, fingerprint) -> list:
@@ -185,34 +175,14 @@ def _check_resume(directory, saved, fingerprint, episodes):
 
 
 def _resume(directory, fingerprint, episodes, target):
-    """(finished episodes, state) of the newest readable checkpoint of this search (None when there is none).
+    """(finished episodes, state) of the newest readable checkpoint of this search ((0, None) when there is none);
+    unreadable newer steps are passed over with one warning and removed: their episodes are played again."""
+    def read(step):
+        finished = _check_resume(directory, checkpoint.metadata(directory, step), fingerprint, episodes)
+        return finished, checkpoint.restore(directory, step, target=target(finished))
 
-    Unreadable newer steps are passed over with one warning and removed: their episodes are played again."""
-    found = checkpoint.steps(directory)
-    lost = []
-    for step in reversed(found):
-        try:
-            saved = checkpoint.metadata(directory, step)
-        except CheckpointError as error:
-            lost.append((step, error))
-            continue
-        finished = _check_resume(directory, saved, fingerprint, episodes)
-        try:
-            state = checkpoint.restore(directory, step, target=target(finished))
-        except CheckpointError as error:
-            lost.append((step, error))
-            continue
-        if lost:
-            warnings.warn(f"resuming from checkpoint {step} ({finished} episodes): the unreadable newer step(s) "
-                          f"{', '.join(str(s) for s, _ in lost)} of {directory} are removed and their episodes played "
-                          f"again ({getattr(lost[0][1], 'reason', lost[0][1])})", CheckpointWarning, stacklevel=3)
-            for bad, _ in lost:
-                checkpoint.delete(directory, bad)
-        return finished, state
-    if lost:
-        raise CheckpointError(f"no readable checkpoint in {directory} ({lost[0][1]}); delete {directory.parent} "
-                              "to start over")
-    return 0, None
+    found = checkpoint.restore_newest(directory, read)
+    return (0, None) if found is None else found[1]
 
 
 class _History:

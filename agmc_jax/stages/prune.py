@@ -1,5 +1,6 @@
 """The prune stage: search keep counts on the network, slim it, fine-tune it; its report section is the
 compressed network's MACs, parameters, latency, accuracy and layers (and the re-ranked candidates)."""
+from agmc_jax.errors import UsageError
 from agmc_jax.latency import latency_ms
 from agmc_jax.networks import accuracies, load_network
 from agmc_jax.pipeline import finetune, finetune_config, run_search, search_config, search_options
@@ -8,7 +9,9 @@ from agmc_jax.stages.registry import Stage, register_stage
 
 
 def check(config) -> None:
-    """The search's settings checked."""
+    """The search's settings checked; bit widths are the quantize stage's."""
+    if config.kind == "bits":
+        raise UsageError("the prune stage prunes; search bit widths with --stages quantize")
     search_config(**search_options(config))
 
 
