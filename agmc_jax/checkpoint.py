@@ -143,10 +143,14 @@ def save(directory, step: int, pytree, metadata: dict | None = None, keep: int |
     """Write `pytree` (and JSON-able `metadata`) as checkpoint `step`, keeping the newest `keep` steps.
 
     Orbax writes the step under a temporary name and renames it when complete."""
-    with _quiet(), _manager(directory, read_only=False, keep=keep) as manager:
-        manager.save(step, args=ocp.args.StandardSave(pytree), custom_metadata=metadata or {}, force=True)
-        manager.wait_until_finished()
-        kept = set(manager.all_steps())
+    try:
+        with _quiet(), _manager(directory, read_only=False, keep=keep) as manager:
+            manager.save(step, args=ocp.args.StandardSave(pytree), custom_metadata=metadata or {}, force=True)
+            manager.wait_until_finished()
+            kept = set(manager.all_steps())
+    except Exception as error:  # orbax and tensorstore report a full disk or a read-only path in many types
+        raise CheckpointError(f"cannot write checkpoint {Path(directory) / str(step)} ({_first_line(error)}); free "
+                              "space or fix the path, then rerun (with --resume where the command takes it)") from error
     manifests = Path(directory) / MANIFESTS
     manifests.mkdir(exist_ok=True)
     write_text(manifests / f"{step}.json", json.dumps(_digests(Path(directory) / str(step))))

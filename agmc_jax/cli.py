@@ -370,6 +370,15 @@ def main(argv=None):
     except AgmcError as error:
         print(f"agmc {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"agmc {args.command}: interrupted; what was saved stays (rerun with --resume where the command takes "
+              "it)", file=sys.stderr)
+        sys.exit(130)
+    except OSError as error:  # a full disk, a read-only or vanished directory, met while writing
+        where = f" {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"agmc {args.command}: error: cannot use{where}: {error.strerror or error}; free space or fix the "
+              "path and rerun (with --resume where the command takes it)", file=sys.stderr)
+        sys.exit(2)
     finally:
         warnings.showwarning = shown
 

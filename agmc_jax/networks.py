@@ -8,6 +8,7 @@ export, whose size is the network's); its `variables/` are the latent float weig
 `Quantized(zoo module or Slimmed(zoo module), bits)`, so it can be evaluated and fine-tuned further.
 """
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -102,15 +103,20 @@ def _holds_network(path) -> bool:
 
 
 def final_network(path):
-    """The network directory `path` stands for: itself if it holds one, else the last finished stage of the
-    `agmc compress` or `agmc search` output in it."""
+    """The network directory `path` stands for: itself if it holds one, else the last stage of the `agmc compress`
+    or `agmc search` output in it; a stage that started and did not finish (no network.json yet) is refused
+    rather than passed over for an earlier stage's network."""
     path = Path(path)
-    found = [path] if _holds_network(path) else [path / stage for stage in STAGE_OUTPUTS
-                                                 if _holds_network(path / stage)]
-    if not found:
-        raise CheckpointError(f"{path} holds no network (nor a compress or search output with one); give a trained, "
-                              "pruned, fine-tuned or quantized network directory")
-    return found[0]
+    if _holds_network(path):
+        return path
+    for stage in STAGE_OUTPUTS:
+        if (path / stage / "network.json").exists():
+            return path / stage
+        if (path / stage).exists() and any((path / stage).iterdir()):
+            raise CheckpointError(f"{path / stage} has not finished (no network.json): finish the run with --resume "
+                                  "before exporting it")
+    raise CheckpointError(f"{path} holds no network (nor a compress or search output with one); give a trained, "
+                          "pruned, fine-tuned or quantized network directory")
 
 
 def evaluate_variables(module, variables, config_dict, split="test", data_dir=None, source=None, batch_size=256):
@@ -153,6 +159,10 @@ def check_new_output(workdir, out, resume=None):
         raise CheckpointError(f"--out {out} is the --workdir it reads; choose a new --out")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file; choose a directory for --out")
+    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--out {out} cannot be written: {parent} is "
+                              f"{'a file' if not parent.is_dir() else 'not writable'}; choose another --out")
     if out.is_dir() and not resume and any(p.name != checkpoint.LOCK for p in out.iterdir()):
         raise CheckpointError(f"{out} already holds files; choose a new --out"
                               + (" or pass --resume to continue what is there" if resume is not None else ""))

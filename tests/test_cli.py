@@ -15,6 +15,7 @@ import pytest
 from agmc_jax import checkpoint, prune, search
 from agmc_jax.cli import main
 from agmc_jax.data import load_arrays
+from agmc_jax.errors import CheckpointError
 from agmc_jax.graph import trace
 from agmc_jax.graph.ir import evaluate
 from agmc_jax.networks import load_network
@@ -305,3 +306,49 @@ def test_prune_re_estimates_batchnorm_so_a_pruned_resnet_is_not_at_chance(capsys
         assert status == 0
         accuracy[flag] = json.loads(out)["validation_accuracy"]
     assert accuracy["--no-recalibrate-bn"] < 0.2 < 0.4 < accuracy["--recalibrate-bn"]
+
+
+def test_export_refuses_a_stage_that_did_not_finish(capsys, tmp_path):
+    """A compress killed during its quantization-aware fine-tune holds quantize/qat without network.json: export
+    stops in one line instead of exporting the earlier float network."""
+    out = tmp_path / "c"
+    shutil.copytree(BASELINE, out / "search" / "finetune")
+    (out / "search" / "finetune" / "network.json").write_text("{}")
+    (out / "quantize" / "qat").mkdir(parents=True)
+    (out / "quantize" / "qat" / "config.json").write_text("{}")
+    status, _, err = run(capsys, "export", str(out), "--out", str(tmp_path / "e"))
+    assert status == 2 and "quantize/qat has not finished" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "e").exists()
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    status, _, err = run(capsys, "search", "--workdir", str(BASELINE), "--out", str(tmp_path / "file" / "s"),
+                         "--method", "random", "--episodes", "2")
+    assert status == 2 and "is a file" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("raised, status, words", [
+    (OSError(28, "No space left on device", "/full/disk"), 2, "cannot use /full/disk: No space left on device"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_a_full_disk_or_an_interrupt_is_one_line(capsys, tmp_path, monkeypatch, raised, status, words):
+    """What the operating system or the user stops a command with is one line and a non-zero exit status."""
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr("agmc_jax.networks.save_network", fail)
+    code, _, err = run(capsys, "prune", "--workdir", str(BASELINE), "--keep", "0.5", "--out", str(tmp_path / "p"))
+    assert code == status and words in err and len(err.splitlines()) == 1, err
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_checkpoint_error(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    def full(*args, **kwargs):
+        raise ValueError("RESOURCE_EXHAUSTED: No space left on device\n" + "detail\n" * 100)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*RESOURCE_EXHAUSTED") as error:
+        checkpoint.save(tmp_path / "c", 1, {"a": np.zeros(3)})
+    assert "\n" not in str(error.value)
