@@ -2,6 +2,7 @@
 building blocks of the compress stages."""
 import dataclasses
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from agmc_jax.networks import check_new_output, load_network, mark_trained_slim,
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.report import plot_keep, plot_rewards
 from agmc_jax.search import RERANK_STEPS, SearchConfig, build_config, get_method, search
-from agmc_jax.train import TrainConfig, config_from_dict, config_to_dict, resolve_config, train
+from agmc_jax.train import TrainConfig, config_from_dict, config_to_dict, resolve_config, started_from, train
 
 
 def search_config(method="agmc", target_macs=None, target_params=None, episodes=100, seed=0, resume=False,
@@ -107,9 +108,18 @@ def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None):
     sparse = not isinstance(module, Slimmed)  # a sparse (fg) export keeps the original module and shapes
     tuned = finetune_config(config, epochs, learning_rate, data_dir, sparse)
     workdir = Path(search_dir) / "finetune"
+    forget_other_start(workdir, variables)
     summary = train(tuned, workdir, module=module, variables=variables)
     mark_trained_slim(workdir, config_to_dict(tuned))
     return summary
+
+
+def forget_other_start(workdir, variables) -> None:
+    """Remove a stage's training `workdir` when it started from other variables than these: the search before it
+    found another network (its --episodes grew on --resume), so its training starts again."""
+    if started_from(workdir) not in (None, checkpoint.digest(variables)):
+        print(f"  the network {workdir} trains changed since its training started: training it afresh", flush=True)
+        shutil.rmtree(workdir)
 
 
 def finetune_config(config_dict, epochs, learning_rate, data_dir=None, sparse=False) -> TrainConfig:

@@ -364,6 +364,20 @@ def abstract_train_state(module, config: TrainConfig, sharding=None, variables=N
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
 
 
+def _init_digest(variables) -> str | None:
+    """The hash of the variables a run starts from (None: the config's random initialisation)."""
+    return None if variables is None else checkpoint.digest(variables)
+
+
+def started_from(workdir) -> str | None:
+    """The hash of the variables the run in `workdir` started from (None: none recorded or no checkpoint)."""
+    directory = Path(workdir) / "checkpoints"
+    try:
+        return checkpoint.metadata(directory).get("init") if checkpoint.latest_step(directory) is not None else None
+    except CheckpointError:
+        return None
+
+
 def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, variables=None) -> tuple[TrainState, int]:
     """The newest readable checkpoint's state and epoch when there is one (unreadable newer ones are passed over
     with a warning), else a fresh state and epoch 0 (replicated)."""
@@ -373,6 +387,9 @@ def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, var
     def read(step):
         meta = _run_metadata(directory, step)
         _check_same_run(meta["config"], config_to_dict(config), f"checkpoint {step} in {directory}")
+        if meta.get("init") not in (None, _init_digest(variables)):
+            raise CheckpointError(f"checkpoint {step} in {directory} continues a run started from other variables; "
+                                  "use a new workdir to train these")
         return checkpoint.restore(directory, step, target=target), int(meta["epoch"])
 
     found = checkpoint.restore_newest(directory, read)
@@ -509,6 +526,7 @@ def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_aft
 def _train(run, workdir, module, config, mesh, variables, sources) -> dict:
     """`train` once its inputs are checked and its workdir locked."""
     state, start = _restore_or_init(workdir, module, config, mesh, variables)
+    init = _init_digest(variables)
     writer = _open_workdir(workdir, config, start)
     record = _last_record(workdir)
     try:
@@ -517,7 +535,8 @@ def _train(run, workdir, module, config, mesh, variables, sources) -> dict:
             _log(workdir, writer, record)  # before the checkpoint: a resume drops the lines after its epoch
             if record["epoch"] % config.checkpoint_every == 0 or record["epoch"] == run.last:
                 checkpoint.save(workdir / "checkpoints", record["step"], state,
-                                {"epoch": record["epoch"], "config": config_to_dict(config)}, keep=config.keep)
+                                {"epoch": record["epoch"], "config": config_to_dict(config),
+                                 **({"init": init} if init is not None else {})}, keep=config.keep)
         if run.last < config.epochs:
             return record
         test = evaluate_source(_variables(state), run.eval_fn, _source(sources, config, "test"), config, mesh,

@@ -352,3 +352,22 @@ def test_a_checkpoint_that_cannot_be_written_is_a_checkpoint_error(tmp_path, mon
     with pytest.raises(CheckpointError, match="cannot write checkpoint .*RESOURCE_EXHAUSTED") as error:
         checkpoint.save(tmp_path / "c", 1, {"a": np.zeros(3)})
     assert "\n" not in str(error.value)
+
+
+def test_a_compression_resumed_with_more_episodes_fine_tunes_the_new_result(capsys, tmp_path):
+    """`compress --episodes 2`, then `--resume --episodes 6`: when the longer search exports another network, its
+    fine-tune starts afresh (not the old network's checkpoints) and report.json agrees with policy.json."""
+    out = tmp_path / "c"
+    argv = ["compress", "--workdir", str(BASELINE), "--out", str(out), "--method", "random", "--target-macs", "0.4",
+            "--round-to", "1", "--reward-images", "64", "--seed", "1"]  # seed 1: episode 8 is the best of 8
+    status, _, err = run(capsys, *argv, "--episodes", "2")
+    assert status == 0, err
+    first = json.loads((out / "search" / "policy.json").read_text())
+    status, printed, err = run(capsys, *argv, "--episodes", "8", "--resume")
+    assert status == 0, err
+    policy = json.loads((out / "search" / "policy.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs"]["slim"] == policy["macs"] and report["layers"] == policy["layers"]
+    module, variables, _ = load_network(out / "search" / "finetune")
+    assert trace(module, variables, (28, 28, 1)).macs == policy["macs"]
+    assert policy["layers"] != first["layers"] and "training it afresh" in printed

@@ -5,7 +5,7 @@ from agmc_jax.errors import UsageError
 from agmc_jax.graph import trace
 from agmc_jax.kinds import KINDS
 from agmc_jax.networks import accuracies, float_bytes, load_network, mark_trained_quantized
-from agmc_jax.pipeline import finetune_config, run_search, search_config, search_options
+from agmc_jax.pipeline import finetune_config, forget_other_start, run_search, search_config, search_options
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.quant import save_packed
 from agmc_jax.stages.registry import Stage, register_stage
@@ -50,6 +50,7 @@ def run(run, source, report):
     print(f"  quantization-aware fine-tune, {config.qat_epochs} epoch(s)", flush=True)
     tuned_config = finetune_config(train_config, config.qat_epochs, config.lr, config.data_dir)
     workdir = out / "qat"
+    forget_other_start(workdir, variables)
     tuned = train(tuned_config, workdir, module=module, variables=variables)
     mark_trained_quantized(workdir, config_to_dict(tuned_config), module.bits, isinstance(module.module, Slimmed))
     latent = load_network(workdir)[1]
