@@ -151,6 +151,8 @@ def save(directory, step: int, pytree, metadata: dict | None = None, keep: int |
     except Exception as error:  # orbax and tensorstore report a full disk or a read-only path in many types
         raise CheckpointError(f"cannot write checkpoint {Path(directory) / str(step)} ({_first_line(error)}); free "
                               "space or fix the path, then rerun (with --resume where the command takes it)") from error
+    if jax.process_index() != 0:  # orbax has finished every process's part: process 0 writes the manifest
+        return
     manifests = Path(directory) / MANIFESTS
     manifests.mkdir(exist_ok=True)
     write_text(manifests / f"{step}.json", json.dumps(_digests(Path(directory) / str(step))))
@@ -322,6 +324,11 @@ def locked(directory):
     if path in _HELD or jax.process_index() != 0:
         yield
         return
+    created = []  # the directories the lock makes, innermost first
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        created.append(directory)
     path.mkdir(parents=True, exist_ok=True)
     handle = open(path / LOCK, "a+")
     try:
@@ -342,3 +349,8 @@ def locked(directory):
         del _HELD[path]
         handle.truncate(0)  # a finished run leaves the lock file empty
         handle.close()  # releases the flock
+        if created and [p.name for p in path.iterdir()] == [LOCK]:  # a run refused before writing: as it was
+            (path / LOCK).unlink()
+            for directory in created:
+                if not any(directory.iterdir()):
+                    directory.rmdir()

@@ -232,6 +232,12 @@ def parser():
     top = _Parser(prog="agmc", description="Automatic graph-based compression of CNNs in JAX. --plugin MODULE (before "
                                            "the command, repeatable; or $AGMC_PLUGINS) imports a module that "
                                            "registers methods, kinds, stages, rewards or models.")
+    top.add_argument("--coordinator", metavar="HOST:PORT", help="many hosts: process 0's address (one process per "
+                                                                  "host, each started with these three options)")
+    top.add_argument("--num-processes", type=_COUNT, help="many hosts: how many processes the run has")
+    top.add_argument("--process-id", type=_NATURAL, help="many hosts: this process's index, from 0")
+    top.add_argument("--distributed", action="store_true",
+                     help="many hosts, where the platform tells JAX the processes (Cloud TPU, SLURM)")
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("summary", help="per-layer table, parameters and MACs, traced from the program")
@@ -360,12 +366,33 @@ def _plugins(argv) -> list:
     return rest
 
 
+def _join(args) -> None:
+    """Join a multi-process run when the command line (or $AGMC_COORDINATOR, $AGMC_NUM_PROCESSES,
+    $AGMC_PROCESS_ID) says so; `--distributed` asks the platform."""
+    import os
+
+    from agmc_jax.hosts import initialize
+
+    coordinator = args.coordinator or os.environ.get("AGMC_COORDINATOR")
+    count = args.num_processes or (int(os.environ["AGMC_NUM_PROCESSES"]) if "AGMC_NUM_PROCESSES" in os.environ
+                                   else None)
+    index = args.process_id if args.process_id is not None else (
+        int(os.environ["AGMC_PROCESS_ID"]) if "AGMC_PROCESS_ID" in os.environ else None)
+    if coordinator or count is not None or index is not None or args.distributed:
+        initialize(coordinator, count, index)
+        import jax
+
+        if jax.process_index() != 0:  # process 0 reports; the others compute their part silently
+            sys.stdout = open(os.devnull, "w")
+
+
 def main(argv=None):
     argv = _plugins(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)
     try:
+        _join(args)
         args.run(args)
     except AgmcError as error:
         print(f"agmc {args.command}: error: {error}", file=sys.stderr)

@@ -1,0 +1,31 @@
+"""Many hosts: join this process to a multi-process run (`jax.distributed`) before anything computes.
+
+One process runs per host; they form one mesh over every device, each reads its shard of the data, and only
+process 0 writes logs, reports and exports (`train`, `checkpoint.locked`). CPU devices talk through gloo.
+"""
+import jax
+
+from agmc_jax.errors import UsageError
+
+HEARTBEAT_SECONDS = 60  # a peer silent this long has died: the others stop with JAX's error naming its task
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               timeout: int = 300) -> None:
+    """Join the run coordinated at `coordinator` (HOST:PORT) as process `process_id` of `num_processes`; with no
+    coordinator, what the platform tells JAX (Cloud TPU, SLURM, ...)."""
+    given = [value is not None for value in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise UsageError("--coordinator, --num-processes and --process-id go together (or none of them, where the "
+                         "platform tells JAX)")
+    if num_processes is not None and not (num_processes >= 1 and 0 <= process_id < num_processes):
+        raise UsageError(f"--process-id must be in [0, {num_processes}) and --num-processes at least 1, got "
+                         f"{process_id} of {num_processes}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout,
+                                   heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+    except (RuntimeError, ValueError) as error:
+        line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot join the multi-process run{f' at {coordinator}' if coordinator else ''} ({line}); "
+                         "start every process with the same --coordinator and --num-processes") from error
