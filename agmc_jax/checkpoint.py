@@ -276,7 +276,10 @@ def _partial(path: Path, suffix: str) -> Path:
 
 
 def write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` under a temporary name, then rename it into place (replacing any old file)."""
+    """Write `data` to `path` under a temporary name, then rename it into place (replacing any old file); in a
+    multi-process run process 0 writes, the others (computing the same) do not."""
+    if jax.process_index() != 0:
+        return
     path = Path(path)
     partial = _partial(path, "partial")
     partial.write_bytes(data)
@@ -297,20 +300,34 @@ def new_directory(path, replace: bool = False):
     partial, old = _partial(path, "partial"), _partial(path, "old")
     if path.exists() and not replace and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"{path} already exists; choose a new --out")
-    for stale in (partial, old):  # what a killed write left
-        shutil.rmtree(stale, ignore_errors=True)
-    partial.mkdir(parents=True)
+    first = jax.process_index() == 0  # process 0 moves directories; every process writes its checkpoint shards
+    if first:
+        for stale in (partial, old):  # what a killed write left
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier(f"new {path}")
     try:
         yield partial
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if first:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
-    if path.exists():
+    _barrier(f"written {path}")
+    if first and path.exists():
         os.rename(path, old)
         os.rename(partial, path)
         shutil.rmtree(old)
-    else:
+    elif first:
         os.rename(partial, path)
+    _barrier(f"renamed {path}")
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process of a multi-process run (nothing to wait for in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 _HELD = {}  # output directories this process holds: path -> open lock file

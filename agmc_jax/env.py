@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from agmc_jax.errors import AgmcError, BudgetError, DataError
+from agmc_jax.hosts import place
 from agmc_jax.prune.admm import FitConfig
 from agmc_jax.prune.batchnorm import apply_recalibrated
 from agmc_jax.prune.masks import CRITERIA
@@ -399,7 +400,7 @@ class Environment(Budget):
             placed.update(train_images=batches[0], train_labels=batches[1])
             by_batch = NamedSharding(self.mesh, P(None, "data")) if config.reward_batch % devices == 0 else replicated
             shardings.update(train_images=by_batch, train_labels=by_batch)
-        self.data = jax.device_put(placed, shardings)
+        self.data = place(placed, shardings)
         self._scores = jax.jit(self.scores)
 
     # ----- reward (pure) ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ One process runs per host; they form one mesh over every device, each reads its 
 process 0 writes logs, reports and exports (`train`, `checkpoint.locked`). CPU devices talk through gloo.
 """
 import jax
+import numpy as np
 
 from agmc_jax.errors import UsageError
 
@@ -29,3 +30,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot join the multi-process run{f' at {coordinator}' if coordinator else ''} ({line}); "
                          "start every process with the same --coordinator and --num-processes") from error
+
+
+def place(tree, shardings):
+    """`tree`'s host arrays (the same on every process) as global arrays laid out by `shardings` (a prefix of
+    `tree`): each process puts only the shards its own devices hold, so a split over hosts needs no transfer."""
+    def put(value, sharding):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(lambda sharding, subtree: jax.tree.map(lambda value: put(value, sharding), subtree),
+                        shardings, tree, is_leaf=lambda node: isinstance(node, jax.sharding.Sharding))

@@ -15,9 +15,10 @@ import jax
 import numpy as np
 
 from agmc_jax import checkpoint, data
+from agmc_jax.env import rounded_counts
 from agmc_jax.errors import CheckpointError
 from agmc_jax.graph import trace
-from agmc_jax.env import rounded_counts
+from agmc_jax.hosts import place
 from agmc_jax.prune import (Slimmed, apply_masks, masks_from_vectors, recalibrate, reconstruct, slim,
                             top_channels)
 from agmc_jax.quant import Quantized, freeze_bits, save_packed
@@ -124,7 +125,7 @@ def evaluate_variables(module, variables, config_dict, split="test", data_dir=No
     config = config_from_dict(config_dict)
     source = source if source is not None else data.load(config.dataset, split, data_dir or config.data_dir)
     mesh = data_mesh()
-    variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    variables = place(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return evaluate_source(variables, make_eval_step(mesh, module), source, config, mesh, batch_size)
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from agmc_jax import checkpoint, data
 from agmc_jax.errors import AgmcError, CheckpointError, InputShapeError
+from agmc_jax.hosts import place
 from agmc_jax.models import check_input_shape, create_model, init_model
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -396,7 +397,7 @@ def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, var
     if found is None:
         fresh = (create_train_state(module, config.input_shape, config) if variables is None  # a copy: the
                  else state_from_variables(jax.tree.map(jnp.array, variables), config))  # steps donate the state
-        return jax.device_put(fresh, replicated), 0
+        return place(fresh, replicated), 0
     return found[1]
 
 
@@ -572,5 +573,5 @@ def evaluate(workdir, split: str = "test", data_dir: str | None = None, batch_si
     config = config_from_dict(values)
     source = source if source is not None else data.load(config.dataset, split, data_dir or config.data_dir)
     mesh = data_mesh()
-    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    variables = place(variables, NamedSharding(mesh, P()))
     return evaluate_source(variables, make_eval_step(mesh, module), source, config, mesh, batch_size)

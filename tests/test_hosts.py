@@ -100,3 +100,20 @@ def test_a_run_stopped_in_one_layout_resumes_in_the_other(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1]
     _one_process([*TRAIN, "--workdir", str(tmp_path / "a")])
     _close(tmp_path / "a", tmp_path / "reference")
+
+
+def test_two_processes_search_as_one_process_of_four_devices(tmp_path):
+    """`agmc search` (AMC's DDPG) with the reward images split over 2 processes plays the history of 1 process of
+    4 devices: the same policies, rewards and best policy, one writer of the outputs."""
+    search = ["search", "--workdir", str(ROOT / "agmc_jax" / "baselines" / "lenet5_fashion_mnist"), "--method", "amc",
+              "--episodes", "6", "--reward-images", "200", "--target-macs", "0.5"]
+    _two_processes([*search, "--out", str(tmp_path / "two")])
+    _one_process([*search, "--out", str(tmp_path / "one")])
+
+    def history(out):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (out / "episodes.jsonl").read_text().splitlines()]
+
+    assert history(tmp_path / "two") == history(tmp_path / "one") and len(history(tmp_path / "one")) == 6
+    assert json.loads((tmp_path / "two" / "policy.json").read_text()) == \
+        json.loads((tmp_path / "one" / "policy.json").read_text())

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from agmc_jax.errors import AdmmError
+from agmc_jax.hosts import place
 from agmc_jax.prune.masks import masks_from_vectors
 from agmc_jax.train import LOSSES, OptimizerSpec, TrainState, data_mesh, global_batch, make_optimizer, train_step
 
@@ -296,9 +297,9 @@ def _train(module, variables, masks, feed: Feed, fit: FitConfig, on_step=None, c
     spec = _optimizer(fit, feed.steps)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.tree.map(lambda v, m: v * m, variables["params"], masks["params"])
-    state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
-                                      make_optimizer(spec).init(params)), replicated, may_alias=False)  # donated
-    carry, masks = jax.device_put((carry, masks["params"]), replicated)
+    state = place(TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
+                             make_optimizer(spec).init(params)), replicated)  # new arrays: the steps donate them
+    carry, masks = place((carry, masks["params"]), replicated)
 
     @partial(jax.jit, in_shardings=(replicated, split, replicated, replicated), out_shardings=replicated,
              donate_argnums=0)

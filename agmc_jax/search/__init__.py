@@ -6,6 +6,7 @@ and replays it identically.
 """
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -398,11 +399,11 @@ def _run(env, method, config, directory, fingerprint, out, progress):
     limit = jax.device_put(jnp.int32(config.episodes))
     log = None if out is None else _open_log(out, env, history)
     done = len(history.rewards)
-    if progress and done < config.episodes:
+    if progress and done < config.episodes and jax.process_index() == 0:
         print(f"agmc: {config.method} over {env.steps} steps of a network of {env.net.macs / 1e6:.1f}M MACs, "
               f"{env.count} reward images on {env.mesh.devices.size} device(s); compiling (once)", file=sys.stderr,
               flush=True)
-    bar = tqdm(initial=done, total=config.episodes, disable=not progress, desc=config.method)
+    bar = tqdm(initial=done, total=config.episodes, disable=not progress or jax.process_index() != 0, desc=config.method)
     while done < config.episodes:
         runner, played = chunk(runner, key, env.data, limit)
         finished = int(jax.device_get(runner.episode))
@@ -431,7 +432,7 @@ def _open_log(out, env, history):
     out.mkdir(parents=True, exist_ok=True)
     path = out / "episodes.jsonl"
     checkpoint.write_text(path, "".join(json.dumps(history.record(env, e)) + "\n" for e in range(len(history.rewards))))
-    return open(path, "a")
+    return open(path if jax.process_index() == 0 else os.devnull, "a")  # process 0 writes the outputs
 
 
 def _finish(result, out):
