@@ -7,7 +7,9 @@ Warnings are one line each too.
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import warnings
 
 from agmc_jax.env import REWARDS
@@ -386,9 +388,19 @@ def _join(args) -> None:
             sys.stdout = open(os.devnull, "w")
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None):
     argv = _plugins(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)
     try:
@@ -397,10 +409,10 @@ def main(argv=None):
     except AgmcError as error:
         print(f"agmc {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as stop:
         print(f"agmc {args.command}: interrupted; what was saved stays (rerun with --resume where the command takes "
               "it)", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(stop, _Terminated) else 130)
     except OSError as error:  # a full disk, a read-only or vanished directory, met while writing
         where = f" {error.filename}" if getattr(error, "filename", None) else ""
         print(f"agmc {args.command}: error: cannot use{where}: {error.strerror or error}; free space or fix the "
@@ -408,6 +420,8 @@ def main(argv=None):
         sys.exit(2)
     finally:
         warnings.showwarning = shown
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

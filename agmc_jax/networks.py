@@ -96,7 +96,7 @@ def load_network(path):
     return _wrapped(module, values), variables, values["config"]
 
 
-STAGE_OUTPUTS = ("quantize/qat", "search/finetune", "finetune", "search/slim", "slim")  # last stage first
+STAGE_OUTPUTS = ("quantize/qat", "search/finetune", "finetune", "search/slim", "slim", "quantized")  # last first
 
 
 def _holds_network(path) -> bool:

@@ -89,6 +89,8 @@ def export_network(module: nn.Module, variables, input_shape, out, fold: bool = 
     With `fold`, every BatchNorm that follows a convolution or dense layer alone is folded into it (inference is
     faster, outputs equal to float rounding); a quantized network is never folded: its kernels must stay on
     their b-bit grids."""
+    if not isinstance(module, nn.Module):
+        raise InputShapeError(f"export_network takes a flax.linen.Module, got {type(module).__name__}")
     if len(input_shape) < 1 or not all(isinstance(size, int) and size > 0 for size in input_shape):
         raise InputShapeError(f"input shape {tuple(input_shape)} is not one image's shape; give positive sizes, "
                               "e.g. (28, 28, 1)")

@@ -26,9 +26,13 @@ def load_config(path, overrides=()) -> ml_collections.ConfigDict:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         config = module.get_config()
-    except (OSError, AttributeError, SyntaxError) as error:
-        raise UsageError(f"{path} is not a reproduction config ({type(error).__name__}: {error}); give a file of "
+    except Exception as error:  # a config file is user code: whatever it raises is reported in one line
+        line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UsageError(f"{path} is not a reproduction config ({type(error).__name__}: {line}); give a file of "
                          "experiments/configs/ that defines get_config()") from error
+    if not isinstance(config, ml_collections.ConfigDict) or not {"train", "compress"} <= set(config.keys()):
+        raise UsageError(f"{path}: get_config() must return an ml_collections.ConfigDict with train and compress "
+                         f"sections, got {type(config).__name__}")
     config.lock()
     for override in overrides:
         _override(config, override)
@@ -48,14 +52,22 @@ def _override(config, text: str) -> None:
     except (ValueError, SyntaxError):
         parsed = value  # a bare word is a string
     *parents, leaf = name.strip().split(".")
+    if parents == ["compress"]:  # any option of compress, also one the file leaves at its default
+        if leaf not in COMPRESS_OPTIONS:
+            raise UsageError(f"compress has no option {leaf}; valid: {', '.join(sorted(COMPRESS_OPTIONS))}")
+        with config.compress.unlocked():
+            config.compress[leaf] = parsed
+        return
     node = config
     try:
         for parent in parents:
             node = node[parent]
         node[leaf] = parsed
     except (KeyError, AttributeError, TypeError) as error:
-        raise UsageError(f"cannot set {name.strip()} to {value!r} ({str(error).splitlines()[0]}); give an existing "
-                         "field and a value of its type") from error
+        fields = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+        reason = "no such field" if isinstance(error, (KeyError, AttributeError)) else "a value of another type"
+        raise UsageError(f"cannot set {name.strip()} to {value!r} ({reason}); give an existing field "
+                         f"{f'({fields}) ' if fields else ''}and a value of its type") from error
 
 
 def compress_config(config, data_dir=None) -> CompressConfig:

@@ -556,7 +556,8 @@ def load_trained(workdir, step: int | None = None) -> tuple[Any, dict, dict]:
     """The module, variables ('params', 'batch_stats') and config dict of a trained workdir's checkpoint."""
     workdir = Path(workdir)
     if not workdir.is_dir():
-        raise CheckpointError(f"workdir {workdir} does not exist: train first or fix the path")
+        raise CheckpointError(f"workdir {workdir} {'is a file' if workdir.exists() else 'does not exist'}: give a "
+                              "training workdir (train first) or fix the path")
     values = _read_json(workdir / "config.json")
     config = config_from_dict(values, str(workdir / "config.json"))
     module, directory = build_module(config), workdir / "checkpoints"

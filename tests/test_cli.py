@@ -15,7 +15,7 @@ import pytest
 from agmc_jax import checkpoint, prune, search
 from agmc_jax.cli import main
 from agmc_jax.data import load_arrays
-from agmc_jax.errors import CheckpointError
+from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.graph import trace
 from agmc_jax.graph.ir import evaluate
 from agmc_jax.networks import load_network
@@ -371,3 +371,60 @@ def test_a_compression_resumed_with_more_episodes_fine_tunes_the_new_result(caps
     module, variables, _ = load_network(out / "search" / "finetune")
     assert trace(module, variables, (28, 28, 1)).macs == policy["macs"]
     assert policy["layers"] != first["layers"] and "training it afresh" in printed
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"episodes": 2.5}, "episodes must be a whole number"), ({"episodes": "3"}, "episodes must be a whole number"),
+    ({"seed": 1.5}, "seed must be a whole number"), ({"target_macs": "0.5"}, "target_macs must be a fraction"),
+    ({"module": object()}, "flax.linen.Module"),
+])
+def test_the_library_refuses_arguments_of_the_wrong_type(kwargs, words):
+    module, variables, _ = load_network(BASELINE)
+    images, labels = load_arrays("fashion_mnist", "validation", limit=8)
+    options = {"method": "random", "target_macs": 0.5, "episodes": 2, **kwargs}
+    with pytest.raises(AgmcError, match=words):
+        search(options.pop("module", module), variables, (images, labels), **options)
+
+
+CONFIG_FILES = {
+    "raises": "def get_config():\n    raise RuntimeError('no GPU here\\nsecond line')\n",
+    "dict": "def get_config():\n    return {'train': {}, 'compress': {}}\n",
+}
+
+
+@pytest.mark.parametrize("name, words", [("raises", "RuntimeError: no GPU here"), ("dict", "must return")])
+def test_a_config_file_that_fails_is_one_line(capsys, tmp_path, name, words):
+    path = tmp_path / f"{name}.py"
+    path.write_text(CONFIG_FILES[name])
+    status, _, err = run(capsys, "reproduce", str(path), "--workdir", str(tmp_path / "w"))
+    assert status == 2 and words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_bad_override_or_budget_is_refused_before_the_baseline_trains(capsys, tmp_path):
+    config = str(Path(__file__).parents[1] / "experiments" / "configs" / "resnet56_cifar10.py")
+    for override, words in (("compress.target_macs=1.5", "--target-macs must be a fraction"),
+                            ("compress.no_such=1", "compress has no option no_such"),
+                            ("train.nope=1", "no such field"), ("compress.rerank=-1", "--rerank must be")):
+        status, _, err = run(capsys, "reproduce", config, "--workdir", str(tmp_path / "w"), "--set", override)
+        assert status == 2 and words in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "w").exists()
+
+
+def test_sigterm_is_one_line_and_status_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "agmc_jax.cli", "search", "--workdir", str(BASELINE), "--out",
+                             str(tmp_path / "s"), "--method", "random", "--episodes", "100000"],
+                            cwd=Path(__file__).parents[1], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "s" / "episodes.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if "agmc search:" in line]
+    assert proc.returncode == 143 and lines == [lines[0]] and "interrupted" in lines[0], err[-2000:]
+    assert "Traceback" not in err

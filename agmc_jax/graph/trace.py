@@ -4,6 +4,7 @@ Everything here is derived from the jaxpr of inference-mode `apply`; nothing is 
 """
 import inspect
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -35,6 +36,8 @@ def trace(module, variables, example_input, **call_kwargs):
     `example_input` is an array (or ShapeDtypeStruct) with a leading batch axis, or an (H, W, C)
     shape tuple. Extra keyword arguments go to `apply`; by default `train=False` where accepted.
     """
+    if not isinstance(module, nn.Module):
+        raise TraceError(f"the module must be a flax.linen.Module, got {type(module).__name__}")
     if isinstance(example_input, (tuple, list)):
         example = jax.ShapeDtypeStruct((1, *example_input), np.float32)
     else:

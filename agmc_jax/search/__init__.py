@@ -216,6 +216,12 @@ def build_config(method: Method, episodes, seed, target_macs, target_params, age
                  target_size=None, kind=None, rerank=0, rerank_steps=RERANK_STEPS):
     """A `SearchConfig` from the library's keywords: the kind's default budget, the agent's options checked.
     `kind` (a name in KINDS) replaces the method's compression kind; budgets may also come in `env_options`."""
+    for name, value in (("episodes", episodes), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise AgmcError(f"{name} must be a whole number, got {value!r}")
+    for name, value in (("target_macs", target_macs), ("target_params", target_params), ("target_size", target_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.floating))):
+            raise AgmcError(f"{name} must be a fraction in (0, 1), got {value!r}")
     env_options = {**dict(method.env_defaults), **env_options}
     budget = {"target_macs": target_macs, "target_params": target_params, "target_size": target_size}
     budget = {name: env_options.pop(name, None) if value is None else value for name, value in budget.items()}
