@@ -354,6 +354,7 @@ def test_a_checkpoint_that_cannot_be_written_is_a_checkpoint_error(tmp_path, mon
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow  # minutes of end-to-end fine-tuning: run with -m slow
 def test_a_compression_resumed_with_more_episodes_fine_tunes_the_new_result(capsys, tmp_path):
     """`compress --episodes 2`, then `--resume --episodes 6`: when the longer search exports another network, its
     fine-tune starts afresh (not the old network's checkpoints) and report.json agrees with policy.json."""

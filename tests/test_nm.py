@@ -61,6 +61,7 @@ def test_search_meets_the_parameter_budget_with_patterns_on_the_exported_weights
     assert KINDS["nm"] is nm_sparsity.NM and PATTERNS[-1] == (1, 1)
 
 
+@pytest.mark.slow  # minutes of end-to-end fine-tuning: run with -m slow
 def test_compress_and_export_with_the_plugin_from_the_command_line(capsys, tmp_path):
     """`agmc --plugin examples.nm_sparsity compress --kind nm` on LeNet-5, then `agmc export`: the fine-tuned
     network keeps its patterns (sparse fine-tune) and the portable artifact computes its logits."""

@@ -54,6 +54,7 @@ def check_summary(config, summary, workdir):
     assert json.loads((workdir / "reproduce.json").read_text()) == summary
 
 
+@pytest.mark.slow  # minutes of end-to-end fine-tuning: run with -m slow
 def test_a_finished_run_resumes_to_the_same_result_without_training_again(capsys, tmp_path):
     config = next(path for path in CONFIGS if path.stem == RESUMED)
     saved = (tmp_path / "w" / "baseline" / "checkpoints", tmp_path / "w" / "compress" / "search" / "search_state")
