@@ -6,6 +6,7 @@ TPU), `weights.npz` (its weights by variable path) and `export.json` (input shap
 quantized network's kernels are stored as in its packed export, b-bit codes packed into bytes plus float32
 per-channel scales, and the program unpacks them: the weights file is the packed size, not float32's.
 """
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -116,18 +117,31 @@ def export_network(module: nn.Module, variables, input_shape, out, fold: bool = 
         (partial / PROGRAM).write_bytes(exported.serialize())
         with open(partial / WEIGHTS, "wb") as file:
             np.savez(file, **weights)
+        description["sha256"] = {name: _sha256(partial / name) for name in (PROGRAM, WEIGHTS)}
         (partial / DESCRIPTION).write_text(json.dumps(description, indent=1) + "\n")
     return description
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_exported(path):
     """`predict(images) -> logits` of the artifact in `path`; needs only jax and numpy, never the network's code."""
     path = Path(path)
     try:
+        expected = json.loads((path / DESCRIPTION).read_text()).get("sha256", {})
+        changed = [name for name, digest in expected.items() if _sha256(path / name) != digest]
+        if changed:
+            raise ValueError(f"{changed[0]} is not the file that was exported (SHA-256 differs)")
         exported = jax.export.deserialize(bytearray((path / PROGRAM).read_bytes()))
         with np.load(path / WEIGHTS) as stored:
             weights = {key: stored[key] for key in stored.files}
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path} holds no readable exported network ({type(error).__name__}); "
+        (wanted, _), _ = jax.tree.unflatten(exported.in_tree, [(a.shape, str(a.dtype)) for a in exported.in_avals])
+        if wanted != {key: (value.shape, str(value.dtype)) for key, value in weights.items()}:
+            raise ValueError("its weights do not fit its program")
+    except Exception as error:  # a damaged zip, JSON or serialized program raises many kinds
+        line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(f"{path} holds no readable exported network ({type(error).__name__}: {line:.200}); "
                               "export it again with `agmc export`") from error
     return lambda images: exported.call(weights, images)

@@ -103,3 +103,35 @@ def test_bad_export_is_one_line_and_exit_status_2_and_changes_nothing(capsys, tm
     status, _, err = run(capsys, *argv)
     assert status == 2 and len(err.splitlines()) == 1 and words in err, err
     assert snapshot(tmp_path, BASELINE) == before and not Path(tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("flip", "weights.npz is not the file that was exported"),
+    ("truncate_unverified", "holds no readable exported network"),
+    ("other_weights_unverified", "its weights do not fit its program"),
+])
+def test_a_damaged_artifact_is_refused_at_load(tmp_path, damage, words):
+    """Changed bytes (the checksums export.json holds), and without checksums a cut or foreign weights file, are a
+    CheckpointError when loading, never an error at call time."""
+    from agmc_jax.errors import CheckpointError
+    from agmc_jax.portable import load_exported
+
+    module, variables, _ = load_network(BASELINE)
+    out = tmp_path / "e"
+    export_network(module, variables, (28, 28, 1), out)
+    weights = out / "weights.npz"
+    if damage == "flip":
+        content = bytearray(weights.read_bytes())
+        content[len(content) // 2] ^= 0xFF
+        weights.write_bytes(bytes(content))
+    else:
+        description = json.loads((out / "export.json").read_text())
+        del description["sha256"]  # an artifact without checksums: the reader must still refuse it
+        (out / "export.json").write_text(json.dumps(description))
+        if damage == "truncate_unverified":
+            weights.write_bytes(weights.read_bytes()[:100])
+        else:
+            np.savez(weights, other=np.zeros(3, np.float32))
+    with pytest.raises(CheckpointError, match=words) as error:
+        load_exported(out)
+    assert "\n" not in str(error.value)
