@@ -129,7 +129,7 @@ def cmd_train(args):
     config = TrainConfig(model=args.model, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
                          warmup_epochs=args.warmup_epochs, seed=args.seed, data_dir=args.data_dir,
-                         input_shape=args.input, num_classes=args.classes,
+                         input_shape=args.input, num_classes=args.classes, dtype=args.dtype,
                          model_kwargs=_model_kwargs(args))
     variables = load_network(args.init_from)[1] if args.init_from else None
     print(json.dumps(train(config, args.workdir, variables=variables), indent=1))
@@ -266,6 +266,9 @@ def parser():
     p.add_argument("--width", type=_POSITIVE)
     p.add_argument("--data-dir")
     p.add_argument("--init-from", help="start from the variables of this trained workdir (same model)")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16 (parameters, optimizer and "
+                                                      "BatchNorm statistics stay float32; fine-tuning inherits it) | "
+                                                      "float16")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="loss and accuracy of a trained or pruned network")

@@ -126,7 +126,7 @@ def evaluate_variables(module, variables, config_dict, split="test", data_dir=No
     source = source if source is not None else data.load(config.dataset, split, data_dir or config.data_dir)
     mesh = data_mesh()
     variables = place(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return evaluate_source(variables, make_eval_step(mesh, module), source, config, mesh, batch_size)
+    return evaluate_source(variables, make_eval_step(mesh, module, config.dtype), source, config, mesh, batch_size)
 
 
 def accuracies(module, variables, config_dict, data_dir=None) -> dict:

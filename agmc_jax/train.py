@@ -54,6 +54,7 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     keep: int = 3  # checkpoints kept
     sparse: bool = False  # weights that are zero stay zero (fine-tuning a fine-grained pruned network)
+    dtype: str = "float32"  # compute dtype of training and evaluation (DTYPES); parameters stay float32
 
 
 # Fields that may change when a run resumes: they do not change what the run computes.
@@ -109,6 +110,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     _check(bool(np.isfinite(config.momentum)) and 0 <= config.momentum < 1,
            f"momentum must be in [0, 1), got {config.momentum}")
     _check(0 <= config.warmup_epochs < config.epochs, "warmup_epochs must be at least 0 and less than epochs")
+    _check(config.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
     _check(min(config.eval_every, config.checkpoint_every, config.keep) >= 1,
            "eval_every, checkpoint_every and keep must be at least 1")
     return dataclasses.replace(config, input_shape=check_input_shape(config.model, config.input_shape or spec.input_shape),
@@ -190,15 +192,29 @@ def _sums(logits, labels, mask):
             "count": jnp.sum(mask.astype(jnp.int32))}
 
 
-def train_step(module, optimizer: OptimizerSpec, state: TrainState, batch) -> tuple[TrainState, dict]:
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes; parameters, optimizer and BatchNorm stay float32
+
+
+def _compute(tree, dtype: str):
+    """`tree`'s floating arrays in the compute dtype (unchanged for float32): Flax layers then compute in it."""
+    if dtype == "float32":
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def train_step(module, optimizer: OptimizerSpec, state: TrainState, batch, dtype: str = "float32"
+               ) -> tuple[TrainState, dict]:
     """One SGD step on a batch of images and integer labels; returns the new state and metric sums.
 
-    The loss is the mean cross-entropy plus every term the module sows into the `LOSSES` collection."""
+    The loss is the mean cross-entropy plus every term the module sows into the `LOSSES` collection. In half
+    precision (`dtype`, as Flax's `half_precision`) the forward and backward passes run in it on a cast of the
+    float32 parameters; the loss, the gradients' update and BatchNorm statistics stay float32."""
     def loss_fn(params):
-        logits, updates = module.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                       train=True, mutable=["batch_stats", LOSSES])
+        logits, updates = module.apply({"params": _compute(params, dtype), "batch_stats": state.batch_stats},
+                                       _compute(batch["image"], dtype), train=True, mutable=["batch_stats", LOSSES])
+        logits = logits.astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        extra = sum(jnp.sum(term) for term in jax.tree.leaves(updates.get(LOSSES, {})))
+        extra = sum(jnp.sum(term.astype(jnp.float32)) for term in jax.tree.leaves(updates.get(LOSSES, {})))
         return loss + extra, (logits, updates.get("batch_stats", state.batch_stats))
 
     (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -207,9 +223,11 @@ def train_step(module, optimizer: OptimizerSpec, state: TrainState, batch) -> tu
     return state, _sums(logits, batch["label"], jnp.ones(batch["label"].shape, jnp.float32))
 
 
-def eval_step(module, variables, batch) -> dict:
-    """Metric sums of the network in inference mode over the examples where `batch['mask']` is 1."""
-    logits = module.apply(variables, batch["image"], train=False)
+def eval_step(module, variables, batch, dtype: str = "float32") -> dict:
+    """Metric sums of the network in inference mode over the examples where `batch['mask']` is 1 (computed in
+    `dtype`, the loss in float32)."""
+    compute = {**variables, "params": _compute(variables["params"], dtype)}
+    logits = module.apply(compute, _compute(batch["image"], dtype), train=False).astype(jnp.float32)
     return _sums(logits, batch["label"], batch["mask"])
 
 
@@ -218,19 +236,19 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-def make_train_step(mesh: Mesh, module, optimizer: OptimizerSpec):
+def make_train_step(mesh: Mesh, module, optimizer: OptimizerSpec, dtype: str = "float32"):
     """`train_step(state, batch)` compiled for a replicated state and a batch split over the mesh; donates the state."""
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    step = jax.jit(train_step, static_argnums=(0, 1), in_shardings=(replicated, split),
+    step = jax.jit(partial(train_step, dtype=dtype), static_argnums=(0, 1), in_shardings=(replicated, split),
                    out_shardings=(replicated, replicated), donate_argnums=2)
     return partial(step, module, optimizer)
 
 
-def make_eval_step(mesh: Mesh, module):
+def make_eval_step(mesh: Mesh, module, dtype: str = "float32"):
     """`eval_step(variables, batch)` compiled for replicated variables and a batch split over the mesh."""
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return partial(jax.jit(eval_step, static_argnums=0, in_shardings=(replicated, split), out_shardings=replicated),
-                   module)
+    return partial(jax.jit(partial(eval_step, dtype=dtype), static_argnums=0, in_shardings=(replicated, split),
+                           out_shardings=replicated), module)
 
 
 def global_batch(batch: Mapping, mesh: Mesh) -> dict:
@@ -518,7 +536,7 @@ def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_aft
         _check_variables(build_module(config), config, variables)
     module = build_module(config) if module is None else module
     run = _Run(config, mesh, steps, config.epochs if stop_after is None else min(stop_after, config.epochs),
-               make_train_step(mesh, module, optimizer), make_eval_step(mesh, module),
+               make_train_step(mesh, module, optimizer, config.dtype), make_eval_step(mesh, module, config.dtype),
                learning_rate_schedule(optimizer), train_source, _source(sources, config, "validation"))
     with checkpoint.locked(workdir):
         return _train(run, workdir, module, config, mesh, variables, sources)
@@ -575,4 +593,4 @@ def evaluate(workdir, split: str = "test", data_dir: str | None = None, batch_si
     source = source if source is not None else data.load(config.dataset, split, data_dir or config.data_dir)
     mesh = data_mesh()
     variables = place(variables, NamedSharding(mesh, P()))
-    return evaluate_source(variables, make_eval_step(mesh, module), source, config, mesh, batch_size)
+    return evaluate_source(variables, make_eval_step(mesh, module, config.dtype), source, config, mesh, batch_size)

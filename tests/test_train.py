@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from agmc_jax import checkpoint, data
-from agmc_jax.errors import CheckpointError, CheckpointWarning
+from agmc_jax.errors import AgmcError, CheckpointError, CheckpointWarning
 from agmc_jax.train import (TrainConfig, abstract_train_state, build_module, create_train_state, evaluate, global_batch,
                             load_trained, make_train_step, optimizer_spec, resolve_config, state_from_variables,
                             train)
@@ -252,3 +252,30 @@ def test_missing_workdir_or_config_raises(trained, tmp_path):
         load_trained(workdir)
     with pytest.raises(CheckpointError, match="config.json"):
         train(CONFIG, workdir, SOURCES)
+
+
+def test_bfloat16_computes_in_half_precision_and_keeps_float32_state(trained, tmp_path):
+    """--dtype bfloat16: the parameters, optimizer state and BatchNorm statistics stay float32, the forward pass
+    runs in bfloat16 (its logits differ from float32's by bfloat16 rounding, not more), and 2 epochs land near the
+    float32 run."""
+    config = dataclasses.replace(CONFIG, dtype="bfloat16")
+    summary = train(config, tmp_path, SOURCES)
+    module, variables, values = load_trained(tmp_path)
+    assert values["dtype"] == "bfloat16"
+    assert {np.asarray(leaf).dtype for leaf in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
+    state = checkpoint.restore(tmp_path / "checkpoints")
+    assert {np.asarray(leaf).dtype for leaf in jax.tree.leaves(state["opt_state"]) if np.size(leaf) > 1} \
+        == {np.dtype(np.float32)}
+    final = trained[1]
+    assert 0 < abs(summary["train_loss"] - final["train_loss"]) < 0.1 and np.isfinite(summary["val_loss"])
+    images = _batch()["image"]
+    full = np.asarray(module.apply(variables, images, train=False))
+    half = np.asarray(module.apply(jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), variables),
+                                   images.astype(jax.numpy.bfloat16), train=False), np.float32)
+    assert 0 < np.abs(full - half).max() < 0.05 * np.abs(full).max()
+
+
+def test_an_unknown_dtype_is_refused(tmp_path):
+    with pytest.raises(AgmcError, match="--dtype must be one of"):
+        train(dataclasses.replace(CONFIG, dtype="float8"), tmp_path, SOURCES)
+    assert not any(tmp_path.iterdir())
