@@ -36,7 +36,7 @@ class CompressConfig:
     target_macs: float | None = None
     target_params: float | None = None
     episodes: int = 100
-    seed: int = 0
+    seed: int = 0  # the search's, and the fine-tunes' data order
     reward: str = "acc"
     reward_images: int = 1000
     reward_steps: int | None = None

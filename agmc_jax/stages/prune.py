@@ -30,7 +30,7 @@ def run(run, source, report):
     slim_module, slim_variables, _ = load_network(out / "search" / "slim")
     pruned = accuracies(slim_module, slim_variables, train_config, config.data_dir)
     print(f"  fine-tune the slimmed network, {config.finetune_epochs} epoch(s)", flush=True)
-    tuned = finetune(out / "search", config.finetune_epochs, config.lr, config.data_dir)
+    tuned = finetune(out / "search", config.finetune_epochs, config.lr, config.data_dir, config.seed)
     policy = result.policy()
     shape = tuple(train_config["input_shape"])
     return {

@@ -48,7 +48,7 @@ def run(run, source, report):
     module, variables, train_config = load_network(out / "search" / "quantized")
     quantized = accuracies(module, variables, train_config, config.data_dir)
     print(f"  quantization-aware fine-tune, {config.qat_epochs} epoch(s)", flush=True)
-    tuned_config = finetune_config(train_config, config.qat_epochs, config.lr, config.data_dir)
+    tuned_config = finetune_config(train_config, config.qat_epochs, config.lr, config.data_dir, seed=config.seed)
     workdir = out / "qat"
     forget_other_start(workdir, variables)
     tuned = train(tuned_config, workdir, module=module, variables=variables)

@@ -1,0 +1,122 @@
+"""Issue #22's experiment: what `agmc compress` gives against the uniform rule, AMC, random search and annealing.
+
+For each budget, seed and method, one `agmc_jax.compress` of the trained network (search, slim, the standard
+fine-tune of `agmc compress`: the same for every method), the test accuracy after it, the wall time of the
+search (re-rank included, reported apart from the fine-tune) and the SGD steps the search trained (finetuned
+reward and re-rank). "default" is `agmc compress` with its defaults plus `--default` (JSON of CompressConfig
+fields: the candidate defaults under test); the others are `--method NAME` with the same episodes.
+
+Every run writes `OUT/BUDGET/METHOD/seedS.json` when it finishes (its compress output resumes under
+`--work`); rerunning skips finished runs. `--report FILE` renders the table (mean ± std over seeds, and
+whether the default beats the uniform rule by more than two standard deviations) from those files.
+
+    python experiments/search_experiment.py --workdir agmc_jax/baselines/resnet20_fashion_mnist \
+        --out experiments/results/search_experiment --work runs/search_experiment \
+        --budgets macs=0.5,macs=0.25,params=0.1 --seeds 0,1,2 --default '{"rerank": 4}'
+"""
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+import agmc_jax
+
+METHODS = ("default", "uniform", "amc", "random", "annealing")
+
+
+def parse_budget(text) -> dict:
+    """'macs=0.25' -> {'target_macs': 0.25}."""
+    resource, value = text.split("=")
+    return {f"target_{resource}": float(value)}
+
+
+def run(args, budget, method, seed, defaults) -> dict:
+    """One compression; returns its record."""
+    options = {**parse_budget(budget), "seed": seed, "episodes": args.episodes,
+               "reward_images": args.reward_images}
+    options.update(defaults if method == "default" else {"method": method})
+    config = agmc_jax.CompressConfig(**options)
+    began = time.perf_counter()
+    done = agmc_jax.compress(config, Path(args.work) / budget / method / f"seed{seed}", workdir=args.workdir,
+                             resume=True)
+    report = done.report
+    finetune = json.loads((done.network / "summary.json").read_text()) if (done.network / "summary.json").exists() \
+        else {}
+    rerank = report.get("rerank", [])
+    trained = (config.rerank_steps * len(rerank)
+               + (config.episodes * (config.reward_steps or 32) if config.reward == "finetuned" else 0))
+    return {"budget": budget, "method": method, "seed": seed, "config": {k: v for k, v in vars(config).items()},
+            "test": report["accuracy"]["finetuned"]["test"], "validation": report["accuracy"]["finetuned"]["validation"],
+            "pruned_test": report["accuracy"]["pruned"]["test"], "macs_ratio": report["macs"]["ratio"],
+            "params_ratio": report["params"]["ratio"], "search_training_steps": trained,
+            "seconds_total": time.perf_counter() - began, "seconds_finetune": finetune.get("seconds"),
+            "rerank": rerank, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def report(out: Path, target: Path) -> str:
+    """The Markdown table of every finished run under `out`."""
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/seed*.json"))]
+    lines = ["# Does the search earn its keep? (issue #22's experiment)", "",
+             f"Generated from `{out}` by `python experiments/search_experiment.py --out {out} --report {target}`.", ""]
+    for budget in sorted({r["budget"] for r in records}):
+        rows = [r for r in records if r["budget"] == budget]
+        lines += [f"## {budget}", "", "| method | seeds | test top-1 (%) | MACs kept | params kept | search training "
+                  "steps | wall s (all) |", "|---|---|---|---|---|---|---|"]
+        stats = {}
+        for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
+            mine = [r for r in rows if r["method"] == method]
+            test = 100 * np.array([r["test"] for r in mine])
+            stats[method] = (test.mean(), test.std())
+            lines.append(f"| {method} | {len(mine)} | {test.mean():.2f} ± {test.std():.2f} | "
+                         f"{np.mean([r['macs_ratio'] for r in mine]):.3f} | "
+                         f"{np.mean([r['params_ratio'] for r in mine]):.3f} | "
+                         f"{np.mean([r['search_training_steps'] for r in mine]):.0f} | "
+                         f"{np.mean([r['seconds_total'] for r in mine]):.0f} |")
+        if {"default", "uniform"} <= set(stats):
+            (mean, std), (rule, rule_std) = stats["default"], stats["uniform"]
+            margin = 2 * max(std, rule_std)
+            lines += ["", f"default - uniform rule: {mean - rule:+.2f} points; more than two standard deviations "
+                          f"({margin:.2f}): {'yes' if mean - rule > margin else 'no'}."]
+        lines.append("")
+    text = "\n".join(lines)
+    target.write_text(text)
+    return text
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="agmc_jax/baselines/resnet20_fashion_mnist")
+    parser.add_argument("--out", default="experiments/results/search_experiment")
+    parser.add_argument("--work", default="runs/search_experiment")
+    parser.add_argument("--budgets", default="macs=0.5,macs=0.25,params=0.1")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--reward-images", type=int, default=1000)
+    parser.add_argument("--default", default="{}", help="JSON of CompressConfig fields for the default row")
+    parser.add_argument("--report", help="render the table of finished runs to this Markdown file and stop")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.report:
+        print(report(out, Path(args.report)))
+        return
+    defaults = json.loads(args.default)
+    for seed in [int(s) for s in args.seeds.split(",")]:  # seed by seed: an interrupted run has whole seeds
+        for budget in args.budgets.split(","):
+            for method in args.methods.split(","):
+                path = out / budget / method / f"seed{seed}.json"
+                if path.exists():
+                    continue
+                record = run(args, budget, method, seed, defaults)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(record, indent=1))
+                print(f"{budget} {method} seed {seed}: test {100 * record['test']:.2f}% "
+                      f"({record['seconds_total'] / 60:.1f} min)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
