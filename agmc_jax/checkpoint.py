@@ -338,6 +338,8 @@ def locked(directory):
     """Hold `directory`'s lock while the block writes it (re-entrant in one process; process 0 of a multi-process
     run takes it): a second process on the same output stops at once with one line naming the holder's pid."""
     path = Path(directory).absolute()
+    if path not in _HELD:
+        _barrier(f"lock {path}")  # every process has checked the output before any writes to it
     if path in _HELD or jax.process_index() != 0:
         yield
         return
