@@ -117,3 +117,29 @@ def test_two_processes_search_as_one_process_of_four_devices(tmp_path):
     assert history(tmp_path / "two") == history(tmp_path / "one") and len(history(tmp_path / "one")) == 6
     assert json.loads((tmp_path / "two" / "policy.json").read_text()) == \
         json.loads((tmp_path / "one" / "policy.json").read_text())
+
+
+def test_bad_process_options_are_one_line(capsys):
+    from agmc_jax.cli import main
+
+    for argv, words in ((["--coordinator", "127.0.0.1:9", "--num-processes", "2", "--process-id", "5"], "[0, 2)"),
+                        (["--coordinator", "127.0.0.1:9"], "go together"), (["--process-id", "-1"], "--process-id")):
+        try:
+            main([*argv, "summary", "--model", "lenet5"])
+            status = 0
+        except SystemExit as exit:
+            status = exit.code
+        err = capsys.readouterr().err
+        assert status == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_place_puts_each_shard_where_the_sharding_says():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from agmc_jax.hosts import place
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    tree = {"split": np.arange(8.0 * len(jax.devices())).reshape(-1, 2), "whole": {"a": np.ones(3)}}
+    placed = place(tree, {"split": NamedSharding(mesh, P("data")), "whole": NamedSharding(mesh, P())})
+    np.testing.assert_array_equal(np.asarray(placed["split"]), tree["split"])
+    assert placed["split"].sharding.spec == P("data") and placed["whole"]["a"].sharding.spec == P()
