@@ -198,9 +198,12 @@ def _verify(directory, step: int) -> None:
 
 
 def delete(directory, step: int) -> None:
-    """Remove checkpoint `step` from `directory` (an unreadable one, before its step is written again)."""
-    shutil.rmtree(Path(directory) / str(step))
-    (Path(directory) / MANIFESTS / f"{step}.json").unlink(missing_ok=True)
+    """Remove checkpoint `step` from `directory` (an unreadable one, before its step is written again); process 0
+    removes it, every process waits for that."""
+    if jax.process_index() == 0:
+        shutil.rmtree(Path(directory) / str(step))
+        (Path(directory) / MANIFESTS / f"{step}.json").unlink(missing_ok=True)
+    _barrier(f"deleted {directory}/{step}")
 
 
 def restore_newest(directory, read):
