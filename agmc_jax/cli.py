@@ -376,7 +376,7 @@ def _join(args) -> None:
     $AGMC_PROCESS_ID) says so; `--distributed` asks the platform."""
     import os
 
-    from agmc_jax.hosts import initialize
+    from agmc_jax.hosts import check_same_options, initialize
 
     coordinator = args.coordinator or os.environ.get("AGMC_COORDINATOR")
     count = args.num_processes or (int(os.environ["AGMC_NUM_PROCESSES"]) if "AGMC_NUM_PROCESSES" in os.environ
@@ -387,6 +387,8 @@ def _join(args) -> None:
         initialize(coordinator, count, index)
         import jax
 
+        options = {k: v for k, v in vars(args).items() if k not in ("run", "process_id", "coordinator")}
+        check_same_options(json.dumps(options, sort_keys=True, default=str))
         if jax.process_index() != 0:  # process 0 reports; the others compute their part silently
             sys.stdout = open(os.devnull, "w")
 

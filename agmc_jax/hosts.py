@@ -3,6 +3,8 @@
 One process runs per host; they form one mesh over every device, each reads its shard of the data, and only
 process 0 writes logs, reports and exports (`train`, `checkpoint.locked`). CPU devices talk through gloo.
 """
+import hashlib
+
 import jax
 import numpy as np
 
@@ -30,6 +32,19 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot join the multi-process run{f' at {coordinator}' if coordinator else ''} ({line}); "
                          "start every process with the same --coordinator and --num-processes") from error
+
+
+def check_same_options(text: str) -> None:
+    """Raise a `UsageError` on every process unless all of them were started with the same `text` (their options):
+    processes that disagree would compute different programs and wait on each other for ever."""
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+    differing = [i for i, row in enumerate(every) if not np.array_equal(row, every[0])]
+    if differing:
+        raise UsageError(f"process {differing[0]} was started with other options than process 0; start every process "
+                         "with the same command (only --process-id differs)")
 
 
 def place(tree, shardings):

@@ -143,3 +143,15 @@ def test_place_puts_each_shard_where_the_sharding_says():
     placed = place(tree, {"split": NamedSharding(mesh, P("data")), "whole": NamedSharding(mesh, P())})
     np.testing.assert_array_equal(np.asarray(placed["split"]), tree["split"])
     assert placed["split"].sharding.spec == P("data") and placed["whole"]["a"].sharding.spec == P()
+
+
+def test_processes_started_with_different_options_stop_in_one_line(tmp_path):
+    port = _port()
+    procs = [_agmc(["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "search",
+                    "--workdir", str(ROOT / "agmc_jax" / "baselines" / "lenet5_fashion_mnist"), "--out",
+                    str(tmp_path / "s"), "--method", "random", "--episodes", str(4 + i)], 2) for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        lines = [line for line in err.splitlines() if line.startswith("agmc")]
+        assert proc.returncode == 2 and lines == [lines[0]] and "process 1 was started with other options" in lines[0]
+    assert not (tmp_path / "s").exists()
