@@ -1,7 +1,6 @@
 """`compress`: a network (a trained workdir, or a user's module, variables and data) through the registered stages
 of a `CompressConfig` to a report and a compressed network; `agmc compress` and `agmc reproduce` call it."""
 import dataclasses
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -213,11 +212,7 @@ def _register_arrays(splits) -> str:
         arrays = {split: (np.asarray(pair[0]), np.asarray(pair[1])) for split, pair in splits.items()}
     except (TypeError, IndexError, KeyError) as error:
         raise UsageError(f"each split of data must be (images, labels): {error}") from None
-    digest = hashlib.sha1()
-    for split in sorted(arrays):
-        for array in arrays[split]:
-            digest.update(np.ascontiguousarray(array).tobytes())
-    name = f"arrays-{digest.hexdigest()[:10]}"
+    name = f"arrays-{checkpoint.digest(arrays)[:10]}"
     check_splits(name, arrays)
     train = arrays["train"][0]
     pixels = train.reshape(-1, train.shape[-1]).astype(np.float64) / 255

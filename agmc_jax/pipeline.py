@@ -118,7 +118,8 @@ def forget_other_start(workdir, variables) -> None:
     """Remove a stage's training `workdir` when it started from other variables than these: the search before it
     found another network (its --episodes grew on --resume), so its training starts again."""
     if started_from(workdir) not in (None, checkpoint.digest(variables)):
-        print(f"  the network {workdir} trains changed since its training started: training it afresh", flush=True)
+        print(f"  the network that {workdir} trains has changed since its training started: training it afresh",
+              flush=True)
         shutil.rmtree(workdir)
 
 

@@ -7,8 +7,8 @@ import numpy as np
 from agmc_jax import data
 from agmc_jax.agents import parse_options
 from agmc_jax.autocompress import autocompress, check_budget, split_options, structure_masks, training_feed
-from agmc_jax.graph import trace
 from agmc_jax.errors import BudgetError
+from agmc_jax.graph import trace
 from agmc_jax.latency import latency_ms
 from agmc_jax.networks import accuracies, load_network, save_network
 from agmc_jax.prune import Slimmed
