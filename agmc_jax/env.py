@@ -11,6 +11,7 @@ accuracy after the real fine-tune far better (experiments/proxy_study.py). Every
 computes is pure and traceable; the images are sharded over the mesh's data axis and every array
 the evaluation reads is an argument (`Environment.data`), never a constant of the executable.
 """
+import copy
 from typing import Callable, NamedTuple
 
 import jax
@@ -68,7 +69,7 @@ def _normalised_reward(accuracy, resource, bounds):
     and highest a walled policy can have (the paper's lowest and highest FLOPs observed, known in advance here
     so the reward stays pure). Our reconstruction: the paper's formula was lost from its text."""
     low, high = bounds
-    saving = (high - resource) / max(high - low, 1.0)
+    saving = (high - resource) / jnp.maximum(high - low, 1.0)
     return (accuracy + jnp.clip(saving, 0.0, 1.0)) / 2
 
 
@@ -166,7 +167,9 @@ class KeepRatios:
     An action space gives `low` and `high` counts per step, the traceable `wanted(t, action, dtype)`
     (before the wall), `round_down(t, count)`, `action(t, count)` (the inverse), `feasible(counts, xp)`,
     `uniform()` (the handcrafted policy), and the `resources` its cost vector counts, their `totals` and
-    `targets`.
+    `targets`. It may give `arguments()` (the arrays that depend on the budget and lbound) and `bound(arguments)`
+    (a copy reading them, traced): the compiled search then takes them as an argument and one program serves
+    every budget; a space without them is compiled with its budget as constants.
     """
 
     resources = ("macs", "params")
@@ -176,6 +179,7 @@ class KeepRatios:
             raise BudgetError(f"--target-size budgets bit widths; pruning {kind.unit} takes --target-macs or "
                               "--target-params")
         self.kind, self.config = kind, config
+        self.lbound, self.span = config.lbound, config.rbound - config.lbound  # what actions map over (traced: bound)
         self.high = np.asarray(kind.sizes, np.int64)
         if len(self.high) == 0:
             raise BudgetError(f"{type(kind.net.module).__name__} has no prunable {kind.unit}")
@@ -197,6 +201,17 @@ class KeepRatios:
                 f"{macs / self.totals[0]:.3f} of the MACs and {params / self.totals[1]:.3f} of the "
                 "parameters; raise the budget or lower --lbound")
 
+    def arguments(self) -> dict:
+        """The budget's and lbound's arrays, as the compiled search takes them (`bound`)."""
+        return {"targets": np.asarray(self.targets, np.float32), "low": np.asarray(self.low, np.int32),
+                "lbound": np.asarray(self.lbound, np.float32), "span": np.asarray(self.span, np.float32)}
+
+    def bound(self, arguments) -> "KeepRatios":
+        """This space reading `arguments` (traced) in place of its budget and lbound (traceable methods only)."""
+        space = copy.copy(self)
+        space.targets, space.low, space.lbound, space.span = (arguments[k] for k in ("targets", "low", "lbound", "span"))
+        return space
+
     def feasible(self, counts, xp=np):
         """Whether a policy meets every budget: in float32 when traced (the wall), up to `SLACK` on the host."""
         macs, params = self.kind.cost(counts, xp)
@@ -214,7 +229,7 @@ class KeepRatios:
 
     def wanted(self, t, action, dtype):
         """The count an action in [0, 1] asks for at step t, before the wall (traceable)."""
-        ratio = self.config.lbound + jnp.clip(action, 0.0, 1.0) * (self.config.rbound - self.config.lbound)
+        ratio = self.lbound + jnp.clip(action, 0.0, 1.0) * self.span
         size = jnp.asarray(self.high)[t]
         wanted = jnp.floor(ratio * size + 1e-4).astype(dtype)  # float32 lands below n
         return self.floor(wanted, size, jnp.asarray(self.multiples)[t])
@@ -222,8 +237,7 @@ class KeepRatios:
     def action(self, t, count):
         """The action in [0, 1] whose ratio is exactly count / size (what the agent is told it did)."""
         ratio = count / jnp.asarray(self.high, jnp.float32)[t]
-        span = max(self.config.rbound - self.config.lbound, 1e-12)
-        return jnp.clip((ratio - self.config.lbound) / span, 0.0, 1.0)
+        return jnp.clip((ratio - self.lbound) / jnp.maximum(self.span, 1e-12), 0.0, 1.0)
 
     def uniform(self):
         """The largest single keep ratio that meets the budget (the handcrafted baseline)."""
@@ -258,6 +272,22 @@ class Budget:
         lowest = float(self.cost(self.min_counts)[0])  # of the first resource, the one rewards read
         self.bounds = (lowest, float(min(self.targets[0], self.totals[0])))
         self._walked = jax.jit(self._walk)
+
+    def arguments(self) -> dict:
+        """What of this budget a compiled search takes as an argument: the reward's `bounds`, and the action
+        space's budget arrays where it gives them (`KeepRatios.arguments`)."""
+        own = getattr(self.space, "arguments", None)
+        return {"bounds": np.asarray(self.bounds, np.float32), **({"space": own()} if own is not None else {})}
+
+    def bound(self, arguments) -> "Budget":
+        """A copy whose budget is read from `arguments` (traced: inside the compiled search), so that one program
+        serves every budget; its host conveniences (`feasible` on NumPy, `uniform_counts`) are the original's."""
+        bound = copy.copy(self)
+        bound.bounds = (arguments["bounds"][0], arguments["bounds"][1])
+        if "space" in arguments:
+            bound.space = self.space.bound(arguments["space"])
+            bound.min_counts, bound.targets = bound.space.low, bound.space.targets
+        return bound
 
     def cost(self, counts, xp=np):
         """The policy's cost vector (`resources`: MACs and parameters; size in bits for bit widths)."""
@@ -388,10 +418,10 @@ class Environment(Budget):
         replicated = NamedSharding(self.mesh, P())
         split = NamedSharding(self.mesh, P("data")) if calibration % devices == 0 else replicated
         rest, rest_labels = _layout(images, labels, scored, config.eval_batch, devices)
-        placed = {"kind": kind.prepare(variables, images[:calibration]),
+        placed = {"kind": kind.prepare(variables, images[:calibration]), "budget": self.arguments(),
                   "calibration": images[:calibration], "calibration_labels": labels[:calibration],
                   "images": rest, "labels": rest_labels}
-        shardings = {"kind": replicated, "calibration": split, "calibration_labels": split,
+        shardings = {"kind": replicated, "budget": replicated, "calibration": split, "calibration_labels": split,
                      "images": NamedSharding(self.mesh, P(None, "data")),
                      "labels": NamedSharding(self.mesh, P(None, "data"))}
         if self.finetunes:

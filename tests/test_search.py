@@ -12,6 +12,7 @@ from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.models import create_model, init_model
 from agmc_jax.search import METHODS, SearchConfig, UnknownMethodError, _changes, environment, get_method, search
 from agmc_jax.search import checkpoint as search_checkpoint
+from agmc_jax.search import loop
 from agmc_jax.search.loop import Runner, make_chunk, place
 from tests.test_rerank import one_step_short
 
@@ -48,6 +49,26 @@ def test_one_compilation_whatever_the_number_of_episodes(traces, method):
     assert traces["n"] == 1
     search(MODULE, VARIABLES, DATA, config=config(method, 11), progress=False)
     assert traces["n"] == 2
+
+
+@pytest.mark.parametrize("method", ["amc", "annealing"])
+def test_one_compilation_across_budgets(method):
+    """The budget is an argument of the compiled chunk: three budgets compile once, and a search that reused the
+    program plays exactly what a freshly compiled one plays."""
+    def searched(macs):
+        agent = None if method == "annealing" else SMALL_DDPG
+        return search(MODULE, VARIABLES, DATA, config=config(method, 4)._replace(
+            agent=agent, env=EnvConfig(target_macs=macs, eval_batch=32)), progress=False)
+
+    loop._programs.clear()
+    before = loop.compile_count()
+    results = {macs: searched(macs) for macs in (0.7, 0.5, 0.3)}
+    assert loop.compile_count() - before == 1
+    assert [r.macs / r.net.macs <= macs for macs, r in results.items()] == [True] * 3
+    loop._programs.clear()
+    fresh = searched(0.5)
+    assert loop.compile_count() - before == 2
+    assert fresh.history == results[0.5].history
 
 
 def _chunk(method):

@@ -19,8 +19,10 @@ accepts almost every worse move.) The temperature cools geometrically from `temp
 current policy and then tested one after another, each against the policy current at its turn.
 
 Observations are dicts: "t" (the step), "actions" (the actions played before t), "weights" (each
-step's weights), "start" (the first current policy) and "cap" (the largest action that keeps the rule
-and the budget both reachable): `annealing_observation(env)`.
+step's weights) and "cap" (the largest action that keeps the rule and the budget both reachable):
+`annealing_observation(env)`; the state's example observation also holds "start" (the first current
+policy, `annealing_start(env)`), which `init` reads. The start is computed on the host at the budget, so
+the compiled episodes read the budget only through `env` (an argument of the search's program).
 """
 from typing import NamedTuple
 
@@ -98,20 +100,28 @@ def filled_start(env, weights):
     return counts
 
 
+def annealing_start(env):
+    """The first current policy as actions: `filled_start` at the budget, every step's weights its layers'
+    parameters (host)."""
+    counts = filled_start(env, _step_weights(env))
+    return env.count_action(jnp.arange(env.steps), jnp.asarray(counts, jnp.float32))
+
+
+def _step_weights(env) -> np.ndarray:
+    return np.asarray([sum(layer.params for layer in layers) for layers in env.kind.step_layers], np.float64)
+
+
 def annealing_observation(env):
     """`observe(t, counts, actions)` for annealing on an environment (duck-typed: `steps`, `sizes`, `min_counts`,
-    `kind.step_layers`, `space.wanted`, `feasible`, `count_action`, `uniform_counts`).
+    `kind.step_layers`, `space.wanted`, `feasible`; traceable when the environment's budget is).
 
-    A step's weights are the parameters of the layers it prunes; the start policy is the uniform one at the
-    budget (one keep ratio everywhere), filled up to the budget under the experience rule (`filled_start`). "cap" is the largest action step t
+    A step's weights are the parameters of the layers it prunes. "cap" is the largest action step t
     may take so that the budget stays reachable with every later step keeping what the rule asks of it
     (at least the keep of each step so far with more weights) and the others at their lowest: below it the
     action wall never has to cut a later step under the rule's floor.
     """
-    weights = np.asarray([sum(layer.params for layer in layers) for layers in env.kind.step_layers], np.float64)
     steps = jnp.arange(env.steps)
-    start = env.count_action(steps, jnp.asarray(filled_start(env, weights), jnp.float32))
-    weights = jnp.asarray(weights, jnp.float32)
+    weights = jnp.asarray(_step_weights(env), jnp.float32)
     bigger = weights[:, None] > weights[None, :]  # [i, j]: step i has more weights than step j
     lowest = jnp.asarray(env.min_counts, jnp.int32)
 
@@ -134,7 +144,7 @@ def annealing_observation(env):
 
     def observe(t, counts, actions):
         return {"t": jnp.asarray(t, jnp.int32), "actions": jnp.where(steps < t, actions, 0.0),
-                "weights": weights, "start": start, "cap": cap(t, counts, actions)}
+                "weights": weights, "cap": cap(t, counts, actions)}
 
     return observe
 

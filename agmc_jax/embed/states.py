@@ -15,11 +15,14 @@ from agmc_jax.errors import AgmcError
 
 
 class State(NamedTuple):
-    """`observe(t, counts, actions)` -> observation; `encoder` maps it to features (None: identity)."""
+    """`observe(t, counts, actions)` -> observation; `encoder` maps it to features (None: identity). A state whose
+    observation reads the budget gives `bind(env) -> observe` for the environment the compiled search binds to
+    its budget argument (`Budget.bound`), so one program serves every budget."""
 
     observe: Callable
     encoder: Any
     example: Any  # the observation at the start of an episode
+    bind: Callable | None = None  # None: the observation does not depend on the budget
 
 
 def agmc_state(env, hidden: int = 32) -> State:

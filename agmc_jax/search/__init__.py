@@ -22,7 +22,7 @@ from agmc_jax.env import EnvConfig, Environment, check_config
 from agmc_jax.errors import AgmcError, CheckpointError, DataError
 from agmc_jax.graph import trace
 from agmc_jax.quant import FLOAT_BITS, save_packed
-from agmc_jax.search.loop import Runner, make_chunk, place
+from agmc_jax.search.loop import Runner, compiled, make_chunk, place
 from agmc_jax.search.rerank import RERANK_STEPS, Candidate, candidates, rerank
 from agmc_jax.search.registry import (METHODS, Method, UnknownMethodError, describe_methods, get_method,
                                       register_method, with_kind)
@@ -401,8 +401,9 @@ def _run(env, method, config, directory, fingerprint, out, progress):
             runner = jax.tree.map(jnp.asarray, tree["runner"])
             history.load(tree["history"])
     runner = place(env, runner)
-    chunk = make_chunk(env, state, agent, rounds=max(1, -(-config.chunk // agent.width)))
     limit = jax.device_put(jnp.int32(config.episodes))
+    chunk = compiled(make_chunk(env, state, agent, rounds=max(1, -(-config.chunk // agent.width))), runner, key,
+                     env.data, limit)
     log = None if out is None else _open_log(out, env, history)
     done = len(history.rewards)
     if progress and done < config.episodes and jax.process_index() == 0:

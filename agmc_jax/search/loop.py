@@ -5,8 +5,12 @@ episodes from one agent state, scores them in one batched evaluation, then obser
 from each in turn. A chunk is a loop over rounds: one jitted function of (runner, key, data,
 limit); the host sees the run once per chunk. Episode e draws its randomness from
 `fold_in(key, e)`, so a search cut into chunks anywhere, or resumed, plays the same episodes, and
-no round starts past `limit`, so the chunk length never depends on the search length.
+no round starts past `limit`, so the chunk length never depends on the search length. The budget is
+an argument too (`Environment.data["budget"]`): a chunk that lowers to a program compiled before (the
+same network, kind, method and settings, any budget) reuses it (`compiled`).
 """
+import hashlib
+from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import jax
@@ -70,10 +74,13 @@ def make_chunk(env, state, agent, rounds: int):
     def play_round(runner, key, data, limit):
         index = runner.episode + jnp.arange(width)
         keys = jax.vmap(lambda e: jax.random.split(jax.random.fold_in(key, e)))(index)
+        bound = env.bound(data["budget"]) if hasattr(env, "bound") else env  # the budget is an argument
+        bind = getattr(state, "bind", None)
+        seen = state if bind is None else state._replace(observe=bind(bound))
         counts, actions, observations = jax.vmap(
-            lambda k: play_episode(env, state, agent, runner.agent, k))(keys[:, 0])
+            lambda k: play_episode(bound, seen, agent, runner.agent, k))(keys[:, 0])
         accuracy = env.scores(data, counts).astype(jnp.float32)
-        reward = jax.vmap(env.reward)(accuracy, counts).astype(jnp.float32)
+        reward = jax.vmap(bound.reward)(accuracy, counts).astype(jnp.float32)
         active = index < limit
         agent_state, _ = jax.lax.scan(lambda s, x: learn(s, x[:4], x[4]), runner.agent,
                                       (observations, actions, reward, keys[:, 1], active))
@@ -100,6 +107,31 @@ def make_chunk(env, state, agent, rounds: int):
 
     replicated = NamedSharding(env.mesh, P())
     return jax.jit(chunk, out_shardings=replicated)
+
+
+PROGRAMS_KEPT = 8  # compiled chunks kept in memory, the most recently used
+_programs: OrderedDict = OrderedDict()  # sha256 of a lowered chunk's text -> its executable
+_compiled = [0]  # chunks compiled by this process
+
+
+def compiled(chunk, *args):
+    """`chunk` (a `make_chunk`) compiled for `args`: the executable of an earlier chunk that lowered to the same
+    program text, else a new one. Equal text is the same program, so a hit is exact, never an approximation."""
+    lowered = chunk.lower(*args)
+    key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    if key in _programs:
+        _programs.move_to_end(key)
+    else:
+        _programs[key] = lowered.compile()
+        _compiled[0] += 1
+        while len(_programs) > PROGRAMS_KEPT:
+            _programs.popitem(last=False)
+    return _programs[key]
+
+
+def compile_count() -> int:
+    """How many search chunks this process has compiled (what the one-program-per-network tests count)."""
+    return _compiled[0]
 
 
 def place(env, runner):

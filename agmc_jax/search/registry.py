@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 
-from agmc_jax.agents import AGENTS, AgentType, annealing_observation
+from agmc_jax.agents import AGENTS, AgentType, annealing_observation, annealing_start
 from agmc_jax.embed import STATES, State
 from agmc_jax.errors import AgmcError, BudgetError
 from agmc_jax.kinds import KINDS
@@ -37,9 +37,11 @@ def _uniform(env):
 
 
 def _annealing_state(env, hidden: int = 32) -> State:
-    """Annealing's view: the step, the actions so far, each step's weights and the start policy."""
+    """Annealing's view: the step, the actions so far, each step's weights and its cap; the example adds the start
+    policy at the budget."""
     observe = annealing_observation(env)
-    return State(observe, None, observe(0, jnp.asarray(env.sizes, jnp.int32), jnp.zeros(env.steps, jnp.float32)))
+    example = observe(0, jnp.asarray(env.sizes, jnp.int32), jnp.zeros(env.steps, jnp.float32))
+    return State(observe, None, {**example, "start": annealing_start(env)}, bind=annealing_observation)
 
 
 METHODS: dict[str, Method] = {}
