@@ -209,7 +209,8 @@ class KeepRatios:
     def bound(self, arguments) -> "KeepRatios":
         """This space reading `arguments` (traced) in place of its budget and lbound (traceable methods only)."""
         space = copy.copy(self)
-        space.targets, space.low, space.lbound, space.span = (arguments[k] for k in ("targets", "low", "lbound", "span"))
+        space.targets, space.low, space.lbound, space.span = (arguments[key]
+                                                              for key in ("targets", "low", "lbound", "span"))
         return space
 
     def feasible(self, counts, xp=np):

@@ -10,5 +10,5 @@ from agmc_jax.agents.registry import AGENTS, AgentType, OptionError, agent_confi
 
 __all__ = ["AGENTS", "Agent", "AgentType", "Actor", "AnnealingConfig", "AnnealingState", "Critic", "DDPGConfig",
            "DDPGState", "MLP", "OptionError", "PPOConfig", "PPOState", "RandomConfig", "agent_config", "annealing",
-           "annealing_observation", "annealing_start", "ddpg", "experience_interval", "parse_options", "ppo", "random_agent",
-           "register_agent"]
+           "annealing_observation", "annealing_start", "ddpg", "experience_interval", "parse_options", "ppo",
+           "random_agent", "register_agent"]
