@@ -7,6 +7,7 @@ Warnings are one line each too.
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,7 @@ from agmc_jax.kinds import KINDS
 from agmc_jax.search.registry import describe_methods
 from agmc_jax.search.rerank import RERANK_STEPS
 from agmc_jax.stages import describe_stages
+from agmc_jax.train import DTYPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,6 +132,7 @@ def cmd_train(args):
                          learning_rate=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
                          warmup_epochs=args.warmup_epochs, seed=args.seed, data_dir=args.data_dir,
                          input_shape=args.input, num_classes=args.classes, dtype=args.dtype,
+                         data_workers=args.data_workers, checkpoint_steps=args.checkpoint_steps,
                          model_kwargs=_model_kwargs(args))
     variables = load_network(args.init_from)[1] if args.init_from else None
     print(json.dumps(train(config, args.workdir, variables=variables), indent=1))
@@ -213,6 +216,9 @@ def _search_arguments(parser, methods_help=""):
     parser.add_argument("--rerank-steps", type=_COUNT, default=RERANK_STEPS,
                         help=f"SGD steps of the re-rank's fine-tune per candidate (default {RERANK_STEPS})")
     parser.add_argument("--reward-images", type=_COUNT, default=1000, help="validation images scoring each policy")
+    parser.add_argument("--reward-dtype", default="float32", choices=DTYPES,
+                        help="compute dtype of the reward's evaluation: float32 | bfloat16 (accelerators; weights, "
+                             "BatchNorm statistics and the export stay float32) | float16")
     parser.add_argument("--lbound", type=_RATIO, default=0.2, help="smallest keep ratio per group")
     parser.add_argument("--round-to", type=_COUNT, default=None, help=ROUND_TO_HELP)
     parser.add_argument("--criterion", default="l2",
@@ -269,6 +275,11 @@ def parser():
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16 (parameters, optimizer and "
                                                       "BatchNorm statistics stay float32; fine-tuning inherits it) | "
                                                       "float16")
+    p.add_argument("--data-workers", type=_NATURAL, help="processes that decode and augment the training images (0: "
+                                                         "in the training process; default: 0 for data held in memory, "
+                                                         "else the cores but one, at most 16)")
+    p.add_argument("--checkpoint-steps", type=_NATURAL, default=0,
+                   help="also checkpoint every this many steps inside an epoch (default 0: at epoch ends only)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="loss and accuracy of a trained or pruned network")
@@ -348,7 +359,6 @@ def _plugins(argv) -> list:
     """`argv` without its `--plugin MODULE` options, after importing each module (and those of $AGMC_PLUGINS,
     comma-separated): a plugin registers methods, kinds, stages, rewards or models before the parser lists them."""
     import importlib
-    import os
 
     names = [n for n in os.environ.get("AGMC_PLUGINS", "").split(",") if n.strip()]
     rest = []
@@ -361,12 +371,14 @@ def _plugins(argv) -> list:
             names.append(item.partition("=")[2])
         else:
             rest.append(item)
+    if names and os.getcwd() not in sys.path:  # as `python -m`: a module of the working directory imports
+        sys.path.insert(0, os.getcwd())
     for name in names:
         try:
             importlib.import_module(name.strip())
         except ImportError as error:
             print(f"agmc: error: --plugin {name.strip()} cannot be imported ({error}); give an importable module "
-                  "name (its directory on PYTHONPATH)", file=sys.stderr)
+                  "name (from the working directory, or its directory on PYTHONPATH)", file=sys.stderr)
             sys.exit(2)
     return rest
 
@@ -401,8 +413,19 @@ def _terminate(signum, frame):
     raise _Terminated()
 
 
+def _stop(status: int, in_process: bool) -> None:
+    """Exit with `status`. The `agmc` process ends at once: XLA may still be running a computation in its own
+    threads, and the interpreter's teardown under it crashes (a segfault instead of the status); a caller of `main`
+    in its own process gets `SystemExit`."""
+    if in_process:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv=None):
-    argv = _plugins(sys.argv[1:] if argv is None else argv)
+    in_process, argv = argv is not None, _plugins(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
@@ -417,7 +440,7 @@ def main(argv=None):
     except (KeyboardInterrupt, _Terminated) as stop:
         print(f"agmc {args.command}: interrupted; what was saved stays (rerun with --resume where the command takes "
               "it)", file=sys.stderr)
-        sys.exit(143 if isinstance(stop, _Terminated) else 130)
+        _stop(143 if isinstance(stop, _Terminated) else 130, in_process)
     except OSError as error:  # a full disk, a read-only or vanished directory, met while writing
         where = f" {error.filename}" if getattr(error, "filename", None) else ""
         print(f"agmc {args.command}: error: cannot use{where}: {error.strerror or error}; free space or fix the "

@@ -40,6 +40,7 @@ class CompressConfig:
     reward_images: int = 1000
     reward_steps: int | None = None
     reward_lr: float | None = None
+    reward_dtype: str = "float32"
     fill: bool | None = None
     rerank: int = 0
     rerank_steps: int = RERANK_STEPS

@@ -94,7 +94,8 @@ def search_options(args, resume=False):
     names = ("method", "target_macs", "target_params", "episodes", "seed", "reward_images", "data_dir",
              "reward", "lbound", "round_to", "criterion", "recalibrate_bn", "rerank", "rerank_steps")
     flags = {name: getattr(args, name) for name in ("warmup_episodes", "sigma_decay") if getattr(args, name) is not None}
-    env = {name: getattr(args, name) for name in ("fill", "reward_steps", "reward_lr") if getattr(args, name) is not None}
+    env = {name: getattr(args, name) for name in ("fill", "reward_steps", "reward_lr", "reward_dtype")
+           if getattr(args, name) is not None}
     bits = {name: getattr(args, name) for name in ("kind", "target_size", "min_bit", "max_bit")
             if getattr(args, name, None) is not None}  # bits options: `agmc search` only (compress: its quantize stage)
     return {**{name: getattr(args, name) for name in names}, **bits, **env, "resume": resume,

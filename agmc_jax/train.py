@@ -8,6 +8,7 @@ A workdir holds `config.json`, `checkpoints/<step>/` (orbax), `metrics.jsonl`, `
 training is complete, `summary.json`.
 """
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -55,10 +56,12 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept
     sparse: bool = False  # weights that are zero stay zero (fine-tuning a fine-grained pruned network)
     dtype: str = "float32"  # compute dtype of training and evaluation (DTYPES); parameters stay float32
+    data_workers: int | None = None  # input worker processes (0: in the training process; None: data.default_workers)
+    checkpoint_steps: int = 0  # also checkpoint every this many steps inside an epoch (0: at epoch ends only)
 
 
 # Fields that may change when a run resumes: they do not change what the run computes.
-RUN_FIELDS = frozenset({"data_dir", "eval_every", "checkpoint_every", "keep"})
+RUN_FIELDS = frozenset({"data_dir", "eval_every", "checkpoint_every", "keep", "data_workers", "checkpoint_steps"})
 
 
 class TrainState(NamedTuple):
@@ -113,6 +116,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     _check(config.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
     _check(min(config.eval_every, config.checkpoint_every, config.keep) >= 1,
            "eval_every, checkpoint_every and keep must be at least 1")
+    _check(isinstance(config.checkpoint_steps, int) and config.checkpoint_steps >= 0,
+           f"checkpoint_steps must be an integer at least 0, got {config.checkpoint_steps!r}")
+    if config.data_workers is not None:
+        data.check_workers(config.data_workers)
     return dataclasses.replace(config, input_shape=check_input_shape(config.model, config.input_shape or spec.input_shape),
                                num_classes=config.num_classes or spec.num_classes,
                                model_kwargs=_frozen(dict(config.model_kwargs)))
@@ -195,7 +202,7 @@ def _sums(logits, labels, mask):
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes; parameters, optimizer and BatchNorm stay float32
 
 
-def _compute(tree, dtype: str):
+def compute_dtype(tree, dtype: str):
     """`tree`'s floating arrays in the compute dtype (unchanged for float32): Flax layers then compute in it."""
     if dtype == "float32":
         return tree
@@ -210,8 +217,8 @@ def train_step(module, optimizer: OptimizerSpec, state: TrainState, batch, dtype
     precision (`dtype`, as Flax's `half_precision`) the forward and backward passes run in it on a cast of the
     float32 parameters; the loss, the gradients' update and BatchNorm statistics stay float32."""
     def loss_fn(params):
-        logits, updates = module.apply({"params": _compute(params, dtype), "batch_stats": state.batch_stats},
-                                       _compute(batch["image"], dtype), train=True, mutable=["batch_stats", LOSSES])
+        logits, updates = module.apply({"params": compute_dtype(params, dtype), "batch_stats": state.batch_stats},
+                                       compute_dtype(batch["image"], dtype), train=True, mutable=["batch_stats", LOSSES])
         logits = logits.astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         extra = sum(jnp.sum(term.astype(jnp.float32)) for term in jax.tree.leaves(updates.get(LOSSES, {})))
@@ -226,8 +233,8 @@ def train_step(module, optimizer: OptimizerSpec, state: TrainState, batch, dtype
 def eval_step(module, variables, batch, dtype: str = "float32") -> dict:
     """Metric sums of the network in inference mode over the examples where `batch['mask']` is 1 (computed in
     `dtype`, the loss in float32)."""
-    compute = {**variables, "params": _compute(variables["params"], dtype)}
-    logits = module.apply(compute, _compute(batch["image"], dtype), train=False).astype(jnp.float32)
+    compute = compute_dtype(variables, dtype)  # BatchNorm's float32 statistics too, else they promote back to float32
+    logits = module.apply(compute, compute_dtype(batch["image"], dtype), train=False).astype(jnp.float32)
     return _sums(logits, batch["label"], batch["mask"])
 
 
@@ -279,11 +286,17 @@ def _check_shape(batch: Mapping, input_shape) -> None:
                               f"configured for {tuple(input_shape)}; set input_shape to match")
 
 
-def _batches(source, config: TrainConfig, batch_size: int, train: bool, epoch: int = 0):
-    """This process's batches of `source`, in an order fixed by (seed, epoch)."""
-    return data.batches(source, config.dataset, batch_size, train=train, seed=config.seed, epoch=epoch,
+def data_workers(config: TrainConfig) -> int:
+    """The input worker processes of `config`: its own number, else the dataset's default."""
+    return data.default_workers(data.dataset_spec(config.dataset)) if config.data_workers is None \
+        else config.data_workers
+
+
+def _batches(source, config: TrainConfig, batch_size: int, train: bool, epochs: int = 1) -> data.BatchIterator:
+    """This process's batches of `source` for `epochs` epochs from the first, in an order fixed by (seed, epoch)."""
+    return data.batches(source, config.dataset, batch_size, train=train, seed=config.seed, epochs=epochs,
                         drop_remainder=train, process_index=jax.process_index(),
-                        process_count=jax.process_count())
+                        process_count=jax.process_count(), workers=data_workers(config))
 
 
 def _total(metrics: list) -> dict:
@@ -302,26 +315,46 @@ def evaluate_source(variables, step_fn, source, config: TrainConfig, mesh: Mesh,
     """Loss, accuracy and count of the network on all of `source` (the last batch padded and masked)."""
     local = _check_batch_size(batch_size)
     metrics = []
-    for batch in _batches(source, config, batch_size, train=False):
-        _check_shape(batch, config.input_shape)
-        metrics.append(step_fn(variables, global_batch(_padded(batch, local), mesh)))
+    with _batches(source, config, batch_size, train=False) as batches:
+        for batch in batches:
+            _check_shape(batch, config.input_shape)
+            metrics.append(step_fn(variables, global_batch(_padded(batch, local), mesh)))
     return _rates(_total(metrics))
 
 
-def _train_epoch(state, step_fn, source, config: TrainConfig, mesh: Mesh, epoch: int, steps: int):
-    """One pass over the training source; returns the new state and the epoch's metric sums."""
-    metrics = []
+ZERO = {"loss": 0.0, "correct": 0.0, "count": 0.0}  # metric sums before the first step
+
+
+def _add(totals: Mapping, metrics: list) -> dict:
+    """`totals` plus the sums of `metrics` (device metric sums)."""
+    more = _total(metrics)
+    return {key: totals[key] + more[key] for key in ZERO}
+
+
+def _train_epoch(state, run: "_Run", feed: data.BatchIterator, epoch: int, totals: Mapping, save):
+    """The rest of epoch `epoch` from `feed`'s position; returns the new state and the epoch's metric sums.
+
+    `totals` are the sums of the epoch's steps before that position (a run resumed mid-epoch). Every
+    `checkpoint_steps` steps `save(state, epoch, {'totals': sums so far})` checkpoints mid-epoch; the sums are
+    folded in there (an uninterrupted run folds them at the same steps as a resumed one: equal to the bit)."""
+    config, metrics = run.config, []
+    done = feed.get_state()["next_index"] - epoch * run.steps
     hidden = jax.process_index() != 0 or not sys.stderr.isatty()
-    with tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=hidden) as bar:
-        for batch in _batches(source, config, config.batch_size, train=True, epoch=epoch):
+    with tqdm(total=run.steps, initial=done, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+              disable=hidden) as bar:
+        for batch in itertools.islice(feed, run.steps - done):
             _check_shape(batch, config.input_shape)
-            state, step_metrics = step_fn(state, global_batch(batch, mesh))
+            state, step_metrics = run.train_fn(state, global_batch(batch, run.mesh))
             metrics.append(step_metrics)
             bar.update()
             if len(metrics) % 10 == 0:
                 rates = _rates(_total(metrics[-10:]))
                 bar.set_postfix(loss=f"{rates['loss']:.3f}", acc=f"{rates['accuracy']:.3f}")
-    return state, _total(metrics)
+            position = feed.get_state()["next_index"]
+            if config.checkpoint_steps and position % config.checkpoint_steps == 0 and position % run.steps:
+                totals, metrics = _add(totals, metrics), []
+                save(state, epoch, {"totals": totals})
+    return state, _add(totals, metrics)
 
 
 def _read_json(path: Path) -> dict:
@@ -397,9 +430,9 @@ def started_from(workdir) -> str | None:
         return None
 
 
-def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, variables=None) -> tuple[TrainState, int]:
-    """The newest readable checkpoint's state and epoch when there is one (unreadable newer ones are passed over
-    with a warning), else a fresh state and epoch 0 (replicated)."""
+def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, variables=None) -> tuple[TrainState, dict]:
+    """The newest readable checkpoint's state and metadata when there is one (unreadable newer ones are passed
+    over with a warning), else a fresh state (replicated) and {}."""
     directory, replicated = workdir / "checkpoints", NamedSharding(mesh, P())
     target = abstract_train_state(module, config, replicated, variables)
 
@@ -409,14 +442,27 @@ def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, var
         if meta.get("init") not in (None, _init_digest(variables)):
             raise CheckpointError(f"checkpoint {step} in {directory} continues a run started from other variables; "
                                   "use a new workdir to train these")
-        return checkpoint.restore(directory, step, target=target), int(meta["epoch"])
+        return checkpoint.restore(directory, step, target=target), meta
 
     found = checkpoint.restore_newest(directory, read)
     if found is None:
         fresh = (create_train_state(module, config.input_shape, config) if variables is None  # a copy: the
                  else state_from_variables(jax.tree.map(jnp.array, variables), config))  # steps donate the state
-        return place(fresh, replicated), 0
+        return place(fresh, replicated), {}
     return found[1]
+
+
+def _position(meta: Mapping, steps: int) -> tuple[int, dict, dict]:
+    """(completed epochs, input iterator state, metric sums of the unfinished epoch) saved in a checkpoint's
+    metadata ({}: a fresh run); checkpoints written at epoch ends before the iterator state was saved say the
+    epoch only."""
+    epoch = int(meta.get("epoch", 0))
+    feed_state = meta.get("data", {"next_index": epoch * steps})
+    if not epoch * steps <= feed_state["next_index"] < (epoch + 1) * steps:
+        raise CheckpointError(f"the checkpoint stopped at batch {feed_state['next_index']} of a run of {steps} "
+                              f"batches per epoch in epoch {epoch + 1}: the training data changed size; use a new "
+                              "workdir")
+    return epoch, feed_state, meta.get("totals", ZERO)
 
 
 def _records(path: Path) -> list:
@@ -482,10 +528,12 @@ class _Run(NamedTuple):
     validation: Any
 
 
-def _epoch(run: _Run, state: TrainState, epoch: int) -> tuple[TrainState, dict]:
-    """Train epoch `epoch` (from 0), validate when due; returns the new state and the epoch's record."""
+def _epoch(run: _Run, state: TrainState, epoch: int, feed: data.BatchIterator, totals: Mapping, save
+           ) -> tuple[TrainState, dict]:
+    """Train epoch `epoch` (from 0) from `feed`'s position on, validate when due; returns the new state and the
+    epoch's record."""
     began, done, config = time.perf_counter(), epoch + 1, run.config
-    state, totals = _train_epoch(state, run.train_fn, run.train_source, config, run.mesh, epoch, run.steps)
+    state, totals = _train_epoch(state, run, feed, epoch, totals, save)
     due = len(run.validation) and (done % config.eval_every == 0 or done == run.last)
     val = evaluate_source(_variables(state), run.eval_fn, run.validation, config, run.mesh, config.batch_size) \
         if due else {"loss": None, "accuracy": None}
@@ -544,18 +592,28 @@ def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_aft
 
 def _train(run, workdir, module, config, mesh, variables, sources) -> dict:
     """`train` once its inputs are checked and its workdir locked."""
-    state, start = _restore_or_init(workdir, module, config, mesh, variables)
+    state, meta = _restore_or_init(workdir, module, config, mesh, variables)
+    start, position, totals = _position(meta, run.steps)
     init = _init_digest(variables)
     writer = _open_workdir(workdir, config, start)
     record = _last_record(workdir)
+    feed = _batches(run.train_source, config, config.batch_size, train=True, epochs=config.epochs)
+    feed.set_state(position)
+
+    def save(state, epoch: int, more: Mapping) -> None:
+        """Checkpoint `state` after `epoch` complete epochs, with the input iterator's state and `more`."""
+        checkpoint.save(workdir / "checkpoints", int(state.step), state,
+                        {"epoch": epoch, "data": feed.get_state(), **more, "config": config_to_dict(config),
+                         **({"init": init} if init is not None else {})}, keep=config.keep)
+
     try:
-        for epoch in range(start, run.last):
-            state, record = _epoch(run, state, epoch)
-            _log(workdir, writer, record)  # before the checkpoint: a resume drops the lines after its epoch
-            if record["epoch"] % config.checkpoint_every == 0 or record["epoch"] == run.last:
-                checkpoint.save(workdir / "checkpoints", record["step"], state,
-                                {"epoch": record["epoch"], "config": config_to_dict(config),
-                                 **({"init": init} if init is not None else {})}, keep=config.keep)
+        with feed:
+            for epoch in range(start, run.last):
+                state, record = _epoch(run, state, epoch, feed, totals, save)
+                totals = ZERO
+                _log(workdir, writer, record)  # before the checkpoint: a resume drops the lines after its epoch
+                if record["epoch"] % config.checkpoint_every == 0 or record["epoch"] == run.last:
+                    save(state, record["epoch"], {})
         if run.last < config.epochs:
             return record
         test = evaluate_source(_variables(state), run.eval_fn, _source(sources, config, "test"), config, mesh,

@@ -33,6 +33,8 @@ from agmc_jax.search import build_config, environment, get_method
 from agmc_jax.search.registry import with_kind
 from agmc_jax.search.loop import Runner, make_chunk, place
 
+from results_io import write_result  # experiments/results_io.py: JSON under experiments/results/
+
 REGIMES = {"a": ("resnet20", 1000), "b": ("lenet5", 100), "c": ("resnet20", 1000)}
 
 
@@ -43,19 +45,26 @@ def timed(function, *args):
     return time.perf_counter() - start
 
 
-def measure(name, model, images, labels, chunk_episodes, repeats, warmup):
-    """(compile s, episode s, scored dense evaluation s, steps) for one method on one network; with `warmup` the
-    agent stays in its warm-up (random actions, no updates), else its replay buffer is filled first."""
+def _setup(method, model, images, labels, agent_options, env_options, train=None):
+    """(config, env, state, agent, runner, key, limit) of a search of a registered `method` (a Method) on a freshly
+    initialised `model`, long enough never to stop."""
     module = create_model(model, 10)
     variables = init_model(module, images.shape[1:])
-    name, _, kind = name.partition(":")  # e.g. ppo:bits, a method on another compression kind (its default budget)
-    method = with_kind(get_method(name), kind or None)
-    config = build_config(method, 10 ** 6, 0, None, None, {"warmup_episodes": 10 ** 6 if warmup else 1}, {})
-    env = environment(method, module, variables, (images, labels), config)
+    config = build_config(method, 10 ** 6, 0, None, None, agent_options, env_options)
+    env = environment(method, module, variables, (images, labels), config, train_data=train)
     state = method.state(env, config.gnn_hidden)
     agent = method.agent.build(config.agent, state, env.steps)
     runner = place(env, Runner(agent.init(jax.random.key(1), state.example), jnp.zeros((), jnp.int32)))
-    key, limit = jax.random.key(0), jax.device_put(jnp.int32(10 ** 6))
+    return config, env, state, agent, runner, jax.random.key(0), jax.device_put(jnp.int32(10 ** 6))
+
+
+def measure(name, model, images, labels, chunk_episodes, repeats, warmup):
+    """(compile s, episode s, scored dense evaluation s, steps) for one method on one network; with `warmup` the
+    agent stays in its warm-up (random actions, no updates), else its replay buffer is filled first."""
+    name, _, kind = name.partition(":")  # e.g. ppo:bits, a method on another compression kind (its default budget)
+    method = with_kind(get_method(name), kind or None)
+    config, env, state, agent, runner, key, limit = _setup(method, model, images, labels,
+                                                           {"warmup_episodes": 10 ** 6 if warmup else 1}, {})
     start = time.perf_counter()
     rounds = -(-chunk_episodes // agent.width)  # a round plays `width` episodes
     play = make_chunk(env, state, agent, rounds=rounds).lower(runner, key, env.data, limit).compile()
@@ -85,19 +94,11 @@ def measure(name, model, images, labels, chunk_episodes, repeats, warmup):
 def measure_finetuned(model, images, labels, train, steps, chunk_episodes, repeats):
     """(compile s, compilations, seconds per scored candidate, seconds of `steps` dense training steps) of a random
     search whose reward finetunes."""
-    module = create_model(model, 10)
-    variables = init_model(module, images.shape[1:])
-    method = get_method("random")
-    config = build_config(method, 10 ** 6, 0, None, None, {"candidates": 4}, {"reward": "finetuned",
-                                                                                "reward_steps": steps})
-    env = environment(method, module, variables, (images, labels), config, train_data=train)
+    _, env, state, agent, runner, key, limit = _setup(get_method("random"), model, images, labels, {"candidates": 4},
+                                                      {"reward": "finetuned", "reward_steps": steps}, train)
     traces = []
     finetuned = env.finetuned
     env.finetuned = lambda *args: traces.append(1) or finetuned(*args)  # counts the traces: one per compilation
-    state = method.state(env, config.gnn_hidden)
-    agent = method.agent.build(config.agent, state, env.steps)
-    runner = place(env, Runner(agent.init(jax.random.key(1), state.example), jnp.zeros((), jnp.int32)))
-    key, limit = jax.random.key(0), jax.device_put(jnp.int32(10 ** 6))
     rounds = -(-chunk_episodes // agent.width)
     chunk = make_chunk(env, state, agent, rounds=rounds)
     start = time.perf_counter()
@@ -124,6 +125,7 @@ def main():
     parser.add_argument("--reward-steps", type=int, default=8, help="(c): SGD steps of each candidate's fine-tune")
     args = parser.parse_args()
     spec = dataset_spec("fashion_mnist")
+    rows = []  # what experiments/results/bench_search/ keeps of this run
     for regime in args.regimes.split(","):
         model, count = REGIMES[regime]
         images, labels = load_arrays("fashion_mnist", "validation", limit=count)
@@ -137,6 +139,9 @@ def main():
                   f"{args.reward_steps} dense training steps {dense_s:.3f} s; ratio {candidate_s / dense_s:.3f}; "
                   f"{compilations} compilation(s) over {1 + args.repeats} chunks (first chunk, compiling, "
                   f"{compile_s:.1f} s)", flush=True)
+            rows.append({"regime": regime, "model": model, "method": "random", "phase": f"finetuned reward, "
+                         f"{args.reward_steps} steps", "candidate_s": candidate_s, "dense_training_s": dense_s,
+                         "ratio": candidate_s / dense_s, "compilations": compilations, "compile_s": compile_s})
             continue
         print(f"({regime}) {model} on Fashion-MNIST {spec.input_shape}, {count} reward images, "
               f"BatchNorm re-estimation on, {jax.device_count()} device(s), median of {args.repeats} chunks of "
@@ -151,6 +156,10 @@ def main():
                     f"compilation of a chunk {compile_s:.1f} s")
             target = "" if warmup else ("(target ratio <= 1.10)" if regime == "a" else "(target >= 100 episodes/s)")
             print(line, target, flush=True)
+            rows.append({"regime": regime, "model": model, "method": name, "phase": "warm-up" if warmup else "learning",
+                         "steps": steps, "episode_ms": 1000 * episode_s, "dense_ms": 1000 * dense_s,
+                         "ratio": episode_s / dense_s, "episodes_per_s": 1 / episode_s, "compile_s": compile_s})
+    write_result("bench_search", time.strftime("%Y-%m-%d_%H%M%S"), {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Run: `python experiments/bench_slim.py --models resnet20,resnet56 --repeats 7`.
 """
 import argparse
 import os
+import time
 
 import jax
 import numpy as np
@@ -22,6 +23,8 @@ from agmc_jax.graph import trace
 from agmc_jax.latency import deployed, interleaved
 from agmc_jax.models import MODELS, create_model, init_model
 from agmc_jax.prune import masks_from_vectors, slim, top_channels
+
+from results_io import write_result  # experiments/results_io.py: JSON under experiments/results/
 
 DEFAULT_MODELS = "resnet20,resnet56"
 
@@ -73,7 +76,7 @@ def main():
           "every network BatchNorm-folded, speedup = dense folded / slim folded")
     header = (f"{'model':<13} {'batch':>5} {'rounding':<12} {'keep':>6} {'channels':<14} {'MACs':>6} {'ideal':>6} "
               f"{'dense ms':>9} {'slim ms':>9} {'speedup':>8} {'cpu':>6} {'/ideal':>7}")
-    rows, notes = [], []
+    rows, notes, records = [], [], []  # records: what experiments/results/bench_slim/ keeps of this run
     for name in args.models.split(","):
         spec = MODELS[name]
         module = create_model(name)
@@ -105,6 +108,10 @@ def main():
                             f"{1 / fraction:>5.2f}x {t['dense'][0] * 1e3:>9.2f} {t[label][0] * 1e3:>9.2f} "
                             f"{speedup:>7.2f}x {cpu:>5.2f}x {speedup * fraction:>7.2f}")
                 print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
+                records.append({"model": name, "batch": batch, "rounding": label, "keep": keep, "channels": channels,
+                                "macs_kept": fraction, "ideal": 1 / fraction, "dense_ms": t["dense"][0] * 1e3,
+                                "slim_ms": t[label][0] * 1e3, "speedup": speedup, "cpu_speedup": cpu,
+                                "load_average": os.getloadavg()[0]})
             notes.append(f"{name} batch {batch}: folding alone: dense {t['dense unfolded'][0] / t['dense'][0]:.2f}x; "
                          f"default slim unfolded vs dense unfolded "
                          f"{t['dense unfolded'][0] / t['default unfolded'][0]:.2f}x")
@@ -112,6 +119,8 @@ def main():
     print("\nrounding 'default' = `agmc prune --keep K` (8 for groups of 16 channels or more); channels: the distinct "
           "kept counts in group order; /ideal = speedup / ideal")
     print("\n" + header + "\n" + "\n".join(rows) + "\n" + "\n".join(notes))
+    write_result("bench_slim", time.strftime("%Y-%m-%d_%H%M%S"), {"args": vars(args), "rows": records,
+                                                                  "notes": notes})
 
 
 if __name__ == "__main__":

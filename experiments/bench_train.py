@@ -23,6 +23,8 @@ from agmc_jax.models.resnet import ResNetCifar
 from agmc_jax.train import (TrainConfig, build_module, create_train_state, data_mesh, global_batch, make_eval_step,
                             make_train_step, optimizer_spec, resolve_config)
 
+from results_io import write_result  # experiments/results_io.py: JSON under experiments/results/
+
 TRAINING_PASSES = 3  # a training step costs about three forward passes
 
 
@@ -160,6 +162,9 @@ def main() -> None:
               "when other processes hold the cores, so ratios measured under load overstate ours")
         for phase in passes:
             print(f"{phase:5s} ratio jax/torch: {images['jax', phase] / images['torch', phase]:.2f}x images/s")
+    write_result("bench_train", time.strftime("%Y-%m-%d_%H%M%S"), {
+        "args": vars(args), "load_average_end": os.getloadavg()[0],
+        "rows": [{"framework": name, "phase": phase, "images_per_s": value} for (name, phase), value in images.items()]})
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from agmc_jax.prune.admm import Feed, FitConfig, masked_train
 from agmc_jax.prune.purify import sparse_cost
 from agmc_jax.search import search
 
+from results_io import write_result  # experiments/results_io.py: JSON under experiments/results/
+
 METHODS = ("autocompress", "annealing", "agmc", "amc", "uniform")
 
 
@@ -116,6 +118,7 @@ class Experiment:
                   "seconds_make": made, "seconds": time.perf_counter() - start, "detail": detail}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1, default=float))
+        write_result("compare_autocompress", name, {**record, "args": vars(self.args)})  # for render_docs.py
         print(f"{name}: MACs {macs:.3f}, params {params:.3f}, test {pruned:.4f} -> {record['test']:.4f} "
               f"({record['seconds'] / 60:.1f} min)", flush=True)
         return record

@@ -25,6 +25,8 @@ from agmc_jax.agents import parse_options
 from agmc_jax.search import METHODS, describe_methods, get_method, search
 from agmc_jax.train import config_from_dict, train
 
+from results_io import write_result  # experiments/results_io.py: JSON under experiments/results/
+
 
 def best_after(history, mark):
     """The best reward among the first `mark` episodes (a one-shot method has one)."""
@@ -103,6 +105,7 @@ def main():
                  "pruned_val_acc": evaluate_variables(*slim, config, "validation")["accuracy"],
                  **finetuned(*slim, base, args, out / f"{name}_finetune")})
             (out / "results.json").write_text(json.dumps({"args": vars(args), "searches": results}, indent=1))
+            write_result("compare_methods", out.name, {"args": vars(args), "searches": results})  # render_docs.py
     text = table(results, marks)
     (out / "table.md").write_text(text)
     print(text)

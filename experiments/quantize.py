@@ -27,6 +27,8 @@ from agmc_jax.search import search
 from agmc_jax.prune import Slimmed
 from agmc_jax.train import config_from_dict, config_to_dict, train
 
+from results_io import write_result  # experiments/results_io.py: JSON under experiments/results/
+
 
 class First(Source):
     """The first `count` examples of a source (the fine-tuning subset)."""
@@ -155,6 +157,7 @@ def main():
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": {" / ".join(k): v for k, v in
                                                                               groups.items()}}, indent=1))
     (out / "table.md").write_text(text)
+    write_result("quantize", out.name, {"args": vars(args), "rows": {" / ".join(k): v for k, v in groups.items()}})
     print(text)
 
 

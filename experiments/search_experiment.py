@@ -17,6 +17,8 @@ whether the default beats the uniform rule by more than two standard deviations)
 import argparse
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +56,7 @@ def run(args, budget, method, seed, defaults) -> dict:
             "params_ratio": report["params"]["ratio"], "search_training_steps": trained,
             "seconds_total": time.perf_counter() - began, "seconds_finetune": finetune.get("seconds"),
             "rerank": rerank, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+            "command": shlex.join(["python", *sys.argv]),
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -151,8 +151,9 @@ def test_the_finetuned_reward_is_a_masked_fine_tune_equal_to_training_the_slimme
         params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(module.apply(tuned, data[0]), slim_module.apply({"params": params}, data[0]),
                                atol=1e-5)
-    score = float(env.accuracy(np.asarray(counts)[None])[0])
+    score = float(env.accuracy(np.asarray(counts)[None])[0])  # its steps driven from the host
     assert score == np.mean(np.argmax(slim_module.apply({"params": params}, data[0]), -1) == data[1])
+    assert float(env.scores(env.data, counts[None])[0]) == score  # the compiled reward's (all in one program)
 
 
 def test_bad_rerank_and_reward_settings_are_typed_errors():

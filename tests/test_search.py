@@ -1,4 +1,6 @@
 """The compiled search: one compilation per search, no host transfer in a chunk, resume, determinism."""
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,3 +279,25 @@ def test_a_search_saved_before_an_environment_field_existed_resumes_with_its_def
     older = {**now, "env": {k: v for k, v in now["env"].items() if k != "fill"}}
     assert _changes(older, now) == []
     assert _changes({**now, "env": {**now["env"], "fill": False}}, now) == ["env.fill False -> True"]
+
+
+def test_a_bfloat16_reward_scores_like_float32_and_exports_float32():
+    """`reward_dtype="bfloat16"` computes the reward's evaluation in bfloat16: on the trained LeNet-5 the policies
+    score within a few images of float32, the walled counts do not change, the exported variables stay float32."""
+    from agmc_jax.data import load_arrays
+    from agmc_jax.train import load_trained
+
+    module, variables, _ = load_trained(Path(__file__).parents[1] / "agmc_jax/baselines/lenet5_fashion_mnist")
+    data = load_arrays("fashion_mnist", "validation", limit=400)
+    method = get_method("random")
+    envs = [environment(method, module, variables, data, SearchConfig(env=EnvConfig(target_macs=0.8, reward_dtype=d)))
+            for d in ("float32", "bfloat16")]
+    actions = np.random.default_rng(0).uniform(size=(6, envs[0].steps))
+    counts = np.stack([envs[0].policy_counts(a) for a in actions])
+    assert np.array_equal(counts, np.stack([envs[1].policy_counts(a) for a in actions]))
+    full, half = (env.accuracy(counts) for env in envs)
+    assert full.max() > 0.5 and np.abs(full - half).max() <= 0.02
+    exported = envs[1].pruned(counts[0])[0]
+    assert {leaf.dtype for leaf in jax.tree.leaves(exported)} == {np.dtype(np.float32)}
+    with pytest.raises(BudgetError, match="reward-dtype"):
+        environment(method, module, variables, data, SearchConfig(env=EnvConfig(target_macs=0.5, reward_dtype="float8")))
