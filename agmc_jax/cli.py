@@ -51,6 +51,7 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
 
 _COUNT = _number(int, low=1)  # episodes, epochs, images, batch sizes, classes
 _NATURAL = _number(int, low=0)  # warm-up lengths
+_SEED = _number(int, low=0, high=2 ** 32 - 1)  # what NumPy's and JAX's generators take
 _POSITIVE = _number(float, low=0, low_open=True)  # learning rates, width multipliers
 _FRACTION = _number(float, low=0, high=1, low_open=True, high_open=True)  # budgets
 _RATIO = _number(float, low=0, high=1, low_open=True)  # keep ratios, decay factors
@@ -200,7 +201,7 @@ def _search_arguments(parser, methods_help=""):
     parser.add_argument("--target-macs", type=_FRACTION, default=None, help="MACs budget as a fraction (0, 1)")
     parser.add_argument("--target-params", type=_FRACTION, default=None, help="parameter budget as a fraction (0, 1)")
     parser.add_argument("--episodes", type=_COUNT, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_SEED, default=0)
     parser.add_argument("--reward", default="acc", help="; ".join(f"{name}: {r.description}"
                                                                   for name, r in REWARDS.items()))
     parser.add_argument("--reward-steps", type=_COUNT, default=None,
@@ -266,7 +267,7 @@ def parser():
     p.add_argument("--weight-decay", type=_number(float, low=0), default=5e-4)
     p.add_argument("--schedule", default="cosine", help="cosine | onecycle")
     p.add_argument("--warmup-epochs", type=_NATURAL, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--input", type=_shape)
     p.add_argument("--classes", type=_COUNT)
     p.add_argument("--width", type=_POSITIVE)
@@ -376,8 +377,9 @@ def _plugins(argv) -> list:
     for name in names:
         try:
             importlib.import_module(name.strip())
-        except ImportError as error:
-            print(f"agmc: error: --plugin {name.strip()} cannot be imported ({error}); give an importable module "
+        except Exception as error:  # a missing or empty name, a relative one, or a plugin that fails as it loads
+            print(f"agmc: error: --plugin {name.strip()!r} cannot be imported ({type(error).__name__}: "
+                  f"{str(error).splitlines()[0] if str(error) else ''}); give an importable module "
                   "name (from the working directory, or its directory on PYTHONPATH)", file=sys.stderr)
             sys.exit(2)
     return rest
@@ -390,11 +392,15 @@ def _join(args) -> None:
 
     from agmc_jax.hosts import check_same_options, initialize
 
+    def variable(name):
+        text = os.environ.get(name)
+        if text is not None and not text.strip().isdigit():
+            raise UsageError(f"${name} must be a whole number, got {text!r}")
+        return None if text is None else int(text)
+
     coordinator = args.coordinator or os.environ.get("AGMC_COORDINATOR")
-    count = args.num_processes or (int(os.environ["AGMC_NUM_PROCESSES"]) if "AGMC_NUM_PROCESSES" in os.environ
-                                   else None)
-    index = args.process_id if args.process_id is not None else (
-        int(os.environ["AGMC_PROCESS_ID"]) if "AGMC_PROCESS_ID" in os.environ else None)
+    count = args.num_processes or variable("AGMC_NUM_PROCESSES")
+    index = args.process_id if args.process_id is not None else variable("AGMC_PROCESS_ID")
     if coordinator or count is not None or index is not None or args.distributed:
         initialize(coordinator, count, index)
         import jax

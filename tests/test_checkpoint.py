@@ -1,6 +1,7 @@
 """Checkpoint reads: what an earlier failed read left does not fail a later read of a valid checkpoint."""
 import asyncio
 import gc
+from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -51,3 +52,13 @@ def test_a_late_report_of_an_earlier_failure_does_not_fail_a_valid_read(good_and
     finally:
         gc.enable()
 
+
+
+@pytest.mark.parametrize("baseline", ["lenet5_fashion_mnist", "resnet20_fashion_mnist"])
+def test_the_shipped_baselines_carry_checksums_that_match(baseline):
+    """A flipped byte in a shipped baseline is refused like one in any checkpoint: each step has its manifest."""
+    directory = Path(__file__).parents[1] / "agmc_jax" / "baselines" / baseline / "checkpoints"
+    steps = [p.name for p in directory.iterdir() if p.name.isdigit()]
+    assert steps and all((directory / checkpoint.MANIFESTS / f"{step}.json").is_file() for step in steps)
+    for step in steps:
+        checkpoint._verify(directory, int(step))
