@@ -336,6 +336,21 @@ def _barrier(name: str) -> None:
 _HELD = {}  # output directories this process holds: path -> open lock file
 
 
+def check_free(directory) -> None:
+    """Raise the one-line `CheckpointError` of `locked` when another live process holds `directory`'s lock (reads
+    nothing else): what a command checks before it judges what the directory holds."""
+    path = Path(directory).absolute() / LOCK
+    if not path.is_file() or path.parent in _HELD:
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = handle.read().strip()
+            raise CheckpointError(f"{path.parent} is in use by another agmc process{f' (pid {owner})' if owner else ''}"
+                                  "; wait for it to finish or choose another output directory") from None
+
+
 @contextlib.contextmanager
 def locked(directory):
     """Hold `directory`'s lock while the block writes it (re-entrant in one process; process 0 of a multi-process

@@ -378,7 +378,7 @@ def _plugins(argv) -> list:
         try:
             importlib.import_module(name.strip())
         except Exception as error:  # a missing or empty name, a relative one, or a plugin that fails as it loads
-            print(f"agmc: error: --plugin {name.strip()!r} cannot be imported ({type(error).__name__}: "
+            print(f"agmc: error: --plugin {name.strip() or repr(name)} cannot be imported ({type(error).__name__}: "
                   f"{str(error).splitlines()[0] if str(error) else ''}); give an importable module "
                   "name (from the working directory, or its directory on PYTHONPATH)", file=sys.stderr)
             sys.exit(2)

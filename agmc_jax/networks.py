@@ -164,6 +164,7 @@ def check_new_output(workdir, out, resume=None):
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"--out {out} cannot be written: {parent} is "
                               f"{'a file' if not parent.is_dir() else 'not writable'}; choose another --out")
+    checkpoint.check_free(out)
     if out.is_dir() and not resume and any(p.name != checkpoint.LOCK for p in out.iterdir()):
         raise CheckpointError(f"{out} already holds files; choose a new --out"
                               + (" or pass --resume to continue what is there" if resume is not None else ""))

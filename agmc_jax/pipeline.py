@@ -10,7 +10,7 @@ import numpy as np
 from agmc_jax import checkpoint, data
 from agmc_jax.agents import parse_options
 from agmc_jax.env import REWARDS
-from agmc_jax.errors import AgmcError
+from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.networks import check_new_output, load_network, mark_trained_slim, save_network, save_quantized
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.report import plot_keep, plot_rewards
@@ -105,7 +105,15 @@ def search_options(args, resume=False):
 def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None, seed=None):
     """Train the slimmed (or sparse: its zeros stay zero) network of `search_dir` in `search_dir/finetune` (data
     order from `seed`, default the network's training seed); returns its final metrics."""
-    module, variables, config = load_network(Path(search_dir) / "slim")
+    search_dir = Path(search_dir)
+    if not (search_dir / "slim").is_dir():
+        what = ("a bit-width search: its network is quantized/, fine-tuned by `agmc compress --stages "
+                "prune,quantize`" if (search_dir / "quantized").is_dir() else
+                "a training workdir: search it first (agmc search --workdir ... --out S), then finetune S"
+                if (search_dir / "config.json").is_file() else "no slim network")
+        raise CheckpointError(f"{search_dir} is not the --out of a pruning search ({what}); give the --out of "
+                              "`agmc search` (channels or weights)")
+    module, variables, config = load_network(search_dir / "slim")
     sparse = not isinstance(module, Slimmed)  # a sparse (fg) export keeps the original module and shapes
     tuned = finetune_config(config, epochs, learning_rate, data_dir, sparse, seed)
     workdir = Path(search_dir) / "finetune"

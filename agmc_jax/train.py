@@ -120,6 +120,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
            f"checkpoint_steps must be an integer at least 0, got {config.checkpoint_steps!r}")
     if config.data_workers is not None:
         data.check_workers(config.data_workers)
+    _check(config.num_classes is None or config.num_classes >= spec.num_classes,
+           f"--classes {config.num_classes} is below the {spec.num_classes} classes of {config.dataset}: its labels "
+           f"would fall outside the network's outputs (the loss is NaN); give --classes {spec.num_classes} or more")
     return dataclasses.replace(config, input_shape=check_input_shape(config.model, config.input_shape or spec.input_shape),
                                num_classes=config.num_classes or spec.num_classes,
                                model_kwargs=_frozen(dict(config.model_kwargs)))

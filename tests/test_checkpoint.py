@@ -62,3 +62,27 @@ def test_the_shipped_baselines_carry_checksums_that_match(baseline):
     assert steps and all((directory / checkpoint.MANIFESTS / f"{step}.json").is_file() for step in steps)
     for step in steps:
         checkpoint._verify(directory, int(step))
+
+
+def test_an_output_another_process_holds_is_in_use_before_anything_else_is_said(tmp_path):
+    """A second command on a busy output names the holder's pid, not "pass --resume" (its files are being written)."""
+    import subprocess
+    import sys
+
+    from agmc_jax.networks import check_new_output
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.json").write_text("{}")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('held', flush=True); "
+                               "time.sleep(60)", str(tmp_path / "out" / checkpoint.LOCK)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CheckpointError, match="in use by another agmc process \\(pid 4242\\)"):
+            check_new_output(tmp_path / "w", tmp_path / "out", resume=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(CheckpointError, match="already holds files"):
+        check_new_output(tmp_path / "w", tmp_path / "out", resume=False)

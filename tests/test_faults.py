@@ -273,6 +273,7 @@ LABELS = np.arange(16, dtype=np.int32) % 10
     (IMAGES, LABELS.astype(np.float32), "integer"),
     (IMAGES, LABELS + 1, "[0, 10)"),
     (IMAGES, LABELS - 1, "[0, 10)"),
+    (np.where(np.arange(16)[:, None, None, None] == 3, np.nan, IMAGES).astype(np.float32), LABELS, "NaN"),
 ])
 def test_the_library_refuses_labels_it_cannot_score(tmp_path, images, labels, words):
     with pytest.raises(DataError) as error:

@@ -268,6 +268,8 @@ def _check_data(data):
                         f"{labels.shape[0]} labels")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"labels must be integer class indices; got dtype {labels.dtype}")
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        raise DataError("the images hold NaN or infinite values; clean or re-normalise them")
     return images, labels
 
 

@@ -116,9 +116,12 @@ _compiled = [0]  # chunks compiled by this process
 
 def compiled(chunk, *args):
     """`chunk` (a `make_chunk`) compiled for `args`: the executable of an earlier chunk that lowered to the same
-    program text, else a new one. Equal text is the same program, so a hit is exact, never an approximation."""
+    program text for arguments of the same structure, shapes and dtypes, else a new one. Equal text is the same
+    program, so a hit is exact, never an approximation."""
     lowered = chunk.lower(*args)
-    key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    leaves, structure = jax.tree.flatten(args)  # the text omits unused arguments: the call must still fit
+    signature = f"{structure}{[(jnp.shape(x), jnp.result_type(x)) for x in leaves]}"
+    key = hashlib.sha256((lowered.as_text() + signature).encode()).hexdigest()
     if key in _programs:
         _programs.move_to_end(key)
     else:
