@@ -463,9 +463,9 @@ class Environment(Budget):
         return logits.astype(jnp.float32), jax.tree.map(lambda n, v: n.astype(v.dtype), new, variables)
 
     def _fit(self, data, counts, variables):
-        """(the policy's keep mask, the SGD optimizer, one step (params, opt_state, images, labels) -> (params,
-        opt_state)) of its masked fine-tune: what it drops stays zero; BatchNorm normalises with each batch's
-        statistics, as in training (pure)."""
+        """(the SGD optimizer, one step (params, opt_state, images, labels) -> (params, opt_state)) of the policy's
+        masked fine-tune: what it drops stays zero; BatchNorm normalises with each batch's statistics, as in
+        training (pure)."""
         keep = self.kind.keep(data["kind"], counts)["params"]
         fit = FitConfig()
         optimizer = make_optimizer(OptimizerSpec(self.config.reward_lr, fit.momentum, fit.weight_decay, "constant",
