@@ -172,9 +172,7 @@ def search_experiment_page(rows) -> str:
     lines += provenance(rows, documented_command("search_experiment.py"))
     default = [r for r in rows if r["method"] == "default"]
     if default:
-        reference = next((r["config"] for r in rows if r["method"] != "default"), {})
-        changed = sorted({f"{k}={v}" for r in default for k, v in r.get("config", {}).items()
-                          if k not in ("method", "seed") and reference.get(k) != v})
+        changed = sorted({f"{k}={v}" for r in default for k, v in _changed(r, rows)})
         lines += ["`default` row's settings beyond the other rows': " + (", ".join(f"`{c}`" for c in changed)
                   or "none") + ".", ""]
     for budget in sorted({r["budget"] for r in rows}):
@@ -202,6 +200,12 @@ def search_experiment_page(rows) -> str:
     return "\n".join(lines)
 
 
+def _changed(default, rows) -> list:
+    """(option, value) of a `default` record's config that differ from the other methods' records."""
+    reference = next((r["config"] for r in rows if r["method"] != "default"), {})
+    return [(k, v) for k, v in default.get("config", {}).items() if k not in ("method", "seed") and reference.get(k) != v]
+
+
 def search_headline(rows) -> str:
     """The README's table: test top-1 after the fine-tune, per budget and method."""
     link = "docs/results/search_experiment.md"
@@ -211,6 +215,7 @@ def search_headline(rows) -> str:
     methods = [m for m in SEARCH_METHODS if any(r["method"] == m for r in rows)]
     dates = sorted({r["date"] for r in rows if r.get("date")})
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
+    tested = ", ".join(sorted({f"`{k}={v}`" for r in rows if r["method"] == "default" for k, v in _changed(r, rows)}))
     lines = ["| budget | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for budget in budgets:
         cells = []
@@ -220,7 +225,8 @@ def search_headline(rows) -> str:
         lines.append(f"| {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [
         "", f"ResNet-20 on Fashion-MNIST (dense 92.70%), test top-1 % after the same fine-tune, mean ± std over n "
-            f"seeds; `default` is `agmc compress`'s defaults. {len(rows)} runs, "
+            f"seeds; `default` is `agmc compress` with the candidate defaults under test ({tested or 'none'}; the "
+            f"page has the command). {len(rows)} runs, "
             f"{' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else 'undated'}, "
             f"{'; '.join(machines) or 'machine not recorded'}: [details and commands]({link})."])
 
