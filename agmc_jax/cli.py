@@ -13,6 +13,7 @@ import sys
 import threading
 import warnings
 
+from agmc_jax.compression import COMPRESS_OPTIONS
 from agmc_jax.env import REWARDS
 from agmc_jax.errors import AgmcError, InputShapeError, UsageError
 from agmc_jax.kinds import KINDS
@@ -196,7 +197,9 @@ def cmd_reproduce(args):
         print(json.dumps(reproduce(config, args.workdir, args.data_dir), indent=1))
 
 
-def _search_arguments(parser, methods_help=""):
+def _search_arguments(parser, methods_help="", defaults=None):
+    """The search's options; `defaults` (`agmc compress`'s: COMPRESS_OPTIONS) replace the screening search's."""
+    defaults = defaults or {}
     parser.add_argument("--method", default="agmc", help=describe_methods() + methods_help)
     parser.add_argument("--target-macs", type=_FRACTION, default=None, help="MACs budget as a fraction (0, 1)")
     parser.add_argument("--target-params", type=_FRACTION, default=None, help="parameter budget as a fraction (0, 1)")
@@ -211,9 +214,13 @@ def _search_arguments(parser, methods_help=""):
     parser.add_argument("--fill", action=argparse.BooleanOptionalAction, default=None,
                         help="raise every policy to the budget, so no layer could keep one more rounding step "
                              "(default: on; --no-fill leaves what the walled actions ask for)")
-    parser.add_argument("--rerank", type=_COUNT, default=0, metavar="K",
+    rerank = parser.add_mutually_exclusive_group()
+    rerank.add_argument("--rerank", type=_COUNT, default=defaults.get("rerank", 0), metavar="K",
                         help="score the K best distinct policies and the uniform rule's by --rerank-steps of masked "
-                             "fine-tuning and keep the best (default: off)")
+                             "fine-tuning and keep the best (a rule's one policy is not re-ranked; default: "
+                             f"{defaults.get('rerank') or 'off'})")
+    rerank.add_argument("--no-rerank", dest="rerank", action="store_const", const=0,
+                        help="keep the search's best policy as it is")
     parser.add_argument("--rerank-steps", type=_COUNT, default=RERANK_STEPS,
                         help=f"SGD steps of the re-rank's fine-tune per candidate (default {RERANK_STEPS})")
     parser.add_argument("--reward-images", type=_COUNT, default=1000, help="validation images scoring each policy")
@@ -222,9 +229,10 @@ def _search_arguments(parser, methods_help=""):
                              "BatchNorm statistics and the export stay float32) | float16")
     parser.add_argument("--lbound", type=_RATIO, default=0.2, help="smallest keep ratio per group")
     parser.add_argument("--round-to", type=_COUNT, default=None, help=ROUND_TO_HELP)
-    parser.add_argument("--criterion", default="l2",
+    parser.add_argument("--criterion", default=defaults.get("criterion", "l2"),
                         help="which channels a count keeps: l1 | l2 | lstsq (l2, then least-squares refit) | "
-                             "infodrop (information dropout learned on the calibration images)")
+                             "infodrop (information dropout learned on the calibration images) (default: "
+                             f"{defaults.get('criterion', 'l2') or 'lstsq for channels, else l2'})")
     parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
                         help="re-estimate each pruned network's BatchNorm statistics on 100 reward images "
                              "before scoring it (default: on)")
@@ -325,7 +333,7 @@ def parser():
     p.add_argument("--data-dir")
     p.add_argument("--finetune-epochs", type=_COUNT, default=1)
     p.add_argument("--lr", type=_POSITIVE, default=0.02)
-    _search_arguments(p, "; autocompress: the autocompress stage in place of prune")
+    _search_arguments(p, "; autocompress: the autocompress stage in place of prune", COMPRESS_OPTIONS)
     p.add_argument("--kind", help="the prune stage's compression kind instead of the method's: "
                                   + " | ".join(k for k in KINDS if k != "bits"))
     p.add_argument("--stages", type=_stages, default=("prune",),

@@ -14,7 +14,7 @@ from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.networks import check_new_output, load_network, mark_trained_slim, save_network, save_quantized
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.report import plot_keep, plot_rewards
-from agmc_jax.search import RERANK_STEPS, SearchConfig, build_config, get_method, search
+from agmc_jax.search import RERANK_STEPS, SearchConfig, build_config, default_criterion, get_method, search
 from agmc_jax.train import TrainConfig, config_from_dict, config_to_dict, resolve_config, started_from, train
 
 
@@ -90,7 +90,8 @@ def write_search(result, out, source, method, config):
 
 
 def search_options(args, resume=False):
-    """`run_search` keyword arguments from the search options of `agmc search` or of a `CompressConfig`."""
+    """`run_search` keyword arguments from the search options of `agmc search` or of a `CompressConfig` (no criterion:
+    the kind's first, see `default_criterion`)."""
     names = ("method", "target_macs", "target_params", "episodes", "seed", "reward_images", "data_dir",
              "reward", "lbound", "round_to", "criterion", "recalibrate_bn", "rerank", "rerank_steps")
     flags = {name: getattr(args, name) for name in ("warmup_episodes", "sigma_decay") if getattr(args, name) is not None}
@@ -98,7 +99,8 @@ def search_options(args, resume=False):
            if getattr(args, name) is not None}
     bits = {name: getattr(args, name) for name in ("kind", "target_size", "min_bit", "max_bit")
             if getattr(args, name, None) is not None}  # bits options: `agmc search` only (compress: its quantize stage)
-    return {**{name: getattr(args, name) for name in names}, **bits, **env, "resume": resume,
+    criterion = args.criterion or default_criterion(args.method, bits.get("kind"))
+    return {**{name: getattr(args, name) for name in names}, **bits, **env, "criterion": criterion, "resume": resume,
             "agent_options": {**flags, **parse_options(args.agent_option)}}
 
 

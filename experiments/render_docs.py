@@ -201,9 +201,11 @@ def search_experiment_page(rows) -> str:
 
 
 def _changed(default, rows) -> list:
-    """(option, value) of a `default` record's config that differ from the other methods' records."""
+    """(option, value) of a `default` record's config that differ from the other methods' records (the budget and
+    the seed aside: every row has its own)."""
     reference = next((r["config"] for r in rows if r["method"] != "default"), {})
-    return [(k, v) for k, v in default.get("config", {}).items() if k not in ("method", "seed") and reference.get(k) != v]
+    return [(k, v) for k, v in default.get("config", {}).items()
+            if k not in ("method", "seed", "target_macs", "target_params") and reference.get(k) != v]
 
 
 def search_headline(rows) -> str:
@@ -225,8 +227,8 @@ def search_headline(rows) -> str:
         lines.append(f"| {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [
         "", f"ResNet-20 on Fashion-MNIST (dense 92.70%), test top-1 % after the same fine-tune, mean ± std over n "
-            f"seeds; `default` is `agmc compress` with the candidate defaults under test ({tested or 'none'}; the "
-            f"page has the command). {len(rows)} runs, "
+            f"seeds; `default` is `agmc compress`'s defaults ({tested or 'none'} beyond the other rows'; "
+            f"[why](docs/defaults.md)). {len(rows)} runs, "
             f"{' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else 'undated'}, "
             f"{'; '.join(machines) or 'machine not recorded'}: [details and commands]({link})."])
 

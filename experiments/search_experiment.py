@@ -4,7 +4,8 @@ For each budget, seed and method, one `agmc_jax.compress` of the trained network
 fine-tune of `agmc compress`: the same for every method), the test accuracy after it, the wall time of the
 search (re-rank included, reported apart from the fine-tune) and the SGD steps the search trained (finetuned
 reward and re-rank). "default" is `agmc compress` with its defaults plus `--default` (JSON of CompressConfig
-fields: the candidate defaults under test); the others are `--method NAME` with the same episodes.
+fields: candidate defaults under test); the others are `--method NAME` with the same episodes, screened as
+published: channels chosen by L2 norm, no refit, no re-rank (`AS_PUBLISHED`).
 
 Every run writes `OUT/BUDGET/METHOD/seedS.json` when it finishes (its compress output resumes under
 `--work`); rerunning skips finished runs. `--report FILE` renders the table (mean ± std over seeds, and
@@ -12,7 +13,7 @@ whether the default beats the uniform rule by more than two standard deviations)
 
     python experiments/search_experiment.py --workdir agmc_jax/baselines/resnet20_fashion_mnist \
         --out experiments/results/search_experiment --work runs/search_experiment \
-        --budgets macs=0.5,macs=0.25,params=0.1 --seeds 0,1,2 --default '{"rerank": 4}'
+        --budgets macs=0.5,macs=0.25,params=0.1 --seeds 0,1,2
 """
 import argparse
 import json
@@ -27,6 +28,7 @@ import numpy as np
 import agmc_jax
 
 METHODS = ("default", "uniform", "amc", "random", "annealing")
+AS_PUBLISHED = {"criterion": "l2", "rerank": 0}  # the other rows' settings, whatever compress's defaults become
 
 
 def parse_budget(text) -> dict:
@@ -39,7 +41,7 @@ def run(args, budget, method, seed, defaults) -> dict:
     """One compression; returns its record."""
     options = {**parse_budget(budget), "seed": seed, "episodes": args.episodes,
                "reward_images": args.reward_images}
-    options.update(defaults if method == "default" else {"method": method})
+    options.update(defaults if method == "default" else {"method": method, **AS_PUBLISHED})
     config = agmc_jax.CompressConfig(**options)
     began = time.perf_counter()
     done = agmc_jax.compress(config, Path(args.work) / budget / method / f"seed{seed}", workdir=args.workdir,

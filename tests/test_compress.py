@@ -13,9 +13,10 @@ import pytest
 
 import agmc_jax
 from agmc_jax import data
-from agmc_jax.cli import main
+from agmc_jax.cli import main, parser
 from agmc_jax.errors import BudgetError, CheckpointError, DataNotFoundError, InputShapeError, UsageError
 from agmc_jax.graph import trace
+from agmc_jax.pipeline import search_options
 from agmc_jax.portable import export_network, load_exported
 from agmc_jax.stages import STAGES, Stage
 from tests.test_cli import BASELINE, run
@@ -53,9 +54,11 @@ def _top1(module, variables, images, labels, spec):
 
 def test_compress_a_users_module_and_arrays(tmp_path, user_network):
     """The report's costs are the slim network's traced costs and meet the budget within a rounding step; its test
-    accuracy is what an independent evaluation of the returned network gives; a resumed call returns the same."""
+    accuracy is what an independent evaluation of the returned network gives; the default re-rank's candidates are
+    reported, the exported policy first; a resumed call returns the same."""
     module, variables, arrays = user_network
-    config = agmc_jax.CompressConfig(method="random", target_macs=0.5, episodes=4, reward_images=128, round_to=1)
+    config = agmc_jax.CompressConfig(method="random", target_macs=0.5, episodes=4, reward_images=128, round_to=1,
+                                     rerank_steps=2)
     result = agmc_jax.compress(config, tmp_path / "c", module=module, variables=variables, data=arrays)
     report = result.report
     dense = trace(module, variables, (28, 28, 1))
@@ -64,6 +67,9 @@ def test_compress_a_users_module_and_arrays(tmp_path, user_network):
     assert report["params"]["slim"] == slim.params and report["macs"]["ratio"] <= 0.5
     assert report["macs"]["ratio"] > 0.5 - max(l.macs / l.out_channels for l in dense.layers) / dense.macs
     assert report["model"] == "TwoBranch" and report["dataset"].startswith("arrays-")
+    ranked = report["rerank"]
+    assert 2 <= len(ranked) <= 5 and any(c["name"].endswith("uniform rule") for c in ranked)
+    assert ranked[0]["finetuned_top1"] == max(c["finetuned_top1"] for c in ranked)
     spec = data.dataset_spec(report["dataset"])
     assert report["accuracy"]["finetuned"]["test"] == pytest.approx(
         _top1(result.module, result.variables, *arrays["test"], spec), abs=1e-6)
@@ -111,7 +117,7 @@ def test_a_stage_registered_outside_the_package_runs_after_prune(capsys, tmp_pat
     """The new stage runs on the fine-tuned network, from the library and the command line (listed in its help),
     adds its section to both reports, and its artifact computes the compressed network's logits."""
     config = agmc_jax.CompressConfig(stages=("portable", "prune"), method="random", target_macs=0.5, episodes=3,
-                                     reward_images=64)
+                                     reward_images=64, rerank=0)
     assert config.stages == ("prune", "portable")
     result = agmc_jax.compress(config, tmp_path / "c", workdir=BASELINE)
     assert "## Portable export" in (tmp_path / "c" / "report.md").read_text()
@@ -121,7 +127,7 @@ def test_a_stage_registered_outside_the_package_runs_after_prune(capsys, tmp_pat
     (tmp_path / "c" / "report.json").unlink()
     status, _, err = run(capsys, "compress", "--workdir", str(BASELINE), "--out", str(tmp_path / "c"), "--resume",
                          "--stages", "prune,portable", "--method", "random", "--target-macs", "0.5",
-                         "--episodes", "3", "--reward-images", "64")  # the same run, resumed: the stage runs again
+                         "--episodes", "3", "--reward-images", "64", "--no-rerank")  # resumed: the stage runs again
     assert status == 0, err
     assert json.loads((tmp_path / "c" / "report.json").read_text())["portable"] == result.report["portable"]
     with pytest.raises(SystemExit):
@@ -208,3 +214,21 @@ def test_a_second_process_on_the_same_output_stops_in_one_line(capsys, tmp_path)
         holder.wait(timeout=60)
     status, _, err = run(capsys, *search)
     assert status == 0, err
+
+
+def test_compress_screens_by_least_squares_and_reranks_by_default_and_search_does_not():
+    """`agmc compress`'s defaults (the proxy study's): lstsq where the kind refits channels, l2 where it keeps
+    weights, a re-rank of 4; `agmc search` keeps the plain screening; `--no-rerank` turns it off, `--rerank 0` is
+    refused."""
+    def options(*argv):
+        return vars(parser().parse_args([*argv, "--workdir", "w", "--out", "o"]))
+
+    config = agmc_jax.CompressConfig(target_macs=0.5)
+    assert (config.rerank, search_options(config)["criterion"]) == (4, "lstsq")
+    assert search_options(agmc_jax.CompressConfig(kind="weights", target_params=0.5))["criterion"] == "l2"
+    assert search_options(agmc_jax.CompressConfig(method="fg", target_params=0.5))["criterion"] == "l2"
+    assert (options("compress")["rerank"], options("compress")["criterion"]) == (4, None)
+    assert options("compress", "--no-rerank")["rerank"] == 0
+    assert (options("search")["rerank"], options("search")["criterion"]) == (0, "l2")
+    with pytest.raises(SystemExit):
+        options("compress", "--rerank", "0")

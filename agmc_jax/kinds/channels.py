@@ -36,6 +36,7 @@ class Channels:
     unit = "channels"
     export_name = "slim"
     default_budget = {"target_macs": 0.5}
+    criteria = ("lstsq", "l2", "l1", "infodrop")  # `agmc compress`'s default first: the proxy study's best cheap proxy
 
     def __init__(self, net, config):
         self.net, self.criterion = net, config.criterion

@@ -23,6 +23,7 @@ class Columns(InPlace):
     unit = "columns"
     export_name = "sparse"
     default_budget = {"target_macs": 0.5}
+    criteria = ("l2", "l1")
 
     def __init__(self, net, config):
         if config.criterion not in NORMS:

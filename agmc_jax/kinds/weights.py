@@ -44,6 +44,7 @@ class Weights(InPlace):
     unit = "weights"
     export_name = "sparse"
     default_budget = {"target_params": 0.5}
+    criteria = ("l2", "l1")
 
     def __init__(self, net, config):
         if config.criterion not in ("l1", "l2"):

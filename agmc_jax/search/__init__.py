@@ -24,8 +24,8 @@ from agmc_jax.graph import trace
 from agmc_jax.quant import FLOAT_BITS, save_packed
 from agmc_jax.search.loop import Runner, compiled, make_chunk, place
 from agmc_jax.search.rerank import RERANK_STEPS, Candidate, candidates, rerank
-from agmc_jax.search.registry import (METHODS, Method, UnknownMethodError, describe_methods, get_method,
-                                      register_method, with_kind)
+from agmc_jax.search.registry import (METHODS, Method, UnknownMethodError, default_criterion, describe_methods,
+                                      get_method, register_method, with_kind)
 
 
 class SearchConfig(NamedTuple):
@@ -339,31 +339,34 @@ def search(module, variables, data, method="agmc", target_macs=None, target_para
     fingerprint = _fingerprint(env, config, variables, data, train_data)
     judge = _judge(chosen, module, variables, data, config, mesh, train_data)
     if chosen.rule is not None:
-        return _finish(_reranked(_rule(env, chosen.rule, directory, fingerprint), judge, config), out)
+        return _finish(_rule(env, chosen.rule, directory, fingerprint), out)
     history, agent_state = _run(env, chosen, config, directory, fingerprint, out, progress)
     best = int(np.argmax(history.rewards))
     result = SearchResult(env, history.counts[best].copy(), float(history.rewards[best]),
                           float(history.accuracies[best]), [history.record(env, e) for e in range(len(history.rewards))],
                           agent_state)
-    return _finish(_reranked(result, judge, config, history), out)
+    return _finish(_reranked(result, judge, config, history, progress), out)
 
 
 def _judge(method, module, variables, data, config: SearchConfig, mesh, train_data):
-    """The re-ranking environment (the search's, with `rerank_steps` of masked fine-tuning), or None without rerank;
-    built before the search so that missing training data is refused before the first episode."""
-    if not config.rerank:
+    """The re-ranking environment (the search's, with `rerank_steps` of masked fine-tuning), or None without rerank or
+    for a rule (one policy: nothing to choose); built before the search so that missing training data is refused
+    before the first episode."""
+    if not config.rerank or method.rule is not None:
         return None
     env_config = config.env._replace(reward="finetuned", reward_steps=config.rerank_steps)
     return environment(method, module, variables, data, config._replace(env=env_config), mesh, train_data)
 
 
-def _reranked(result, judge, config: SearchConfig, history=None):
+def _reranked(result, judge, config: SearchConfig, history, progress=False):
     """`result` with its policy replaced by the best re-ranked candidate (itself without a judge)."""
     if judge is None:
         return result
-    counts = result.counts[None] if history is None else history.counts
-    rewards = np.float32([result.reward]) if history is None else history.rewards
-    ranked = rerank(judge, candidates(result.env, counts, rewards, config.rerank))
+    named = candidates(result.env, history.counts, history.rewards, config.rerank)
+    if progress and jax.process_index() == 0:
+        print(f"agmc: re-ranking {len(named)} policies (the search's best and the uniform rule's) by "
+              f"{config.rerank_steps} masked SGD steps each", file=sys.stderr, flush=True)
+    ranked = rerank(judge, named)
     best = ranked[0]
     accuracy = float(result.env.accuracy(best.counts[None])[0])
     reward = best.reward if not np.isnan(best.reward) else float(
@@ -453,4 +456,4 @@ def _finish(result, out):
 
 
 __all__ = ["Candidate", "METHODS", "RERANK_STEPS", "Method", "SearchConfig", "SearchResult", "UnknownMethodError", "build_config",
-           "check_output", "describe_methods", "environment", "get_method", "register_method", "search", "with_kind"]
+           "check_output", "default_criterion", "describe_methods", "environment", "get_method", "register_method", "search", "with_kind"]

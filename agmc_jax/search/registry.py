@@ -75,6 +75,12 @@ def with_kind(method: Method, kind: str | None) -> Method:
     return method._replace(kind=KINDS[kind])
 
 
+def default_criterion(method: str, kind: str | None = None) -> str:
+    """The channel criterion `agmc compress` uses when none is given: the first of the kind's `criteria` (l2 for a
+    kind that lists none)."""
+    return getattr(with_kind(get_method(method), kind).kind, "criteria", ("l2",))[0]
+
+
 def describe_methods() -> str:
     """One line of help: every method and what it is."""
     return "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())

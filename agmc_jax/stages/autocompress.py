@@ -21,7 +21,7 @@ AUTOCOMPRESS = "autocompress"
 
 def _env_options(config) -> dict:
     return {"lbound": config.lbound, "round_to": config.round_to, "reward": config.reward,
-            "criterion": config.criterion, "recalibrate_bn": config.recalibrate_bn}
+            "criterion": config.criterion or "l2", "recalibrate_bn": config.recalibrate_bn}
 
 
 def check(config) -> None:

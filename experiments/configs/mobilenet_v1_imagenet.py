@@ -20,5 +20,5 @@ def get_config() -> ml_collections.ConfigDict:
                   "input_shape": None, "model_kwargs": {"width": 1.0}},
         "compress": {"method": "amc", "target_macs": 0.5, "episodes": 400, "warmup_episodes": 100,
                      "reward": "acc", "reward_images": 3000, "lbound": 0.2, "round_to": 8, "criterion": "lstsq",
-                     "finetune_epochs": 30, "lr": 0.01, "seed": 0},
+                     "rerank": 0, "finetune_epochs": 30, "lr": 0.01, "seed": 0},
     })

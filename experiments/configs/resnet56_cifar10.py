@@ -19,5 +19,5 @@ def get_config() -> ml_collections.ConfigDict:
                   "input_shape": None},
         "compress": {"method": "amc", "target_macs": 0.5, "episodes": 400, "warmup_episodes": 100,
                      "reward": "acc", "reward_images": 5000, "lbound": 0.2, "round_to": 8, "criterion": "l2",
-                     "finetune_epochs": 40, "lr": 0.02, "seed": 0},
+                     "rerank": 0, "finetune_epochs": 40, "lr": 0.02, "seed": 0},
     })

@@ -19,5 +19,5 @@ def get_config() -> ml_collections.ConfigDict:
                   "input_shape": None},
         "compress": {"method": "ppo", "target_macs": 0.49, "episodes": 400, "reward": "acc_flops",
                      "reward_images": 5000, "lbound": 0.1, "round_to": 8, "criterion": "infodrop",
-                     "finetune_epochs": 40, "lr": 0.02, "seed": 0},
+                     "rerank": 0, "finetune_epochs": 40, "lr": 0.02, "seed": 0},
     })
