@@ -31,7 +31,7 @@ BEGIN, END = "<!-- results:begin (experiments/render_docs.py writes this table) 
 REFRESH = "python experiments/render_docs.py"
 PROXY_REPORT = ("python experiments/proxy_study.py --out experiments/results/proxy_study --report "
                 "docs/proxy_study.md")
-SEARCH_METHODS = ("default", "uniform", "amc", "random", "annealing")
+SEARCH_METHODS = ("default", "uniform", "uniform_lstsq", "amc", "random", "annealing")
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI

@@ -5,11 +5,12 @@ fine-tune of `agmc compress`: the same for every method), the test accuracy afte
 search (re-rank included, reported apart from the fine-tune) and the SGD steps the search trained (finetuned
 reward and re-rank). "default" is `agmc compress` with its defaults plus `--default` (JSON of CompressConfig
 fields: candidate defaults under test); the others are `--method NAME` with the same episodes, screened as
-published: channels chosen by L2 norm, no refit, no re-rank (`AS_PUBLISHED`).
+published: channels chosen by L2 norm, no refit, no re-rank (`AS_PUBLISHED`); `uniform_lstsq` is the rule with the
+default's least-squares refit, to tell the refit's share from the search's.
 
 Every run writes `OUT/BUDGET/METHOD/seedS.json` when it finishes (its compress output resumes under
-`--work`); rerunning skips finished runs. `--report FILE` renders the table (mean ± std over seeds, and
-whether the default beats the uniform rule by more than two standard deviations) from those files.
+`--work`); rerunning skips finished runs. `python experiments/render_docs.py` renders the table (mean ± std over
+seeds, and whether the default beats the uniform rule by more than two standard deviations) from those files.
 
     python experiments/search_experiment.py --workdir agmc_jax/baselines/resnet20_fashion_mnist \
         --out experiments/results/search_experiment --work runs/search_experiment \
@@ -23,12 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 import agmc_jax
 
-METHODS = ("default", "uniform", "amc", "random", "annealing")
 AS_PUBLISHED = {"criterion": "l2", "rerank": 0}  # the other rows' settings, whatever compress's defaults become
+METHODS = {"default": {}, "uniform": {"method": "uniform", **AS_PUBLISHED},
+           "uniform_lstsq": {"method": "uniform", "criterion": "lstsq"},  # the rule with the default's refit
+           **{name: {"method": name, **AS_PUBLISHED} for name in ("amc", "random", "annealing")}}
 
 
 def parse_budget(text) -> dict:
@@ -41,7 +42,7 @@ def run(args, budget, method, seed, defaults) -> dict:
     """One compression; returns its record."""
     options = {**parse_budget(budget), "seed": seed, "episodes": args.episodes,
                "reward_images": args.reward_images}
-    options.update(defaults if method == "default" else {"method": method, **AS_PUBLISHED})
+    options.update(defaults if method == "default" else METHODS[method])
     config = agmc_jax.CompressConfig(**options)
     began = time.perf_counter()
     done = agmc_jax.compress(config, Path(args.work) / budget / method / f"seed{seed}", workdir=args.workdir,
@@ -62,36 +63,6 @@ def run(args, budget, method, seed, defaults) -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def report(out: Path, target: Path) -> str:
-    """The Markdown table of every finished run under `out`."""
-    records = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/seed*.json"))]
-    lines = ["# Does the search earn its keep? (issue #22's experiment)", "",
-             f"Generated from `{out}` by `python experiments/search_experiment.py --out {out} --report {target}`.", ""]
-    for budget in sorted({r["budget"] for r in records}):
-        rows = [r for r in records if r["budget"] == budget]
-        lines += [f"## {budget}", "", "| method | seeds | test top-1 (%) | MACs kept | params kept | search training "
-                  "steps | wall s (all) |", "|---|---|---|---|---|---|---|"]
-        stats = {}
-        for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
-            mine = [r for r in rows if r["method"] == method]
-            test = 100 * np.array([r["test"] for r in mine])
-            stats[method] = (test.mean(), test.std())
-            lines.append(f"| {method} | {len(mine)} | {test.mean():.2f} ± {test.std():.2f} | "
-                         f"{np.mean([r['macs_ratio'] for r in mine]):.3f} | "
-                         f"{np.mean([r['params_ratio'] for r in mine]):.3f} | "
-                         f"{np.mean([r['search_training_steps'] for r in mine]):.0f} | "
-                         f"{np.mean([r['seconds_total'] for r in mine]):.0f} |")
-        if {"default", "uniform"} <= set(stats):
-            (mean, std), (rule, rule_std) = stats["default"], stats["uniform"]
-            margin = 2 * max(std, rule_std)
-            lines += ["", f"default - uniform rule: {mean - rule:+.2f} points; more than two standard deviations "
-                          f"({margin:.2f}): {'yes' if mean - rule > margin else 'no'}."]
-        lines.append("")
-    text = "\n".join(lines)
-    target.write_text(text)
-    return text
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="agmc_jax/baselines/resnet20_fashion_mnist")
@@ -103,12 +74,8 @@ def main():
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--reward-images", type=int, default=1000)
     parser.add_argument("--default", default="{}", help="JSON of CompressConfig fields for the default row")
-    parser.add_argument("--report", help="render the table of finished runs to this Markdown file and stop")
     args = parser.parse_args()
     out = Path(args.out)
-    if args.report:
-        print(report(out, Path(args.report)))
-        return
     defaults = json.loads(args.default)
     for seed in [int(s) for s in args.seeds.split(",")]:  # seed by seed: an interrupted run has whole seeds
         for budget in args.budgets.split(","):
