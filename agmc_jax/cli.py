@@ -393,12 +393,14 @@ def _plugins(argv) -> list:
     return rest
 
 
-def _join(args) -> None:
+def _join(args, watch: bool) -> None:
     """Join a multi-process run when the command line (or $AGMC_COORDINATOR, $AGMC_NUM_PROCESSES,
-    $AGMC_PROCESS_ID) says so; `--distributed` asks the platform."""
+    $AGMC_PROCESS_ID) says so; `--distributed` asks the platform. With `watch` (an `agmc` process) the command runs
+    in a supervised child instead."""
     import os
 
-    from agmc_jax.hosts import check_same_options, initialize
+    from agmc_jax.hosts import check_same_options, heartbeat_seconds, initialize
+    from agmc_jax.supervisor import supervise, supervised
 
     def variable(name):
         text = os.environ.get(name)
@@ -410,6 +412,8 @@ def _join(args) -> None:
     count = args.num_processes or variable("AGMC_NUM_PROCESSES")
     index = args.process_id if args.process_id is not None else variable("AGMC_PROCESS_ID")
     if coordinator or count is not None or index is not None or args.distributed:
+        if watch and not supervised():  # this process watches a child that joins (a dead peer: one line)
+            _stop(supervise(args.command, heartbeat_seconds()), False)
         initialize(coordinator, count, index)
         import jax
 
@@ -446,7 +450,7 @@ def main(argv=None):
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)
     try:
-        _join(args)
+        _join(args, not in_process)
         args.run(args)
     except AgmcError as error:
         print(f"agmc {args.command}: error: {error}", file=sys.stderr)

@@ -4,13 +4,22 @@ One process runs per host; they form one mesh over every device, each reads its 
 process 0 writes logs, reports and exports (`train`, `checkpoint.locked`). CPU devices talk through gloo.
 """
 import hashlib
+import os
 
 import jax
 import numpy as np
 
 from agmc_jax.errors import UsageError
 
-HEARTBEAT_SECONDS = 60  # a peer silent this long has died: the others stop with JAX's error naming its task
+HEARTBEAT_SECONDS = 60  # a peer silent this long has died: the others stop, naming it ($AGMC_HEARTBEAT_SECONDS)
+
+
+def heartbeat_seconds() -> int:
+    """How long a silent peer is waited for: $AGMC_HEARTBEAT_SECONDS (a whole number of seconds), else 60."""
+    text = os.environ.get("AGMC_HEARTBEAT_SECONDS", str(HEARTBEAT_SECONDS))
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UsageError(f"$AGMC_HEARTBEAT_SECONDS must be a whole number of seconds, got {text!r}")
+    return int(text)
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
@@ -27,7 +36,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout,
-                                   heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
+                                   heartbeat_timeout_seconds=heartbeat_seconds())
     except (RuntimeError, ValueError) as error:
         line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot join the multi-process run{f' at {coordinator}' if coordinator else ''} ({line}); "

@@ -5,10 +5,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from agmc_jax.train import load_trained
 
@@ -155,3 +157,64 @@ def test_processes_started_with_different_options_stop_in_one_line(tmp_path):
         lines = [line for line in err.splitlines() if line.startswith("agmc")]
         assert proc.returncode == 2 and lines == [lines[0]] and "process 1 was started with other options" in lines[0]
     assert not (tmp_path / "s").exists()
+
+
+NATIVE_ABORT = b"""E1207 10:56:27.338958   22839 coordination_service.cc:1549] [1] Use error polling to propagate the following \
+error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
+1
+The tasks have crashed. Check the task logs for an earlier error. [type.googleapis.com/tensorflow.CoordinationServiceError='']
+F1207 10:56:27.339883   22850 client.h:80] Terminating process because the JAX distributed service detected fatal \
+errors. absl::Status: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
+1
+The tasks have crashed.
+
+RPC: /xla.coordination.CoordinationService/PollForError [type.googleapis.com/tensorflow.CoordinationServiceError='']
+agmc train: error: cannot write checkpoint w/checkpoints/96 (TimeoutError: Timed out while waiting for a barrier.)
+*** Check failure stack trace: ***
+    @     0x7f5c3fa40634  absl::lts_20260107::log_internal::LogMessage::SendToLog()
+"""  # what a survivor wrote when its peer was killed (jax 0.10.2, gloo), its own last line included
+
+
+def test_the_supervisor_passes_output_through_and_holds_jaxs_abort_for_one_line():
+    """Progress bars and printed lines pass as they come; JAX's native log and the command's error line are held;
+    from them the dead peer is named, or the lost coordinator; any other failure names nothing (its lines shown)."""
+    import io
+
+    from agmc_jax.supervisor import lost_peer, relay
+
+    read, write = os.pipe()
+    os.write(write, b"epoch 1 step 10\nsearch:  50%|#####     | 5/10\rsearch: 100%|##########| 10/10\n" + NATIVE_ABORT)
+    os.close(write)
+    shown = io.BytesIO()
+    held = relay(read, shown)
+    assert shown.getvalue() == b"epoch 1 step 10\nsearch:  50%|#####     | 5/10\rsearch: 100%|##########| 10/10\n"
+    assert held == NATIVE_ABORT
+    assert lost_peer(held, 60) == ("process 1 of the run stopped answering (no heartbeat for 60 s) and the others "
+                                   "cannot go on without it")
+    gone = (b"F1207 11:05:46.017436   28632 client.h:80] Terminating process because the JAX distributed service "
+            b"detected fatal errors. absl::Status: UNAVAILABLE: Failed to send RPC to coordination service. Either "
+            b"the leader task died.\n\nRPC: /xla.coordination.CoordinationService/GetKeyValue\n")
+    assert lost_peer(gone, 60) == ("lost the run's coordination service (UNAVAILABLE: Failed to send RPC to "
+                                   "coordination service in GetKeyValue): process 0 died or cannot be reached")
+    assert lost_peer(b"agmc train: error: something else\n", 60) is None
+
+
+@pytest.mark.slow  # a minute of two processes starting on a loaded machine: run with -m slow
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_dead_peer_stops_the_other_process_in_one_line(tmp_path, victim):
+    """`agmc train` as 2 processes; one is killed once training has started (its supervisor, and with it the child):
+    the survivor stops within the heartbeat with one line naming what died, exit status 1."""
+    port = _port()
+    procs = [_agmc(["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *TRAIN[:7],
+                    "--epochs", "30", "--batch-size", "32", "--workdir", str(tmp_path / "w")], 2, {"AGMC_HEARTBEAT_SECONDS": "5"})
+             for i in range(2)]
+    deadline = time.time() + 300
+    while not list((tmp_path / "w").glob("checkpoints/*")) and time.time() < deadline:
+        time.sleep(0.2)
+    procs[victim].kill()
+    start = time.time()
+    _, err = procs[1 - victim].communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert procs[1 - victim].returncode == 1 and len(lines) == 1, err[-3000:]
+    assert ("process 1 of the run stopped answering" if victim else "process 0 died") in lines[0]
+    assert time.time() - start < 60
