@@ -163,7 +163,8 @@ def cmd_search(args):
 def cmd_finetune(args):
     from agmc_jax.pipeline import finetune
 
-    print(json.dumps(finetune(args.search_dir, epochs=args.epochs, learning_rate=args.lr), indent=1))
+    print(json.dumps(finetune(args.search_dir, epochs=args.epochs, learning_rate=args.lr,
+                              data_workers=args.data_workers), indent=1))
 
 
 def cmd_compress(args):
@@ -182,6 +183,8 @@ def cmd_export(args):
     print(json.dumps({"network": str(source), "out": args.out, **description}, indent=1))
 
 
+DATA_WORKERS_HELP = ("processes that decode and augment the training images (0: in the training process; default: "
+                     "0 for data held in memory, else the cores but one, at most 16)")
 ROUND_TO_HELP = ("round channel counts to multiples of this (default: 8 for groups of 16 channels or more, "
                  "exact below; --round-to 1: exact everywhere)")
 
@@ -284,9 +287,7 @@ def parser():
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16 (parameters, optimizer and "
                                                       "BatchNorm statistics stay float32; fine-tuning inherits it) | "
                                                       "float16")
-    p.add_argument("--data-workers", type=_NATURAL, help="processes that decode and augment the training images (0: "
-                                                         "in the training process; default: 0 for data held in memory, "
-                                                         "else the cores but one, at most 16)")
+    p.add_argument("--data-workers", type=_NATURAL, help=DATA_WORKERS_HELP)
     p.add_argument("--checkpoint-steps", type=_NATURAL, default=0,
                    help="also checkpoint every this many steps inside an epoch (default 0: at epoch ends only)")
     p.set_defaults(run=cmd_train)
@@ -324,6 +325,7 @@ def parser():
     p.add_argument("search_dir")
     p.add_argument("--epochs", type=_COUNT, default=3)
     p.add_argument("--lr", type=_POSITIVE, default=0.02)
+    p.add_argument("--data-workers", type=_NATURAL, help=DATA_WORKERS_HELP)
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("compress", help="baseline -> search -> slim -> fine-tune -> report")
@@ -344,6 +346,7 @@ def parser():
     p.add_argument("--min-bit", dest="quant_min_bit", type=_BITS, help="quantize: fewest weight bits (default 2)")
     p.add_argument("--max-bit", dest="quant_max_bit", type=_BITS, help="quantize: most weight bits (default 8)")
     p.add_argument("--qat-epochs", type=_COUNT, default=1, help="quantize: quantization-aware fine-tuning epochs")
+    p.add_argument("--data-workers", type=_NATURAL, help="the fine-tunes' " + DATA_WORKERS_HELP)
     p.set_defaults(run=cmd_compress)
 
     p = sub.add_parser("export", help="write a network as a jax.export artifact that runs without its Python code")

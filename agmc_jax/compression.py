@@ -59,6 +59,7 @@ class CompressConfig:
     quant_max_bit: int | None = None
     qat_epochs: int = 1
     data_dir: str | None = None
+    data_workers: int | None = None  # input processes of the prune and quantize fine-tunes (None: the dataset's)
 
     def __post_init__(self):
         options = self.agent_option.items() if isinstance(self.agent_option, dict) else None

@@ -104,9 +104,10 @@ def search_options(args, resume=False):
             "agent_options": {**flags, **parse_options(args.agent_option)}}
 
 
-def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None, seed=None):
+def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None, seed=None, data_workers=None):
     """Train the slimmed (or sparse: its zeros stay zero) network of `search_dir` in `search_dir/finetune` (data
-    order from `seed`, default the network's training seed); returns its final metrics."""
+    order from `seed`, default the network's training seed; `data_workers` input processes, default the
+    dataset's); returns its final metrics."""
     search_dir = Path(search_dir)
     if not (search_dir / "slim").is_dir():
         what = ("a bit-width search: its network is quantized/, fine-tuned by `agmc compress --stages "
@@ -117,7 +118,7 @@ def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None, seed=None)
                               "`agmc search` (channels or weights)")
     module, variables, config = load_network(search_dir / "slim")
     sparse = not isinstance(module, Slimmed)  # a sparse (fg) export keeps the original module and shapes
-    tuned = finetune_config(config, epochs, learning_rate, data_dir, sparse, seed)
+    tuned = finetune_config(config, epochs, learning_rate, data_dir, sparse, seed, data_workers)
     workdir = Path(search_dir) / "finetune"
     forget_other_start(workdir, variables)
     summary = train(tuned, workdir, module=module, variables=variables)
@@ -134,9 +135,11 @@ def forget_other_start(workdir, variables) -> None:
         shutil.rmtree(workdir)
 
 
-def finetune_config(config_dict, epochs, learning_rate, data_dir=None, sparse=False, seed=None) -> TrainConfig:
-    """The checked training config that fine-tunes a network trained with `config_dict` (its seed unless `seed`)."""
+def finetune_config(config_dict, epochs, learning_rate, data_dir=None, sparse=False, seed=None,
+                    data_workers=None) -> TrainConfig:
+    """The checked training config that fine-tunes a network trained with `config_dict` (its seed unless `seed`;
+    `data_workers` input processes, default the dataset's)."""
     base = config_from_dict(config_dict)
     return resolve_config(dataclasses.replace(base, epochs=epochs, learning_rate=learning_rate, warmup_epochs=0,
                                               data_dir=data_dir or base.data_dir, sparse=sparse,
-                                              seed=base.seed if seed is None else seed))
+                                              seed=base.seed if seed is None else seed, data_workers=data_workers))

@@ -232,3 +232,20 @@ def test_compress_screens_by_least_squares_and_reranks_by_default_and_search_doe
     assert (options("search")["rerank"], options("search")["criterion"]) == (0, "l2")
     with pytest.raises(SystemExit):
         options("compress", "--rerank", "0")
+
+
+def test_the_fine_tunes_take_the_input_workers_asked_for():
+    """`--data-workers` of `agmc compress` and `agmc finetune` reach the fine-tune's training config; a bad count is
+    refused where the config is checked."""
+    from agmc_jax.errors import AgmcError
+    from agmc_jax.pipeline import finetune_config
+    from agmc_jax.train import load_trained
+
+    trained = load_trained(BASELINE)[2]
+    args = parser().parse_args(["compress", "--workdir", "w", "--out", "o", "--data-workers", "3"])
+    assert agmc_jax.CompressConfig.from_options(args).data_workers == 3
+    assert parser().parse_args(["finetune", "s", "--data-workers", "2"]).data_workers == 2
+    assert finetune_config(trained, 1, 0.02, data_workers=2).data_workers == 2
+    assert finetune_config(trained, 1, 0.02).data_workers is None  # the dataset's default, not the baseline run's
+    with pytest.raises(AgmcError, match="worker"):
+        finetune_config(trained, 1, 0.02, data_workers=-1)

@@ -17,7 +17,7 @@ def check(config) -> None:
 
 def check_network(config, network, first) -> None:
     """The fine-tune's settings checked against the network's training config."""
-    finetune_config(network[2], config.finetune_epochs, config.lr, config.data_dir)
+    finetune_config(network[2], config.finetune_epochs, config.lr, config.data_dir, data_workers=config.data_workers)
 
 
 def run(run, source, report):
@@ -30,7 +30,8 @@ def run(run, source, report):
     slim_module, slim_variables, _ = load_network(out / "search" / "slim")
     pruned = accuracies(slim_module, slim_variables, train_config, config.data_dir)
     print(f"  fine-tune the slimmed network, {config.finetune_epochs} epoch(s)", flush=True)
-    tuned = finetune(out / "search", config.finetune_epochs, config.lr, config.data_dir, config.seed)
+    tuned = finetune(out / "search", config.finetune_epochs, config.lr, config.data_dir, config.seed,
+                     config.data_workers)
     policy = result.policy()
     shape = tuple(train_config["input_shape"])
     return {

@@ -36,7 +36,7 @@ def check_network(config, network, first) -> None:
     if first:
         env = search_config(**quantize_options(config)).env
         Budget(KINDS["bits"](trace(module, variables, tuple(train_config["input_shape"])), env), env)
-    finetune_config(train_config, config.qat_epochs, config.lr, config.data_dir)
+    finetune_config(train_config, config.qat_epochs, config.lr, config.data_dir, data_workers=config.data_workers)
 
 
 def run(run, source, report):
@@ -48,7 +48,8 @@ def run(run, source, report):
     module, variables, train_config = load_network(out / "search" / "quantized")
     quantized = accuracies(module, variables, train_config, config.data_dir)
     print(f"  quantization-aware fine-tune, {config.qat_epochs} epoch(s)", flush=True)
-    tuned_config = finetune_config(train_config, config.qat_epochs, config.lr, config.data_dir, seed=config.seed)
+    tuned_config = finetune_config(train_config, config.qat_epochs, config.lr, config.data_dir, seed=config.seed,
+                                   data_workers=config.data_workers)
     workdir = out / "qat"
     forget_other_start(workdir, variables)
     tuned = train(tuned_config, workdir, module=module, variables=variables)
