@@ -17,8 +17,8 @@ from agmc_jax.cli import main, parser
 from agmc_jax.errors import BudgetError, CheckpointError, DataNotFoundError, InputShapeError, UsageError
 from agmc_jax.graph import trace
 from agmc_jax.pipeline import search_options
-from agmc_jax.portable import export_network, load_exported
-from agmc_jax.stages import STAGES, Stage
+from agmc_jax.portable import load_exported
+from agmc_jax.stages import STAGES
 from tests.test_cli import BASELINE, run
 
 
@@ -81,34 +81,12 @@ def test_compress_a_users_module_and_arrays(tmp_path, user_network):
         agmc_jax.compress(config, tmp_path / "c", module=module, variables=other, data=arrays, resume=True)
 
 
-def _export_check(config):
-    """An exported stage's options: none."""
-
-
-def _export_network(network, config, first):
-    """Nothing to check against the input."""
-
-
-def _export_run(run, source, report):
-    """Write the network `source` holds as a jax.export artifact, and its size."""
-    from agmc_jax.networks import load_network
-
-    module, variables, train_config = load_network(source)
-    out = run.out / "portable"
-    if not (out / "export.json").exists():
-        export_network(module, variables, tuple(train_config["input_shape"]), out)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    return {**report, "portable": {"dir": str(out), "bytes": size}}, source
-
-
-def _export_markdown(report):
-    return f"\n## Portable export\n\n{report['portable']['bytes']:,} bytes in {report['portable']['dir']}\n"
-
-
 @pytest.fixture
 def export_stage():
-    agmc_jax.register_stage("portable", Stage(_export_check, _export_network, _export_run, _export_markdown,
-                                              "write the network as a jax.export artifact"))
+    """The stage of `examples/portable_stage.py` registered (again, if an earlier test removed it) for one test."""
+    import importlib
+
+    importlib.reload(importlib.import_module("examples.portable_stage"))
     yield
     del STAGES["portable"]
 
