@@ -218,3 +218,27 @@ def test_a_dead_peer_stops_the_other_process_in_one_line(tmp_path, victim):
     assert procs[1 - victim].returncode == 1 and len(lines) == 1, err[-3000:]
     assert ("process 1 of the run stopped answering" if victim else "process 0 died") in lines[0]
     assert time.time() - start < 60
+
+
+@pytest.mark.slow  # four minutes here (a baseline, then three compress processes): run with -m slow
+def test_two_processes_compress_as_one_process_of_four_devices(tmp_path):
+    """`agmc compress` (random search, a re-rank, slim, fine-tune) as 2 processes writes the report of 1 process of 4
+    devices: the same policy, candidates and costs, accuracies within the gloo drift; one writer."""
+    _one_process([*TRAIN[:7], "--epochs", "1", "--batch-size", "32", "--workdir", str(tmp_path / "base")])
+    compress = ["--plugin", "tests.fmnist_subset", "compress", "--workdir", str(tmp_path / "base"), "--method",
+                "random", "--episodes", "4", "--reward-images", "64", "--target-macs", "0.5", "--rerank", "2",
+                "--rerank-steps", "2", "--finetune-epochs", "1"]
+    _two_processes([*compress, "--out", str(tmp_path / "two")])
+    _one_process([*compress, "--out", str(tmp_path / "one")])
+    two, one = (json.loads((tmp_path / out / "report.json").read_text()) for out in ("two", "one"))
+    for report in (two, one):
+        report.pop("latency_ms_batch128")
+    accuracies = two.pop("accuracy"), one.pop("accuracy")
+    ranked = two.pop("rerank"), one.pop("rerank")  # scored after 2 SGD steps: gloo's drift may flip an image
+    assert len(ranked[0]) == 2 and two == one
+    for a, b in zip(*ranked, strict=True):
+        assert a.pop("finetuned_top1") == pytest.approx(b.pop("finetuned_top1"), abs=2 / 64) and a == b
+    for (stage, splits), (_, others) in zip(*(sorted(a.items()) for a in accuracies)):
+        for split, value in splits.items():
+            assert abs(value - others[split]) <= 2 / 128, (stage, split)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
