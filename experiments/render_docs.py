@@ -32,6 +32,10 @@ REFRESH = "python experiments/render_docs.py"
 PROXY_REPORT = ("python experiments/proxy_study.py --out experiments/results/proxy_study --report "
                 "docs/proxy_study.md")
 SEARCH_METHODS = ("default", "uniform", "uniform_lstsq", "amc", "random", "annealing")
+ROW_NOTES = {  # rows that are not a method of `agmc compress --method`
+    "uniform_lstsq": "the uniform rule with the default's least-squares refit",
+    "default_best": "the default before its re-rank kept the rule within one standard error (exported the best "
+                    "score whatever the margin); see [why the defaults](../defaults.md)"}
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
@@ -190,7 +194,8 @@ def search_experiment_page(rows) -> str:
                          f"{spread([r['params_ratio'] for r in runs], 100, 1)} | "
                          f"{spread([r['search_training_steps'] for r in runs], 1, 0)} | "
                          f"{spread([r['seconds_total'] / 60 for r in runs], 1, 1)} |")
-        lines.append("")
+        for name in [n for n in ROW_NOTES if n in stats]:
+            lines += [f"`{name}`: {ROW_NOTES[name]}.", ""]
         if {"default", "uniform"} <= set(stats):
             (mean, std, n), (rule, rule_std, m) = stats["default"], stats["uniform"]
             margin = 2 * max(std, rule_std)

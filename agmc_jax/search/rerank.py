@@ -3,8 +3,9 @@
 A search screens thousands of policies with a cheap reward; the few it ranks highest, plus the
 one-ratio rule's policy at the same budget (raised to it where the search fills), are each trained
 `rerank_steps` SGD steps with what they drop kept at zero (one compiled, vmapped call) and scored on
-the reward images. The best of them is what the search returns and exports, so a search can only
-lose to the rule where the longer fine-tune misjudges them both.
+the reward images. The best of them is what the search returns and exports, unless the rule's policy scores
+within one standard error of it: then the rule is kept (a gap the reward images cannot resolve is not evidence
+against the policy that is most often best, see docs/defaults.md).
 """
 from typing import NamedTuple
 
@@ -54,8 +55,20 @@ def candidates(env, counts, rewards, top: int) -> list:
 
 def rerank(judge: Environment, named) -> list:
     """Every (name, counts, reward) of `named` scored by `judge` (an environment whose reward finetunes) in one
-    compiled call, best first (ties keep the given order)."""
+    compiled call, best first (ties keep the given order), the uniform rule's first where `within_noise`."""
     scores = judge.accuracy(np.stack([c for _, c, _ in named]).astype(np.int32))
     ranked = [Candidate(name, counts, reward, float(score)) for (name, counts, reward), score in zip(named, scores)]
     order = sorted(range(len(ranked)), key=lambda i: -ranked[i].score)
-    return [ranked[i] for i in order]
+    return rule_first(judge.count, [ranked[i] for i in order])
+
+
+def rule_first(images: int, ranked: list) -> list:
+    """`ranked` with the uniform rule's candidate moved first when the best one beats it by at most one standard
+    error of the difference of two top-1 rates on `images` images."""
+    rule = next((i for i, c in enumerate(ranked) if c.name.endswith("uniform rule")), None)
+    if rule is None or rule == 0:
+        return ranked
+    best, mine = ranked[0].score, ranked[rule].score
+    if best - mine <= np.sqrt((best * (1 - best) + mine * (1 - mine)) / images):
+        return [ranked[rule]] + ranked[:rule] + ranked[rule + 1:]
+    return ranked
