@@ -152,9 +152,33 @@ def calibration_images(config_dict, count=256, data_dir=None):
     return data.load_arrays(config.dataset, "validation", data_dir or config.data_dir, limit=count)[0]
 
 
-def check_new_output(workdir, out, resume=None):
+def _what_it_holds(out: Path) -> str:
+    """What another command left in `out`, for the message that refuses to resume it ('' when unknown)."""
+    if (out / "report.json").exists() or (out / "search").is_dir():
+        return "it is the --out of `agmc compress`"
+    if (out / "search_state").is_dir() or (out / "policy.json").exists():
+        return "it is the --out of `agmc search`"
+    if (out / "config.json").exists() or (out / "checkpoints").is_dir():
+        return "it is a training workdir"
+    return ""
+
+
+def check_resumable(out, command: str, writes) -> None:
+    """Refuse to resume an `out` that holds a name `agmc command` never writes there (another command's output or
+    unrelated files): resuming would start a new run among them. Hidden names (the lock, partial writes) pass."""
+    out = Path(out)
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in writes) \
+        if out.is_dir() else []
+    if foreign:
+        what = _what_it_holds(out) or f"{foreign[0]} is not one of its files"
+        raise CheckpointError(f"--resume: {out} does not hold an `agmc {command}` run ({what}); give the --out of an "
+                              f"earlier `agmc {command}`, or a new --out without --resume")
+
+
+def check_new_output(workdir, out, resume=None, command=None, writes=()):
     """Refuse an `out` that is the input `workdir`, a file, or (unless `resume`) a directory holding files;
-    `resume` is None for commands that cannot resume."""
+    `resume` is None for commands that cannot resume. With `command`, a resumed `out` may hold only the names in
+    `writes` (`check_resumable`)."""
     out = Path(out)
     if out.exists() and Path(workdir).exists() and out.resolve() == Path(workdir).resolve():
         raise CheckpointError(f"--out {out} is the --workdir it reads; choose a new --out")
@@ -165,6 +189,8 @@ def check_new_output(workdir, out, resume=None):
         raise CheckpointError(f"--out {out} cannot be written: {parent} is "
                               f"{'a file' if not parent.is_dir() else 'not writable'}; choose another --out")
     checkpoint.check_free(out)
+    if resume and command:
+        check_resumable(out, command, writes)
     if out.is_dir() and not resume and any(p.name != checkpoint.LOCK for p in out.iterdir()):
         raise CheckpointError(f"{out} already holds files; choose a new --out"
                               + (" or pass --resume to continue what is there" if resume is not None else ""))

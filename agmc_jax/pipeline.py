@@ -18,6 +18,10 @@ from agmc_jax.search import RERANK_STEPS, SearchConfig, build_config, get_method
 from agmc_jax.train import TrainConfig, config_from_dict, config_to_dict, resolve_config, started_from, train
 
 
+SEARCH_OUTPUTS = ("search_state", "episodes.jsonl", "policy.json", "rewards.png", "keep.png", "masked", "slim",
+                  "quantized", "finetune")  # what `agmc search` (and `agmc finetune`) write in its --out
+
+
 def search_config(method="agmc", target_macs=None, target_params=None, episodes=100, seed=0, resume=False,
                   reward_images=1000, agent_options=None, data_dir=None, kind=None, rerank=0, rerank_steps=RERANK_STEPS,
                   **env_options) -> SearchConfig:
@@ -31,7 +35,7 @@ def search_config(method="agmc", target_macs=None, target_params=None, episodes=
 def check_search(workdir, out, resume=False, **options) -> SearchConfig:
     """The settings of `run_search` checked, and `out` checked against `workdir`, before anything is loaded."""
     config = search_config(**options)
-    check_new_output(workdir, out, resume)
+    check_new_output(workdir, out, resume, "search", SEARCH_OUTPUTS)
     return config
 
 

@@ -99,6 +99,9 @@ SEARCH = ("search", *B, *OUT)
     (("search", *B, "--out", "{unfinished}", "--method", "uniform", "--resume", "--reward-images", "64"), "method"),
     (("search", *B, "--out", "{unfinished}", "--method", "random", "--resume", "--reward-images", "1000",
       "--episodes", "2"), "data"),
+    (("search", *B, "--out", "{junk}", "--resume"), "notes.txt is not one of its files"),
+    (("search", *B, "--out", "{L}", "--resume"), "not hold an `agmc search` run (it is a training workdir)"),
+    (("compress", *B, "--out", "{unfinished}", "--resume"), "(it is the --out of `agmc search`)"),
     (("finetune", "{tmp}/s", "--lr", "nan"), "--lr"),
     (("finetune", "{tmp}/s", "--epochs", "0"), "--epochs"),
     (("compress", *B, "--out", "{tmp}/c", "--method", "random", "--agent-option", "sigma_decay=0.5"), "candidates"),
@@ -118,7 +121,9 @@ def test_bad_input_is_one_line_and_exit_status_2_and_changes_nothing(capsys, cap
         shutil.copytree(BASELINE, tmp_path / "L")
     if "{unfinished}" in argv:
         shutil.copytree(unfinished, tmp_path / "unfinished")
-    names = {"{tmp}": str(tmp_path), "{file}": str(tmp_path / "file"), "{L}": str(tmp_path / "L"),
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not a search")
+    names = {"{junk}": str(tmp_path / "junk"), "{tmp}": str(tmp_path), "{file}": str(tmp_path / "file"), "{L}": str(tmp_path / "L"),
              "{unfinished}": str(tmp_path / "unfinished")}
     argv = [functools.reduce(lambda a, name: a.replace(name, names[name]), names, a) for a in argv]
     before = snapshot(tmp_path, BASELINE)
@@ -433,3 +438,4 @@ def test_sigterm_is_one_line_and_status_143(tmp_path):
     lines = [line for line in err.splitlines() if "agmc search:" in line]
     assert proc.returncode == 143 and lines == [lines[0]] and "interrupted" in lines[0], err[-2000:]
     assert "Traceback" not in err
+

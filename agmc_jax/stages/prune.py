@@ -63,4 +63,4 @@ def rerank_markdown(candidates) -> str:
 
 
 register_stage("prune", Stage(check, check_network, run, markdown,
-                              "search keep ratios per channel group, slim and fine-tune"))
+                              "search keep ratios per channel group, slim and fine-tune", ("search",)))
