@@ -10,9 +10,9 @@ import math
 import os
 import signal
 import sys
-import threading
 import warnings
 
+from agmc_jax import interrupts
 from agmc_jax.env import REWARDS
 from agmc_jax.errors import AgmcError, InputShapeError, UsageError
 from agmc_jax.kinds import KINDS
@@ -411,30 +411,10 @@ def _join(args) -> None:
             sys.stdout = open(os.devnull, "w")
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
-
-
-def _terminate(signum, frame):
-    raise _Terminated()
-
-
-def _stop(status: int, in_process: bool) -> None:
-    """Exit with `status`. The `agmc` process ends at once: XLA may still be running a computation in its own
-    threads, and the interpreter's teardown under it crashes (a segfault instead of the status); a caller of `main`
-    in its own process gets `SystemExit`."""
-    if in_process:
-        sys.exit(status)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 def main(argv=None):
     in_process, argv = argv is not None, _plugins(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+    restore = interrupts.install(args.command, at_once=not in_process)
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)
     try:
@@ -443,10 +423,12 @@ def main(argv=None):
     except AgmcError as error:
         print(f"agmc {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, _Terminated) as stop:
-        print(f"agmc {args.command}: interrupted; what was saved stays (rerun with --resume where the command takes "
-              "it)", file=sys.stderr)
-        _stop(143 if isinstance(stop, _Terminated) else 130, in_process)
+    except (KeyboardInterrupt, interrupts.Terminated) as stop:
+        signum = signal.SIGTERM if isinstance(stop, interrupts.Terminated) else signal.SIGINT
+        if not in_process:  # the `agmc` process ends at once
+            interrupts.stop_now(signum)
+        print(f"agmc {args.command}: {interrupts.INTERRUPTED}", file=sys.stderr)
+        sys.exit(interrupts.STATUS[signum])
     except OSError as error:  # a full disk, a read-only or vanished directory, met while writing
         where = f" {error.filename}" if getattr(error, "filename", None) else ""
         print(f"agmc {args.command}: error: cannot use{where}: {error.strerror or error}; free space or fix the "
@@ -454,8 +436,7 @@ def main(argv=None):
         sys.exit(2)
     finally:
         warnings.showwarning = shown
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        restore()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -439,3 +440,45 @@ def test_sigterm_is_one_line_and_status_143(tmp_path):
     assert proc.returncode == 143 and lines == [lines[0]] and "interrupted" in lines[0], err[-2000:]
     assert "Traceback" not in err
 
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_status_130(tmp_path):
+    """A signal while JAX imports (where its garbage-collector callback used to swallow it: exit 0) ends `agmc`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "agmc_jax.cli", "summary", "--model", "lenet5"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    time.sleep(0.8)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.splitlines() == ["agmc: interrupted while starting; nothing was written"]
+
+
+def test_a_ctrl_c_a_garbage_collector_callback_swallows_is_raised_again(capsys):
+    """Python reports a signal's exception inside a gc callback as ignored and goes on: it is raised again, unsaid."""
+    import gc
+    import signal
+    import time
+
+    from agmc_jax import interrupts
+
+    fire = [True]
+
+    def callback(phase, info):
+        if fire:
+            fire.pop()
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the callback
+
+    restore = interrupts.install("search", at_once=False)
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            time.sleep(30)  # where the signal is raised again, at once
+    finally:
+        gc.callbacks.remove(callback)
+        restore()
+    assert not fire and "Exception ignored" not in capsys.readouterr().err

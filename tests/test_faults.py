@@ -281,3 +281,24 @@ def test_the_library_refuses_labels_it_cannot_score(tmp_path, images, labels, wo
                out=tmp_path / "s")
     assert words in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("gap", [0.3, 0.02])
+def test_two_ctrl_c_during_a_search_are_one_line_and_status_130(tmp_path, gap):
+    """A second Ctrl-C while the first one unwinds ends the process at once, with the same one line (it used to end
+    in pages of "Exception ignored in atexit callback")."""
+    out = tmp_path / "s"
+    process = subprocess.Popen([sys.executable, "-m", "agmc_jax.cli", "search", "--workdir", str(BASELINE), "--out",
+                                str(out), "--method", "random", "--episodes", "200", "--reward-images", "200"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 300
+    while not (out / "episodes.jsonl").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    for _ in range(2):
+        process.send_signal(signal.SIGINT)
+        time.sleep(gap)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err and err.count("interrupted") == 1, err
