@@ -4,6 +4,7 @@ One process runs per host; they form one mesh over every device, each reads its 
 process 0 writes logs, reports and exports (`train`, `checkpoint.locked`). CPU devices talk through gloo.
 """
 import hashlib
+import re
 
 import jax
 import numpy as np
@@ -11,6 +12,18 @@ import numpy as np
 from agmc_jax.errors import UsageError
 
 HEARTBEAT_SECONDS = 60  # a peer silent this long has died: the others stop with JAX's error naming its task
+
+
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):([0-9]{1,5})")
+
+
+def check_coordinator(address: str) -> None:
+    """Raise a `UsageError` unless `address` is HOST:PORT with a port in 1..65535 (gRPC, given another, may crash
+    the process instead of failing)."""
+    match = _ADDRESS.fullmatch(address.strip()) if isinstance(address, str) else None
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise UsageError(f"--coordinator must be HOST:PORT with a port in 1..65535 (e.g. 10.0.0.1:1234 or "
+                         f"[::1]:1234), got {address!r}")
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
@@ -24,6 +37,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if num_processes is not None and not (num_processes >= 1 and 0 <= process_id < num_processes):
         raise UsageError(f"--process-id must be in [0, {num_processes}) and --num-processes at least 1, got "
                          f"{process_id} of {num_processes}")
+    if coordinator is not None:
+        check_coordinator(coordinator)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout,
