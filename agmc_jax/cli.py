@@ -411,6 +411,17 @@ def _join(args) -> None:
             sys.stdout = open(os.devnull, "w")
 
 
+def _exit(status: int, in_process: bool) -> None:
+    """Exit with `status` after the one error line. The `agmc` process ends at once: what the interpreter's teardown
+    would run (the failed write's orbax tasks reporting their errors, progress bars redrawn) adds nothing but noise;
+    a caller of `main` in its own process gets `SystemExit`."""
+    if in_process:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv=None):
     in_process, argv = argv is not None, _plugins(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
@@ -422,7 +433,7 @@ def main(argv=None):
         args.run(args)
     except AgmcError as error:
         print(f"agmc {args.command}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2, in_process)
     except (KeyboardInterrupt, interrupts.Terminated) as stop:
         signum = signal.SIGTERM if isinstance(stop, interrupts.Terminated) else signal.SIGINT
         if not in_process:  # the `agmc` process ends at once
@@ -433,7 +444,7 @@ def main(argv=None):
         where = f" {error.filename}" if getattr(error, "filename", None) else ""
         print(f"agmc {args.command}: error: cannot use{where}: {error.strerror or error}; free space or fix the "
               "path and rerun (with --resume where the command takes it)", file=sys.stderr)
-        sys.exit(2)
+        _exit(2, in_process)
     finally:
         warnings.showwarning = shown
         restore()
