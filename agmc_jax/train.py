@@ -12,6 +12,7 @@ import itertools
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 from functools import partial
 from typing import Any, Mapping, NamedTuple
@@ -133,8 +134,32 @@ def config_to_dict(config: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def _takes(annotation, value) -> bool:
+    """Whether a JSON `value` fits a field annotated `annotation` (an int is a float, a list a tuple; a bool is no
+    number)."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return any(isinstance(value, {float: (int, float), tuple: (list, tuple)}.get(kind, kind)) for kind in kinds)
+
+
+def _field_error(values: Mapping, source: str) -> str | None:
+    """What is wrong with the first field of `values` whose value does not fit its `TrainConfig` field (None: none)."""
+    for field in dataclasses.fields(TrainConfig):
+        value = values.get(field.name)
+        if field.name not in values or _takes(field.type, value) and (field.name != "input_shape" or value is None or (
+                len(value) == 3 and all(_takes(int, v) and v > 0 for v in value))):
+            continue
+        expected = "[H, W, C]" if field.name == "input_shape" else str(field.type).replace("<class '", "").strip("'>")
+        return f"{source}: field {field.name} is {json.dumps(value)}, not {expected.replace('None', 'null')}"
+    return None
+
+
 def config_from_dict(values: Mapping, source: str = "config") -> TrainConfig:
-    """A `TrainConfig` from its JSON form; unknown or missing fields are a `CheckpointError`."""
+    """A `TrainConfig` from its JSON form; unknown or missing fields, a field of the wrong type and model_kwargs the
+    model does not take are a `CheckpointError` naming `source` and the field (a hand-edited config.json)."""
+    if not isinstance(values, Mapping):
+        raise CheckpointError(f"{source} is not a JSON object: it was not written by agmc_jax.train")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise CheckpointError(f"{source} has unknown fields {', '.join(unknown)}: it was written by another version")
@@ -142,6 +167,14 @@ def config_from_dict(values: Mapping, source: str = "config") -> TrainConfig:
         config = TrainConfig(**values)
     except TypeError as error:
         raise CheckpointError(f"{source} is incomplete ({error}): it was not written by agmc_jax.train") from error
+    wrong = _field_error(values, source)
+    if wrong:
+        raise CheckpointError(f"{wrong}; restore the file agmc wrote or train again")
+    try:
+        create_model(config.model, config.num_classes, **config.model_kwargs)
+    except TypeError as error:
+        raise CheckpointError(f"{source}: field model_kwargs {config.model_kwargs} does not fit model {config.model} "
+                              f"({error}); restore the file agmc wrote or train again") from None
     return dataclasses.replace(config, input_shape=_frozen(config.input_shape),
                                model_kwargs=_frozen(dict(config.model_kwargs)))
 

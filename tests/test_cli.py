@@ -482,3 +482,17 @@ def test_a_ctrl_c_a_garbage_collector_callback_swallows_is_raised_again(capsys):
         gc.callbacks.remove(callback)
         restore()
     assert not fire and "Exception ignored" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"model_kwargs": {"width": 2.0}}, "field model_kwargs {'width': 2.0} does not fit model lenet5"),
+    ({"num_classes": "ten"}, 'field num_classes is "ten", not int | null'),
+    ({"input_shape": [28, 28]}, "field input_shape is [28, 28], not [H, W, C]"),
+    ({"learning_rate": "0.1"}, 'field learning_rate is "0.1", not float'),
+])
+def test_a_hand_edited_config_is_one_line_naming_the_file_and_field(capsys, tmp_path, edit, words):
+    workdir = tmp_path / "w"
+    shutil.copytree(BASELINE, workdir)
+    (workdir / "config.json").write_text(json.dumps({**json.loads((BASELINE / "config.json").read_text()), **edit}))
+    status, _, err = run(capsys, "evaluate", "--workdir", str(workdir))
+    assert status == 2 and len(err.splitlines()) == 1 and f"{workdir / 'config.json'}: {words}" in err, err
