@@ -141,6 +141,8 @@ def compress(config: CompressConfig, out, *, workdir=None, module=None, variable
         network = load_network(workdir)
     for i, stage in enumerate(config.stages):
         STAGES[stage].check_network(config, network, i == 0)
+        if resume and STAGES[stage].check_resume is not None:
+            STAGES[stage].check_resume(StageRun(config, out, resume))
     train_config = network[2]
     load(train_config["dataset"], "validation", config.data_dir or train_config["data_dir"])  # the reward data found
     with checkpoint.locked(out):

@@ -2,6 +2,7 @@
 building blocks of the compress stages."""
 import dataclasses
 import itertools
+import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from agmc_jax.networks import check_new_output, load_network, mark_trained_slim,
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.report import plot_keep, plot_rewards
 from agmc_jax.search import RERANK_STEPS, SearchConfig, build_config, get_method, search
-from agmc_jax.train import TrainConfig, config_from_dict, config_to_dict, resolve_config, started_from, train
+from agmc_jax.train import (TrainConfig, check_workdir, config_from_dict, config_to_dict, resolve_config, started_from,
+                            train)
 
 
 SEARCH_OUTPUTS = ("search_state", "episodes.jsonl", "policy.json", "rewards.png", "keep.png", "masked", "slim",
@@ -125,6 +127,18 @@ def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None, seed=None)
     summary = train(tuned, workdir, module=module, variables=variables)
     mark_trained_slim(workdir, config_to_dict(tuned))
     return summary
+
+
+def check_tuning(network: Path, workdir: Path, epochs, learning_rate, data_dir=None, seed=None, sparse=None) -> None:
+    """Raise, before anything runs, the `CheckpointError` that training the saved `network` directory in `workdir`
+    would raise once the steps before it are done again: a resumed run given other fine-tuning settings (nothing to
+    check until both exist). `sparse` None: as the network's kind says."""
+    description = Path(network) / "network.json"
+    if not description.is_file() or not (Path(workdir) / "config.json").is_file():
+        return
+    values = json.loads(description.read_text())
+    sparse = values.get("kind") != "slim" if sparse is None else sparse
+    check_workdir(Path(workdir), finetune_config(values["config"], epochs, learning_rate, data_dir, sparse, seed))
 
 
 def forget_other_start(workdir, variables) -> None:

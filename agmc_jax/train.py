@@ -322,6 +322,18 @@ def _check_shape(batch: Mapping, input_shape) -> None:
                               f"configured for {tuple(input_shape)}; set input_shape to match")
 
 
+def _check_input_shape(config: TrainConfig, source) -> None:
+    """Raise `InputShapeError` when the training images (as the pipeline delivers them: resized to the dataset's shape
+    for ImageNet, else as stored) do not have the network's input shape: said before anything is written, not at the
+    first batch."""
+    spec = data.dataset_spec(config.dataset)
+    shape = tuple(spec.input_shape) if spec.augment == "imagenet" or not len(source) else \
+        tuple(np.shape(source.get(np.arange(1))[0][0]))
+    if tuple(config.input_shape) != shape:
+        raise InputShapeError(f"the network's input shape {tuple(config.input_shape)} is not that of the training "
+                              f"images {shape}; leave --input out (or give {','.join(map(str, shape))})")
+
+
 def data_workers(config: TrainConfig) -> int:
     """The input worker processes of `config`: its own number, else the dataset's default."""
     return data.default_workers(data.dataset_spec(config.dataset)) if config.data_workers is None \
@@ -418,7 +430,7 @@ def _check_same_run(saved: Mapping, current: Mapping, where: str) -> None:
         raise CheckpointError(f"{where} belongs to a different run ({detail}); use a new workdir or the same config")
 
 
-def _check_workdir(workdir: Path, config: TrainConfig) -> None:
+def check_workdir(workdir: Path, config: TrainConfig) -> None:
     """Refuse a workdir that is a file, or whose config or checkpoints belong to a different run; touches no file."""
     if workdir.exists() and not workdir.is_dir():
         raise CheckpointError(f"{workdir} is a file; choose a directory for --workdir")
@@ -610,9 +622,10 @@ def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_aft
     `module` and `variables` replace the zoo module and its random initialisation (fine-tuning).
     """
     config, workdir = resolve_config(config), Path(workdir)
-    _check_workdir(workdir, config)
+    check_workdir(workdir, config)
     _check_batch_size(config.batch_size)
     train_source = _source(sources, config, "train")
+    _check_input_shape(config, train_source)
     steps = data.steps_per_epoch(train_source, config.batch_size)
     _check(steps >= 1, f"batch size {config.batch_size} exceeds the {len(train_source)} training examples")
     mesh, optimizer = data_mesh(), optimizer_spec(config, steps)

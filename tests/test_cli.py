@@ -71,6 +71,8 @@ SEARCH = ("search", *B, *OUT)
     (("train", "--model", "lenet5", "--workdir", "{tmp}/w", "--lr", "nan"), "--lr"),
     (("train", "--model", "lenet5", "--workdir", "{tmp}/w", "--epochs", "0"), "--epochs"),
     (("train", "--model", "lenet5", "--workdir", "{tmp}/w", "--classes", "5"), "--classes 5 is below the 10"),
+    (("train", "--model", "lenet5", "--workdir", "{tmp}/w", "--input", "32,32,3"),
+     "(32, 32, 3) is not that of the training images (28, 28, 1); leave --input out"),
     ((*SEARCH, "--reward-dtype", "float8"), "--reward-dtype"),
     (("finetune", "{L}"), "search it first"),
     ((*SEARCH, "--seed", "99999999999999999999999"), "--seed"),
@@ -113,6 +115,8 @@ SEARCH = ("search", *B, *OUT)
     (("compress", *B, "--out", "{tmp}/c", "--data-dir", "/nonexistent"), "/nonexistent"),
     (("compress", *B, "--out", "{tmp}/c", "--reward-images", "64", "--agent-option", "tau=5"), "tau"),
     (("compress", *B, "--out", "{file}"), "is a file"),
+    (("compress", *B, "--out", "{tmp}/c", "--stages", "prune,quantize", "--target-size", "0.001"),
+     "--target-size 0.001 is below what any network reaches"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2_and_changes_nothing(capsys, caplog, tmp_path, prepared, unfinished,
                                                                       argv, words):
@@ -496,3 +500,27 @@ def test_a_hand_edited_config_is_one_line_naming_the_file_and_field(capsys, tmp_
     (workdir / "config.json").write_text(json.dumps({**json.loads((BASELINE / "config.json").read_text()), **edit}))
     status, _, err = run(capsys, "evaluate", "--workdir", str(workdir))
     assert status == 2 and len(err.splitlines()) == 1 and f"{workdir / 'config.json'}: {words}" in err, err
+
+
+@pytest.mark.parametrize("options, words", [
+    (("--finetune-epochs", "2"), "epochs: 1 != 2"),
+    (("--lr", "0.05"), "learning_rate: 0.02 != 0.05"),
+])
+def test_a_resumed_compression_with_other_fine_tuning_is_refused_before_anything_runs(capsys, tmp_path, options,
+                                                                                       words):
+    """What a finished prune stage leaves (its slim network, its fine-tune's config): resuming it with other
+    fine-tuning settings is refused at once, not after the baseline and the search were done again."""
+    from agmc_jax.pipeline import finetune_config
+    from agmc_jax.train import config_to_dict
+
+    base = json.loads((BASELINE / "config.json").read_text())
+    out = tmp_path / "c"
+    (out / "search" / "slim").mkdir(parents=True)
+    (out / "search" / "finetune").mkdir()
+    (out / "search" / "slim" / "network.json").write_text(json.dumps({"kind": "slim", "config": base}))
+    (out / "search" / "finetune" / "config.json").write_text(json.dumps(config_to_dict(finetune_config(base, 1, 0.02))))
+    before = snapshot(tmp_path)
+    status, _, err = run(capsys, "compress", *B, "--out", str(out), "--resume", "--target-macs", "0.5", *options)
+    assert status == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert snapshot(tmp_path) == before
+

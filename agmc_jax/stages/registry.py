@@ -15,7 +15,8 @@ class Stage(NamedTuple):
     run(run, source, report) -> (report with its section, the directory of the network it leaves), resuming
     from what `run.out` holds when `run.resume`; markdown(report) -> its report section ('' without one);
     outputs: the names it writes in `run.out` besides its own name (a resumed compression refuses an --out holding
-    any other).
+    any other); check_resume(run): on resume, raise for what `run.out` holds that the stage would refuse only once
+    the stages before it ran again (None: nothing to check).
     """
 
     check: Callable
@@ -24,6 +25,7 @@ class Stage(NamedTuple):
     markdown: Callable
     description: str
     outputs: tuple = ()
+    check_resume: Callable | None = None
 
 
 class StageRun(NamedTuple):
