@@ -81,6 +81,7 @@ def load_network(path):
     path = Path(path)
     description = path / "network.json"
     if not description.exists():
+        _check_not_an_output(path)
         return load_trained(path)
     try:
         values = json.loads(description.read_text())
@@ -150,6 +151,19 @@ def calibration_images(config_dict, count=256, data_dir=None):
     """Validation images for least-squares reconstruction and BatchNorm re-estimation (never the test split)."""
     config = config_from_dict(config_dict)
     return data.load_arrays(config.dataset, "validation", data_dir or config.data_dir, limit=count)[0]
+
+
+def _check_not_an_output(path: Path) -> None:
+    """Raise a `CheckpointError` that says what `path` is and which directory in it to give, when it is the --out of
+    `agmc search` or `agmc compress` rather than a network directory."""
+    what = _what_it_holds(path) if path.is_dir() and not (path / "config.json").exists() else ""
+    if not what:
+        return
+    try:
+        hint = f"give its network directory instead, e.g. {final_network(path)}"
+    except CheckpointError:
+        hint = "finish it with --resume, then give its network directory (e.g. OUT/slim)"
+    raise CheckpointError(f"{path} is not a network directory ({what}); {hint}")
 
 
 def _what_it_holds(out: Path) -> str:

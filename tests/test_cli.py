@@ -77,6 +77,7 @@ SEARCH = ("search", *B, *OUT)
     (("finetune", "{L}"), "search it first"),
     ((*SEARCH, "--seed", "99999999999999999999999"), "--seed"),
     (("evaluate", "--workdir", "{tmp}/missing"), "does not exist"),
+    (("evaluate", "--workdir", "{unfinished}"), "not a network directory (it is the --out of `agmc search`); finish"),
     (("prune", *B, "--keep", "1.5", "--out", "{tmp}/p"), "(0, 1]"),
     (("prune", *B, "--keep", "0.5", "--out", "{file}"), "is a file"),
     (("prune", "--workdir", "{L}", "--keep", "0.5", "--out", "{L}"), "--workdir"),
@@ -524,3 +525,14 @@ def test_a_resumed_compression_with_other_fine_tuning_is_refused_before_anything
     assert status == 2 and len(err.splitlines()) == 1 and words in err, err
     assert snapshot(tmp_path) == before
 
+
+@pytest.mark.parametrize("command", ["search", "compress"])
+def test_an_output_given_as_a_network_says_which_directory_to_give(capsys, tmp_path, command):
+    out = tmp_path / "o"
+    network = out / ("slim" if command == "search" else "search/finetune")
+    network.mkdir(parents=True)
+    (network / "network.json").write_text("{}")
+    (out / ("search_state" if command == "search" else "report.json")).mkdir()
+    status, _, err = run(capsys, "evaluate", "--workdir", str(out))
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert f"(it is the --out of `agmc {command}`); give its network directory instead, e.g. {network}" in err
