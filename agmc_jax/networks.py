@@ -167,7 +167,8 @@ def _check_not_an_output(path: Path) -> None:
 
 
 def _what_it_holds(out: Path) -> str:
-    """What another command left in `out`, for the message that refuses to resume it ('' when unknown)."""
+    """What another command left in `out`, for the messages that refuse it as a run to resume or as a network ('' when
+    unknown)."""
     if (out / "report.json").exists() or (out / "search").is_dir():
         return "it is the --out of `agmc compress`"
     if (out / "search_state").is_dir() or (out / "policy.json").exists():

@@ -145,13 +145,14 @@ def _takes(annotation, value) -> bool:
 
 def _field_error(values: Mapping, source: str) -> str | None:
     """What is wrong with the first field of `values` whose value does not fit its `TrainConfig` field (None: none)."""
-    for field in dataclasses.fields(TrainConfig):
-        value = values.get(field.name)
-        if field.name not in values or _takes(field.type, value) and (field.name != "input_shape" or value is None or (
-                len(value) == 3 and all(_takes(int, v) and v > 0 for v in value))):
-            continue
-        expected = "[H, W, C]" if field.name == "input_shape" else str(field.type).replace("<class '", "").strip("'>")
-        return f"{source}: field {field.name} is {json.dumps(value)}, not {expected.replace('None', 'null')}"
+    for field in (f for f in dataclasses.fields(TrainConfig) if f.name in values):
+        value = values[field.name]
+        fits = _takes(field.type, value)
+        if fits and field.name == "input_shape" and value is not None:
+            fits = len(value) == 3 and all(_takes(int, size) and size > 0 for size in value)
+        if not fits:
+            expected = "[H, W, C]" if field.name == "input_shape" else getattr(field.type, "__name__", str(field.type))
+            return f"{source}: field {field.name} is {json.dumps(value)}, not {expected.replace('None', 'null')}"
     return None
 
 
