@@ -536,3 +536,13 @@ def test_an_output_given_as_a_network_says_which_directory_to_give(capsys, tmp_p
     status, _, err = run(capsys, "evaluate", "--workdir", str(out))
     assert status == 2 and len(err.splitlines()) == 1, err
     assert f"(it is the --out of `agmc {command}`); give its network directory instead, e.g. {network}" in err
+
+
+def test_a_step_whose_manifest_is_missing_is_refused_in_one_line(capsys, tmp_path):
+    """The only step of a workdir that has manifests, its own removed: never read unverified."""
+    workdir = tmp_path / "w"
+    shutil.copytree(BASELINE, workdir)
+    for manifest in (workdir / "checkpoints" / checkpoint.MANIFESTS).glob("*.json"):
+        manifest.unlink()
+    status, _, err = run(capsys, "evaluate", "--workdir", str(workdir))
+    assert status == 2 and len(err.splitlines()) == 1 and "no checksum manifest" in err, err
