@@ -138,7 +138,8 @@ def check_tuning(network: Path, workdir: Path, epochs, learning_rate, data_dir=N
         return
     values = json.loads(description.read_text())
     sparse = values.get("kind") != "slim" if sparse is None else sparse
-    check_workdir(Path(workdir), finetune_config(values["config"], epochs, learning_rate, data_dir, sparse, seed))
+    check_workdir(Path(workdir), finetune_config(values["config"], epochs, learning_rate, data_dir, sparse, seed),
+                  "resume with the settings it was fine-tuned with, or compress into a new --out")
 
 
 def forget_other_start(workdir, variables) -> None:

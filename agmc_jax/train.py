@@ -423,21 +423,25 @@ def _differences(saved: Mapping, current: Mapping) -> list:
                   if key not in RUN_FIELDS and saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key)))
 
 
-def _check_same_run(saved: Mapping, current: Mapping, where: str) -> None:
+SAME_RUN = "use a new workdir or the same config"  # how to fix a workdir of another run
+
+
+def _check_same_run(saved: Mapping, current: Mapping, where: str, fix: str = SAME_RUN) -> None:
     """Raise a `CheckpointError` unless `saved` (read from `where`) describes the same run as `current`."""
     changed = _differences(saved, current)
     if changed:
         detail = ", ".join(f"{key}: {saved.get(key)!r} != {current.get(key)!r}" for key in changed)
-        raise CheckpointError(f"{where} belongs to a different run ({detail}); use a new workdir or the same config")
+        raise CheckpointError(f"{where} belongs to a different run ({detail}); {fix}")
 
 
-def check_workdir(workdir: Path, config: TrainConfig) -> None:
-    """Refuse a workdir that is a file, or whose config or checkpoints belong to a different run; touches no file."""
+def check_workdir(workdir: Path, config: TrainConfig, fix: str = SAME_RUN) -> None:
+    """Refuse a workdir that is a file, or whose config or checkpoints belong to a different run (`fix` says what to
+    do); touches no file."""
     if workdir.exists() and not workdir.is_dir():
         raise CheckpointError(f"{workdir} is a file; choose a directory for --workdir")
     path = workdir / "config.json"
     if path.exists():
-        _check_same_run(_read_json(path), config_to_dict(config), str(path))
+        _check_same_run(_read_json(path), config_to_dict(config), str(path), fix)
     elif checkpoint.latest_step(workdir / "checkpoints") is not None:
         raise CheckpointError(f"{workdir / 'checkpoints'} holds checkpoints but {path} is missing; use a new workdir")
 
