@@ -385,9 +385,9 @@ def _plugins(argv) -> list:
     return rest
 
 
-def _join(args) -> None:
+def _join(args) -> bool:
     """Join a multi-process run when the command line (or $AGMC_COORDINATOR, $AGMC_NUM_PROCESSES,
-    $AGMC_PROCESS_ID) says so; `--distributed` asks the platform."""
+    $AGMC_PROCESS_ID) says so; `--distributed` asks the platform. Returns whether it joined one."""
     import os
 
     from agmc_jax.hosts import check_same_options, initialize
@@ -409,12 +409,15 @@ def _join(args) -> None:
         check_same_options(json.dumps(options, sort_keys=True, default=str))
         if jax.process_index() != 0:  # process 0 reports; the others compute their part silently
             sys.stdout = open(os.devnull, "w")
+        return True
+    return False
 
 
 def _exit(status: int, in_process: bool) -> None:
-    """Exit with `status` after the one error line. The `agmc` process ends at once: what the interpreter's teardown
-    would run (the failed write's orbax tasks reporting their errors, progress bars redrawn) adds nothing but noise;
-    a caller of `main` in its own process gets `SystemExit`."""
+    """Exit with `status` (after the one error line, or when done). The `agmc` process ends at once: what the
+    interpreter's teardown would run (a failed write's orbax tasks reporting their errors, progress bars redrawn)
+    adds nothing but noise, and a Ctrl-C during it killed the process without its line; a caller of `main` in its
+    own process gets `SystemExit`."""
     if in_process:
         sys.exit(status)
     sys.stdout.flush()
@@ -428,8 +431,9 @@ def main(argv=None):
     restore = interrupts.install(args.command, at_once=not in_process)
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)
+    joined = False
     try:
-        _join(args)
+        joined = _join(args)
         args.run(args)
     except AgmcError as error:
         print(f"agmc {args.command}: error: {error}", file=sys.stderr)
@@ -448,6 +452,12 @@ def main(argv=None):
     finally:
         warnings.showwarning = shown
         restore()
+    if not in_process:  # done: the interpreter's teardown (seconds, with signals at their defaults) is skipped
+        if joined:
+            import jax
+
+            jax.distributed.shutdown()
+        _exit(0, in_process)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def _raise_again(previous):
 
 def install(command: str, at_once: bool):
     """Handle SIGINT and SIGTERM for `agmc command` (main thread only); `at_once`: a second signal ends the process
-    (not for `main` called inside another program). Returns a function that puts back what was there."""
+    (not for `main` called inside another program). Returns a function that puts back what was there, or with
+    `at_once` leaves handlers that end the process at once: only its exit is left to do."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     _stopping.update(command=command, signal=None, again=False, said=False, at_once=at_once)
@@ -82,6 +83,6 @@ def install(command: str, at_once: bool):
 
     def restore():
         for signum, old in previous.items():
-            signal.signal(signum, old)
+            signal.signal(signum, stop_now if at_once else old)
         sys.unraisablehook = hook
     return restore
