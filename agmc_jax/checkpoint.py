@@ -146,8 +146,8 @@ def save(directory, step: int, pytree, metadata: dict | None = None, keep: int |
     first, so a step that is killed before its manifest is written is never taken for an older agmc's."""
     manifests = Path(directory) / MANIFESTS
     try:
-        if jax.process_index() == 0:
-            manifests.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0 and not manifests.is_dir():
+            _adopt(directory)
         with _quiet(), _manager(directory, read_only=False, keep=keep) as manager:
             manager.save(step, args=ocp.args.StandardSave(pytree), custom_metadata=metadata or {}, force=True)
             manager.wait_until_finished()
@@ -161,6 +161,15 @@ def save(directory, step: int, pytree, metadata: dict | None = None, keep: int |
     for stale in manifests.glob("*.json"):  # the steps `keep` removed
         if stale.stem.isdigit() and int(stale.stem) not in kept:
             stale.unlink()
+
+
+def _adopt(directory) -> None:
+    """Make `directory`'s manifests folder, with a manifest for each step an older agmc wrote there without one (read
+    unverified, with a warning, by the run that now continues them): from here on a step without one is unverified."""
+    manifests = Path(directory) / MANIFESTS
+    manifests.mkdir(parents=True)
+    for step in steps(directory):
+        write_text(manifests / f"{step}.json", json.dumps(_digests(Path(directory) / str(step))))
 
 
 def digest(*trees) -> str:
