@@ -116,8 +116,6 @@ SEARCH = ("search", *B, *OUT)
     (("compress", *B, "--out", "{tmp}/c", "--data-dir", "/nonexistent"), "/nonexistent"),
     (("compress", *B, "--out", "{tmp}/c", "--reward-images", "64", "--agent-option", "tau=5"), "tau"),
     (("compress", *B, "--out", "{file}"), "is a file"),
-    (("compress", *B, "--out", "{tmp}/c", "--stages", "prune,quantize", "--target-size", "0.001"),
-     "--target-size 0.001 is below what any network reaches"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2_and_changes_nothing(capsys, caplog, tmp_path, prepared, unfinished,
                                                                       argv, words):
