@@ -1,4 +1,8 @@
 """agmc-jax: automatic graph-based compression of convolutional networks in JAX."""
+from agmc_jax import interrupts
+
+interrupts.guard_startup()  # the `agmc` command: Ctrl-C while the modules below import ends it with one line
+
 from agmc_jax import prune
 from agmc_jax.agents import register_agent
 from agmc_jax.compression import CompressConfig, Compressed, compress

@@ -142,8 +142,12 @@ def latest_step(directory) -> int | None:
 def save(directory, step: int, pytree, metadata: dict | None = None, keep: int | None = None) -> None:
     """Write `pytree` (and JSON-able `metadata`) as checkpoint `step`, keeping the newest `keep` steps.
 
-    Orbax writes the step under a temporary name and renames it when complete."""
+    Orbax writes the step under a temporary name and renames it when complete; the manifests' folder is made
+    first, so a step that is killed before its manifest is written is never taken for an older agmc's."""
+    manifests = Path(directory) / MANIFESTS
     try:
+        if jax.process_index() == 0 and not manifests.is_dir():
+            _adopt(directory)
         with _quiet(), _manager(directory, read_only=False, keep=keep) as manager:
             manager.save(step, args=ocp.args.StandardSave(pytree), custom_metadata=metadata or {}, force=True)
             manager.wait_until_finished()
@@ -153,12 +157,19 @@ def save(directory, step: int, pytree, metadata: dict | None = None, keep: int |
                               "space or fix the path, then rerun (with --resume where the command takes it)") from error
     if jax.process_index() != 0:  # orbax has finished every process's part: process 0 writes the manifest
         return
-    manifests = Path(directory) / MANIFESTS
-    manifests.mkdir(exist_ok=True)
     write_text(manifests / f"{step}.json", json.dumps(_digests(Path(directory) / str(step))))
     for stale in manifests.glob("*.json"):  # the steps `keep` removed
         if stale.stem.isdigit() and int(stale.stem) not in kept:
             stale.unlink()
+
+
+def _adopt(directory) -> None:
+    """Make `directory`'s manifests folder, with a manifest for each step an older agmc wrote there without one (read
+    unverified, with a warning, by the run that now continues them): from here on a step without one is unverified."""
+    manifests = Path(directory) / MANIFESTS
+    manifests.mkdir(parents=True)
+    for step in steps(directory):
+        write_text(manifests / f"{step}.json", json.dumps(_digests(Path(directory) / str(step))))
 
 
 def digest(*trees) -> str:
@@ -181,11 +192,32 @@ def _digests(root: Path) -> dict:
     return digests
 
 
+_UNVERIFIED = set()  # directories of steps without manifests that this process has warned about
+
+
+def _unverified(directory) -> None:
+    """Warn once per directory that its checkpoints, written before manifests existed, are read unverified."""
+    directory = Path(directory).absolute()
+    if directory not in _UNVERIFIED:
+        _UNVERIFIED.add(directory)
+        warnings.warn(f"{directory} has no checksum manifests (written by an older agmc): its checkpoints are read "
+                      "unverified; train or search again into a new directory to have them checked",
+                      CheckpointWarning, stacklevel=4)
+
+
 def _verify(directory, step: int) -> None:
-    """Raise the unreadable-checkpoint error when a file of `step` differs from its manifest (steps written
-    before manifests existed have none and are read as they are)."""
-    manifest = Path(directory) / MANIFESTS / f"{step}.json"
+    """Raise the unreadable-checkpoint error when a file of `step` differs from its manifest or the manifest is
+    missing where the directory has manifests (`save` makes the folder before the step: a step killed before its
+    manifest, or one copied in, is unverified); a directory without any (an older agmc's) is read with one warning."""
+    manifests = Path(directory) / MANIFESTS
+    manifest = manifests / f"{step}.json"
     if not manifest.exists():
+        if manifests.is_dir():
+            error = _unreadable(directory, step, f"it has no checksum manifest {manifest}, so its files cannot be "
+                                                 "verified")
+            error.unverified = True
+            raise error
+        _unverified(directory)
         return
     try:
         expected = json.loads(manifest.read_text())
@@ -211,7 +243,8 @@ def restore_newest(directory, read):
 
     Newer steps that cannot be read (corrupt, cut short, bytes changed) are passed over with one warning and
     removed, so the run continues from the older one; errors `read` raises for other reasons (a foreign run)
-    propagate. All steps unreadable is a `CheckpointError`."""
+    propagate. All steps unreadable is a `CheckpointError`, unless none has a manifest (a run killed after its
+    first step and before that step's manifest): those are removed with one warning and the run starts over."""
     lost = []
     for step in reversed(steps(directory)):
         try:
@@ -228,6 +261,13 @@ def restore_newest(directory, read):
             for bad, _ in lost:
                 delete(directory, bad)
         return step, value
+    if lost and all(getattr(error, "unverified", False) for _, error in lost):
+        warnings.warn(f"starting over in {directory}: its step(s) {', '.join(str(s) for s, _ in lost)} have no "
+                      "checksum manifest (killed before it was written) and are removed", CheckpointWarning,
+                      stacklevel=3)
+        for bad, _ in lost:
+            delete(directory, bad)
+        return None
     if lost:
         raise CheckpointError(f"no readable checkpoint in {directory} ({lost[0][1].reason}); delete "
                               f"{Path(directory).parent} to start over")

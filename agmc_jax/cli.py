@@ -10,9 +10,9 @@ import math
 import os
 import signal
 import sys
-import threading
 import warnings
 
+from agmc_jax import interrupts
 from agmc_jax.compression import COMPRESS_OPTIONS
 from agmc_jax.env import REWARDS
 from agmc_jax.errors import AgmcError, InputShapeError, UsageError
@@ -396,10 +396,10 @@ def _plugins(argv) -> list:
     return rest
 
 
-def _join(args, watch: bool) -> None:
+def _join(args, watch: bool) -> bool:
     """Join a multi-process run when the command line (or $AGMC_COORDINATOR, $AGMC_NUM_PROCESSES,
-    $AGMC_PROCESS_ID) says so; `--distributed` asks the platform. With `watch` (an `agmc` process) the command runs
-    in a supervised child instead."""
+    $AGMC_PROCESS_ID) says so; `--distributed` asks the platform. Returns whether it joined one. With `watch` (an
+    `agmc` process) the command runs in a supervised child instead, and this process ends with it."""
     import os
 
     from agmc_jax.hosts import check_same_options, heartbeat_seconds, initialize
@@ -416,7 +416,7 @@ def _join(args, watch: bool) -> None:
     index = args.process_id if args.process_id is not None else variable("AGMC_PROCESS_ID")
     if coordinator or count is not None or index is not None or args.distributed:
         if watch and not supervised():  # this process watches a child that joins (a dead peer: one line)
-            _stop(supervise(args.command, heartbeat_seconds()), False)
+            _exit(supervise(args.command, heartbeat_seconds()), False)
         initialize(coordinator, count, index)
         import jax
 
@@ -424,20 +424,15 @@ def _join(args, watch: bool) -> None:
         check_same_options(json.dumps(options, sort_keys=True, default=str))
         if jax.process_index() != 0:  # process 0 reports; the others compute their part silently
             sys.stdout = open(os.devnull, "w")
+        return True
+    return False
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
-
-
-def _terminate(signum, frame):
-    raise _Terminated()
-
-
-def _stop(status: int, in_process: bool) -> None:
-    """Exit with `status`. The `agmc` process ends at once: XLA may still be running a computation in its own
-    threads, and the interpreter's teardown under it crashes (a segfault instead of the status); a caller of `main`
-    in its own process gets `SystemExit`."""
+def _exit(status: int, in_process: bool) -> None:
+    """Exit with `status` (after the one error line, or when done). The `agmc` process ends at once: what the
+    interpreter's teardown would run (a failed write's orbax tasks reporting their errors, progress bars redrawn)
+    adds nothing but noise, and a Ctrl-C during it killed the process without its line; a caller of `main` in its
+    own process gets `SystemExit`."""
     if in_process:
         sys.exit(status)
     sys.stdout.flush()
@@ -448,29 +443,36 @@ def _stop(status: int, in_process: bool) -> None:
 def main(argv=None):
     in_process, argv = argv is not None, _plugins(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+    restore = interrupts.install(args.command, at_once=not in_process)
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warnings(args.command)
+    joined = False
     try:
-        _join(args, not in_process)
+        joined = _join(args, not in_process)
         args.run(args)
     except AgmcError as error:
         print(f"agmc {args.command}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except (KeyboardInterrupt, _Terminated) as stop:
-        print(f"agmc {args.command}: interrupted; what was saved stays (rerun with --resume where the command takes "
-              "it)", file=sys.stderr)
-        _stop(143 if isinstance(stop, _Terminated) else 130, in_process)
+        _exit(2, in_process)
+    except (KeyboardInterrupt, interrupts.Terminated) as stop:
+        signum = signal.SIGTERM if isinstance(stop, interrupts.Terminated) else signal.SIGINT
+        if not in_process:  # the `agmc` process ends at once
+            interrupts.stop_now(signum)
+        print(f"agmc {args.command}: {interrupts.INTERRUPTED}", file=sys.stderr)
+        sys.exit(interrupts.STATUS[signum])
     except OSError as error:  # a full disk, a read-only or vanished directory, met while writing
         where = f" {error.filename}" if getattr(error, "filename", None) else ""
         print(f"agmc {args.command}: error: cannot use{where}: {error.strerror or error}; free space or fix the "
               "path and rerun (with --resume where the command takes it)", file=sys.stderr)
-        sys.exit(2)
+        _exit(2, in_process)
     finally:
         warnings.showwarning = shown
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        restore()
+    if not in_process:  # done: the interpreter's teardown (seconds, with signals at their defaults) is skipped
+        if joined:
+            import jax
+
+            jax.distributed.shutdown()
+        _exit(0, in_process)
 
 
 if __name__ == "__main__":

@@ -132,15 +132,18 @@ def compress(config: CompressConfig, out, *, workdir=None, module=None, variable
     if (workdir is not None) == any(user) or any(user) != all(user):
         raise UsageError("give compress either workdir= (a trained network directory) or module=, variables= and "
                          "data=")
+    writes = ("report.json", "report.md", "baseline", *STAGES, *(name for s in STAGES.values() for name in s.outputs))
     if module is not None:
         workdir = out / "baseline"
-        check_new_output(workdir, out, resume)
+        check_new_output(workdir, out, resume, "compress", writes)
         network = _user_network(module, variables, data, config.seed)
     else:
-        check_new_output(workdir, out, resume)
+        check_new_output(workdir, out, resume, "compress", writes)
         network = load_network(workdir)
     for i, stage in enumerate(config.stages):
         STAGES[stage].check_network(config, network, i == 0)
+        if resume and STAGES[stage].check_resume is not None:
+            STAGES[stage].check_resume(StageRun(config, out, resume))
     train_config = network[2]
     load(train_config["dataset"], "validation", config.data_dir or train_config["data_dir"])  # the reward data found
     with checkpoint.locked(out):

@@ -25,6 +25,7 @@ from agmc_jax.hosts import place
 from agmc_jax.prune.admm import FitConfig
 from agmc_jax.prune.batchnorm import apply_recalibrated
 from agmc_jax.prune.masks import CRITERIA
+from agmc_jax.quant.size import FLOAT_BITS
 from agmc_jax.train import DTYPES, OptimizerSpec, compute_dtype, make_optimizer
 
 SLACK = 1e-6  # relative: beyond 2^24 MACs or parameters float32 costs round (by ~1e-7); the host allows this much
@@ -118,6 +119,10 @@ def check_config(config: EnvConfig) -> None:
                               f"got {value}")
     if config.min_bit > config.max_bit:
         raise BudgetError(f"--min-bit {config.min_bit} is above --max-bit {config.max_bit}; swap them")
+    if config.target_size is not None and config.target_size * FLOAT_BITS < config.min_bit:
+        raise BudgetError(f"--target-size {config.target_size} is below what any network reaches with weights of "
+                          f"--min-bit {config.min_bit} ({config.min_bit}/{FLOAT_BITS} of the float32 size, before "
+                          "scales and unquantized variables); raise --target-size or lower --min-bit")
     if not 0 < config.lbound <= config.rbound <= 1:
         raise BudgetError(f"need 0 < lbound <= rbound <= 1, got {config.lbound}, {config.rbound}")
     if config.reward not in REWARDS:

@@ -5,6 +5,7 @@ process 0 writes logs, reports and exports (`train`, `checkpoint.locked`). CPU d
 """
 import hashlib
 import os
+import re
 
 import jax
 import numpy as np
@@ -22,6 +23,18 @@ def heartbeat_seconds() -> int:
     return int(text)
 
 
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):([0-9]{1,5})")
+
+
+def check_coordinator(address: str) -> None:
+    """Raise a `UsageError` unless `address` is HOST:PORT with a port in 1..65535 (gRPC, given another, may crash
+    the process instead of failing)."""
+    match = _ADDRESS.fullmatch(address.strip()) if isinstance(address, str) else None
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise UsageError(f"--coordinator must be HOST:PORT with a port in 1..65535 (e.g. 10.0.0.1:1234 or "
+                         f"[::1]:1234), got {address!r}")
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                timeout: int = 300) -> None:
     """Join the run coordinated at `coordinator` (HOST:PORT) as process `process_id` of `num_processes`; with no
@@ -33,6 +46,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if num_processes is not None and not (num_processes >= 1 and 0 <= process_id < num_processes):
         raise UsageError(f"--process-id must be in [0, {num_processes}) and --num-processes at least 1, got "
                          f"{process_id} of {num_processes}")
+    if coordinator is not None:
+        check_coordinator(coordinator)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout,

@@ -81,6 +81,7 @@ def load_network(path):
     path = Path(path)
     description = path / "network.json"
     if not description.exists():
+        _check_not_an_output(path)
         return load_trained(path)
     try:
         values = json.loads(description.read_text())
@@ -152,9 +153,47 @@ def calibration_images(config_dict, count=256, data_dir=None):
     return data.load_arrays(config.dataset, "validation", data_dir or config.data_dir, limit=count)[0]
 
 
-def check_new_output(workdir, out, resume=None):
+def _check_not_an_output(path: Path) -> None:
+    """Raise a `CheckpointError` that says what `path` is and which directory in it to give, when it is the --out of
+    `agmc search` or `agmc compress` rather than a network directory."""
+    what = _what_it_holds(path) if path.is_dir() and not (path / "config.json").exists() else ""
+    if not what:
+        return
+    try:
+        hint = f"give its network directory instead, e.g. {final_network(path)}"
+    except CheckpointError:
+        hint = "finish it with --resume, then give its network directory (e.g. OUT/slim)"
+    raise CheckpointError(f"{path} is not a network directory ({what}); {hint}")
+
+
+def _what_it_holds(out: Path) -> str:
+    """What another command left in `out`, for the messages that refuse it as a run to resume or as a network ('' when
+    unknown)."""
+    if (out / "report.json").exists() or (out / "search").is_dir():
+        return "it is the --out of `agmc compress`"
+    if (out / "search_state").is_dir() or (out / "policy.json").exists():
+        return "it is the --out of `agmc search`"
+    if (out / "config.json").exists() or (out / "checkpoints").is_dir():
+        return "it is a training workdir"
+    return ""
+
+
+def check_resumable(out, command: str, writes) -> None:
+    """Refuse to resume an `out` that holds a name `agmc command` never writes there (another command's output or
+    unrelated files): resuming would start a new run among them. Hidden names (the lock, partial writes) pass."""
+    out = Path(out)
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in writes) \
+        if out.is_dir() else []
+    if foreign:
+        what = _what_it_holds(out) or f"{foreign[0]} is not one of its files"
+        raise CheckpointError(f"--resume: {out} does not hold an `agmc {command}` run ({what}); give the --out of an "
+                              f"earlier `agmc {command}`, or a new --out without --resume")
+
+
+def check_new_output(workdir, out, resume=None, command=None, writes=()):
     """Refuse an `out` that is the input `workdir`, a file, or (unless `resume`) a directory holding files;
-    `resume` is None for commands that cannot resume."""
+    `resume` is None for commands that cannot resume. With `command`, a resumed `out` may hold only the names in
+    `writes` (`check_resumable`)."""
     out = Path(out)
     if out.exists() and Path(workdir).exists() and out.resolve() == Path(workdir).resolve():
         raise CheckpointError(f"--out {out} is the --workdir it reads; choose a new --out")
@@ -165,6 +204,8 @@ def check_new_output(workdir, out, resume=None):
         raise CheckpointError(f"--out {out} cannot be written: {parent} is "
                               f"{'a file' if not parent.is_dir() else 'not writable'}; choose another --out")
     checkpoint.check_free(out)
+    if resume and command:
+        check_resumable(out, command, writes)
     if out.is_dir() and not resume and any(p.name != checkpoint.LOCK for p in out.iterdir()):
         raise CheckpointError(f"{out} already holds files; choose a new --out"
                               + (" or pass --resume to continue what is there" if resume is not None else ""))

@@ -2,6 +2,7 @@
 building blocks of the compress stages."""
 import dataclasses
 import itertools
+import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,12 @@ from agmc_jax.networks import check_new_output, load_network, mark_trained_slim,
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.report import plot_keep, plot_rewards
 from agmc_jax.search import RERANK_STEPS, SearchConfig, build_config, default_criterion, get_method, search
-from agmc_jax.train import TrainConfig, config_from_dict, config_to_dict, resolve_config, started_from, train
+from agmc_jax.train import (TrainConfig, check_workdir, config_from_dict, config_to_dict, resolve_config, started_from,
+                            train)
+
+
+SEARCH_OUTPUTS = ("search_state", "episodes.jsonl", "policy.json", "rewards.png", "keep.png", "masked", "slim",
+                  "quantized", "finetune")  # what `agmc search` (and `agmc finetune`) write in its --out
 
 
 def search_config(method="agmc", target_macs=None, target_params=None, episodes=100, seed=0, resume=False,
@@ -31,7 +37,7 @@ def search_config(method="agmc", target_macs=None, target_params=None, episodes=
 def check_search(workdir, out, resume=False, **options) -> SearchConfig:
     """The settings of `run_search` checked, and `out` checked against `workdir`, before anything is loaded."""
     config = search_config(**options)
-    check_new_output(workdir, out, resume)
+    check_new_output(workdir, out, resume, "search", SEARCH_OUTPUTS)
     return config
 
 
@@ -124,6 +130,19 @@ def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None, seed=None,
     summary = train(tuned, workdir, module=module, variables=variables)
     mark_trained_slim(workdir, config_to_dict(tuned))
     return summary
+
+
+def check_tuning(network: Path, workdir: Path, epochs, learning_rate, data_dir=None, seed=None, sparse=None) -> None:
+    """Raise, before anything runs, the `CheckpointError` that training the saved `network` directory in `workdir`
+    would raise once the steps before it are done again: a resumed run given other fine-tuning settings (nothing to
+    check until both exist). `sparse` None: as the network's kind says."""
+    description = Path(network) / "network.json"
+    if not description.is_file() or not (Path(workdir) / "config.json").is_file():
+        return
+    values = json.loads(description.read_text())
+    sparse = values.get("kind") != "slim" if sparse is None else sparse
+    check_workdir(Path(workdir), finetune_config(values["config"], epochs, learning_rate, data_dir, sparse, seed),
+                  "resume with the settings it was fine-tuned with, or compress into a new --out")
 
 
 def forget_other_start(workdir, variables) -> None:

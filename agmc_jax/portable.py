@@ -127,10 +127,14 @@ def _sha256(path: Path) -> str:
 
 
 def load_exported(path):
-    """`predict(images) -> logits` of the artifact in `path`; needs only jax and numpy, never the network's code."""
+    """`predict(images) -> logits` of the artifact in `path`; needs only jax and numpy, never the network's code. Its
+    files are checked against the checksums export.json holds: an artifact without them is refused (a changed bit
+    of its program would fail only when called, or compute other numbers)."""
     path = Path(path)
     try:
-        expected = json.loads((path / DESCRIPTION).read_text()).get("sha256", {})
+        expected = json.loads((path / DESCRIPTION).read_text()).get("sha256")
+        if not isinstance(expected, dict) or not {PROGRAM, WEIGHTS} <= set(expected):
+            raise ValueError(f"{DESCRIPTION} holds no SHA-256 of {PROGRAM} and {WEIGHTS}, so they cannot be verified")
         changed = [name for name, digest in expected.items() if _sha256(path / name) != digest]
         if changed:
             raise ValueError(f"{changed[0]} is not the file that was exported (SHA-256 differs)")

@@ -52,17 +52,17 @@ def _override(config, text: str) -> None:
     except (ValueError, SyntaxError):
         parsed = value  # a bare word is a string
     *parents, leaf = name.strip().split(".")
-    if parents == ["compress"]:  # any option of compress, also one the file leaves at its default
-        if leaf not in COMPRESS_OPTIONS:
-            raise UsageError(f"compress has no option {leaf}; valid: {', '.join(sorted(COMPRESS_OPTIONS))}")
-        with config.compress.unlocked():
-            config.compress[leaf] = parsed
-        return
+    if parents == ["compress"] and leaf not in COMPRESS_OPTIONS:
+        raise UsageError(f"compress has no option {leaf}; valid: {', '.join(sorted(COMPRESS_OPTIONS))}")
     node = config
     try:
         for parent in parents:
             node = node[parent]
-        node[leaf] = parsed
+        if parents == ["compress"]:  # any option of compress, also one the file leaves at its default
+            with node.unlocked():
+                node[leaf] = parsed
+        else:
+            node[leaf] = parsed
     except (KeyError, AttributeError, TypeError) as error:
         fields = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
         reason = "no such field" if isinstance(error, (KeyError, AttributeError)) else "a value of another type"

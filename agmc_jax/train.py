@@ -12,6 +12,7 @@ import itertools
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 from functools import partial
 from typing import Any, Mapping, NamedTuple
@@ -133,8 +134,33 @@ def config_to_dict(config: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def _takes(annotation, value) -> bool:
+    """Whether a JSON `value` fits a field annotated `annotation` (an int is a float, a list a tuple; a bool is no
+    number)."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return any(isinstance(value, {float: (int, float), tuple: (list, tuple)}.get(kind, kind)) for kind in kinds)
+
+
+def _field_error(values: Mapping, source: str) -> str | None:
+    """What is wrong with the first field of `values` whose value does not fit its `TrainConfig` field (None: none)."""
+    for field in (f for f in dataclasses.fields(TrainConfig) if f.name in values):
+        value = values[field.name]
+        fits = _takes(field.type, value)
+        if fits and field.name == "input_shape" and value is not None:
+            fits = len(value) == 3 and all(_takes(int, size) and size > 0 for size in value)
+        if not fits:
+            expected = "[H, W, C]" if field.name == "input_shape" else getattr(field.type, "__name__", str(field.type))
+            return f"{source}: field {field.name} is {json.dumps(value)}, not {expected.replace('None', 'null')}"
+    return None
+
+
 def config_from_dict(values: Mapping, source: str = "config") -> TrainConfig:
-    """A `TrainConfig` from its JSON form; unknown or missing fields are a `CheckpointError`."""
+    """A `TrainConfig` from its JSON form; unknown or missing fields, a field of the wrong type and model_kwargs the
+    model does not take are a `CheckpointError` naming `source` and the field (a hand-edited config.json)."""
+    if not isinstance(values, Mapping):
+        raise CheckpointError(f"{source} is not a JSON object: it was not written by agmc_jax.train")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise CheckpointError(f"{source} has unknown fields {', '.join(unknown)}: it was written by another version")
@@ -142,6 +168,14 @@ def config_from_dict(values: Mapping, source: str = "config") -> TrainConfig:
         config = TrainConfig(**values)
     except TypeError as error:
         raise CheckpointError(f"{source} is incomplete ({error}): it was not written by agmc_jax.train") from error
+    wrong = _field_error(values, source)
+    if wrong:
+        raise CheckpointError(f"{wrong}; restore the file agmc wrote or train again")
+    try:
+        create_model(config.model, config.num_classes, **config.model_kwargs)
+    except TypeError as error:
+        raise CheckpointError(f"{source}: field model_kwargs {config.model_kwargs} does not fit model {config.model} "
+                              f"({error}); restore the file agmc wrote or train again") from None
     return dataclasses.replace(config, input_shape=_frozen(config.input_shape),
                                model_kwargs=_frozen(dict(config.model_kwargs)))
 
@@ -289,6 +323,18 @@ def _check_shape(batch: Mapping, input_shape) -> None:
                               f"configured for {tuple(input_shape)}; set input_shape to match")
 
 
+def _check_input_shape(config: TrainConfig, source) -> None:
+    """Raise `InputShapeError` when the training images (as the pipeline delivers them: resized to the dataset's shape
+    for ImageNet, else as stored) do not have the network's input shape: said before anything is written, not at the
+    first batch."""
+    spec = data.dataset_spec(config.dataset)
+    shape = tuple(spec.input_shape) if spec.augment == "imagenet" or not len(source) else \
+        tuple(np.shape(source.get(np.arange(1))[0][0]))
+    if tuple(config.input_shape) != shape:
+        raise InputShapeError(f"the network's input shape {tuple(config.input_shape)} is not that of the training "
+                              f"images {shape}; leave --input out (or give {','.join(map(str, shape))})")
+
+
 def data_workers(config: TrainConfig) -> int:
     """The input worker processes of `config`: its own number, else the dataset's default."""
     return data.default_workers(data.dataset_spec(config.dataset)) if config.data_workers is None \
@@ -377,21 +423,25 @@ def _differences(saved: Mapping, current: Mapping) -> list:
                   if key not in RUN_FIELDS and saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key)))
 
 
-def _check_same_run(saved: Mapping, current: Mapping, where: str) -> None:
+SAME_RUN = "use a new workdir or the same config"  # how to fix a workdir of another run
+
+
+def _check_same_run(saved: Mapping, current: Mapping, where: str, fix: str = SAME_RUN) -> None:
     """Raise a `CheckpointError` unless `saved` (read from `where`) describes the same run as `current`."""
     changed = _differences(saved, current)
     if changed:
         detail = ", ".join(f"{key}: {saved.get(key)!r} != {current.get(key)!r}" for key in changed)
-        raise CheckpointError(f"{where} belongs to a different run ({detail}); use a new workdir or the same config")
+        raise CheckpointError(f"{where} belongs to a different run ({detail}); {fix}")
 
 
-def _check_workdir(workdir: Path, config: TrainConfig) -> None:
-    """Refuse a workdir that is a file, or whose config or checkpoints belong to a different run; touches no file."""
+def check_workdir(workdir: Path, config: TrainConfig, fix: str = SAME_RUN) -> None:
+    """Refuse a workdir that is a file, or whose config or checkpoints belong to a different run (`fix` says what to
+    do); touches no file."""
     if workdir.exists() and not workdir.is_dir():
         raise CheckpointError(f"{workdir} is a file; choose a directory for --workdir")
     path = workdir / "config.json"
     if path.exists():
-        _check_same_run(_read_json(path), config_to_dict(config), str(path))
+        _check_same_run(_read_json(path), config_to_dict(config), str(path), fix)
     elif checkpoint.latest_step(workdir / "checkpoints") is not None:
         raise CheckpointError(f"{workdir / 'checkpoints'} holds checkpoints but {path} is missing; use a new workdir")
 
@@ -577,9 +627,10 @@ def train(config: TrainConfig, workdir, sources: Mapping | None = None, stop_aft
     `module` and `variables` replace the zoo module and its random initialisation (fine-tuning).
     """
     config, workdir = resolve_config(config), Path(workdir)
-    _check_workdir(workdir, config)
+    check_workdir(workdir, config)
     _check_batch_size(config.batch_size)
     train_source = _source(sources, config, "train")
+    _check_input_shape(config, train_source)
     steps = data.steps_per_epoch(train_source, config.batch_size)
     _check(steps >= 1, f"batch size {config.batch_size} exceeds the {len(train_source)} training examples")
     mesh, optimizer = data_mesh(), optimizer_spec(config, steps)

@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from agmc_jax import checkpoint
-from agmc_jax.errors import CheckpointError
+from agmc_jax.errors import CheckpointError, CheckpointWarning
 
 
 @pytest.fixture
@@ -86,3 +86,48 @@ def test_an_output_another_process_holds_is_in_use_before_anything_else_is_said(
         holder.wait()
     with pytest.raises(CheckpointError, match="already holds files"):
         check_new_output(tmp_path / "w", tmp_path / "out", resume=False)
+
+
+def test_a_step_without_its_manifest_is_unverified_and_passed_over_for_an_older_one(tmp_path):
+    """A step without manifest where the directory has manifests (killed before it, or copied in) is not read: a
+    resume goes back to the newest verified step with one warning."""
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, {"a": np.full(3, float(step))})
+    (tmp_path / checkpoint.MANIFESTS / "2.json").unlink()
+    with pytest.raises(CheckpointError, match="no checksum manifest"):
+        checkpoint.restore(tmp_path, 2)
+    with pytest.warns(CheckpointWarning) as caught:
+        step, value = checkpoint.restore_newest(tmp_path, lambda s: checkpoint.restore(tmp_path, s))
+    assert step == 1 and len(caught) == 1 and "no checksum manifest" in str(caught[0].message)
+    np.testing.assert_array_equal(value["a"], np.full(3, 1.0))
+    assert checkpoint.steps(tmp_path) == [1]
+    (tmp_path / checkpoint.MANIFESTS / "1.json").unlink()  # killed before its first manifest: never trusted
+    with pytest.warns(CheckpointWarning, match="starting over"):
+        assert checkpoint.restore_newest(tmp_path, lambda s: checkpoint.restore(tmp_path, s)) is None
+    assert checkpoint.steps(tmp_path) == []
+
+
+def test_a_directory_written_before_manifests_is_read_with_one_warning(tmp_path, recwarn):
+    """An older agmc's checkpoints (no manifests folder at all) are read, with one warning per directory."""
+    import shutil
+
+    checkpoint.save(tmp_path / "old", 1, {"a": np.arange(3.0)})
+    shutil.rmtree(tmp_path / "old" / checkpoint.MANIFESTS)
+    checkpoint.metadata(tmp_path / "old")
+    np.testing.assert_array_equal(checkpoint.restore(tmp_path / "old")["a"], np.arange(3.0))
+    warned = [w for w in recwarn if issubclass(w.category, CheckpointWarning)]
+    assert len(warned) == 1 and "read unverified" in str(warned[0].message)
+
+
+def test_a_run_continued_in_a_directory_written_before_manifests_adopts_its_steps(tmp_path):
+    """The first step written into an older agmc's directory gives its steps manifests: were that save killed
+    before its own manifest, the older steps would still be read, not removed as unverified."""
+    import shutil
+
+    checkpoint.save(tmp_path, 1, {"a": np.arange(3.0)})
+    shutil.rmtree(tmp_path / checkpoint.MANIFESTS)
+    checkpoint.save(tmp_path, 2, {"a": np.arange(3.0) + 1})
+    assert sorted(p.name for p in (tmp_path / checkpoint.MANIFESTS).iterdir()) == ["1.json", "2.json"]
+    (tmp_path / checkpoint.MANIFESTS / "2.json").unlink()  # killed before the new step's manifest
+    with pytest.warns(CheckpointWarning, match="resuming from checkpoint 1"):
+        assert checkpoint.restore_newest(tmp_path, lambda s: checkpoint.restore(tmp_path, s))[0] == 1

@@ -3,6 +3,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -70,10 +71,13 @@ SEARCH = ("search", *B, *OUT)
     (("train", "--model", "lenet5", "--workdir", "{tmp}/w", "--lr", "nan"), "--lr"),
     (("train", "--model", "lenet5", "--workdir", "{tmp}/w", "--epochs", "0"), "--epochs"),
     (("train", "--model", "lenet5", "--workdir", "{tmp}/w", "--classes", "5"), "--classes 5 is below the 10"),
+    (("train", "--model", "lenet5", "--workdir", "{tmp}/w", "--input", "32,32,3"),
+     "(32, 32, 3) is not that of the training images (28, 28, 1); leave --input out"),
     ((*SEARCH, "--reward-dtype", "float8"), "--reward-dtype"),
     (("finetune", "{L}"), "search it first"),
     ((*SEARCH, "--seed", "99999999999999999999999"), "--seed"),
     (("evaluate", "--workdir", "{tmp}/missing"), "does not exist"),
+    (("evaluate", "--workdir", "{unfinished}"), "not a network directory (it is the --out of `agmc search`); finish"),
     (("prune", *B, "--keep", "1.5", "--out", "{tmp}/p"), "(0, 1]"),
     (("prune", *B, "--keep", "0.5", "--out", "{file}"), "is a file"),
     (("prune", "--workdir", "{L}", "--keep", "0.5", "--out", "{L}"), "--workdir"),
@@ -99,6 +103,9 @@ SEARCH = ("search", *B, *OUT)
     (("search", *B, "--out", "{unfinished}", "--method", "uniform", "--resume", "--reward-images", "64"), "method"),
     (("search", *B, "--out", "{unfinished}", "--method", "random", "--resume", "--reward-images", "1000",
       "--episodes", "2"), "data"),
+    (("search", *B, "--out", "{junk}", "--resume"), "notes.txt is not one of its files"),
+    (("search", *B, "--out", "{L}", "--resume"), "not hold an `agmc search` run (it is a training workdir)"),
+    (("compress", *B, "--out", "{unfinished}", "--resume"), "(it is the --out of `agmc search`)"),
     (("finetune", "{tmp}/s", "--lr", "nan"), "--lr"),
     (("finetune", "{tmp}/s", "--epochs", "0"), "--epochs"),
     (("compress", *B, "--out", "{tmp}/c", "--method", "random", "--agent-option", "sigma_decay=0.5"), "candidates"),
@@ -118,7 +125,9 @@ def test_bad_input_is_one_line_and_exit_status_2_and_changes_nothing(capsys, cap
         shutil.copytree(BASELINE, tmp_path / "L")
     if "{unfinished}" in argv:
         shutil.copytree(unfinished, tmp_path / "unfinished")
-    names = {"{tmp}": str(tmp_path), "{file}": str(tmp_path / "file"), "{L}": str(tmp_path / "L"),
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not a search")
+    names = {"{junk}": str(tmp_path / "junk"), "{tmp}": str(tmp_path), "{file}": str(tmp_path / "file"), "{L}": str(tmp_path / "L"),
              "{unfinished}": str(tmp_path / "unfinished")}
     argv = [functools.reduce(lambda a, name: a.replace(name, names[name]), names, a) for a in argv]
     before = snapshot(tmp_path, BASELINE)
@@ -433,3 +442,105 @@ def test_sigterm_is_one_line_and_status_143(tmp_path):
     lines = [line for line in err.splitlines() if "agmc search:" in line]
     assert proc.returncode == 143 and lines == [lines[0]] and "interrupted" in lines[0], err[-2000:]
     assert "Traceback" not in err
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_status_130(tmp_path):
+    """A signal while JAX imports (where its garbage-collector callback used to swallow it: exit 0) ends `agmc`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "agmc_jax.cli", "summary", "--model", "lenet5"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    time.sleep(0.5)  # the guard is set 0.1 s after the start, the imports last seconds
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.splitlines() == ["agmc: interrupted while starting; nothing was written"]
+
+
+def test_a_ctrl_c_a_garbage_collector_callback_swallows_is_raised_again(capsys):
+    """Python reports a signal's exception inside a gc callback as ignored and goes on: it is raised again, unsaid."""
+    import gc
+    import signal
+    import time
+
+    from agmc_jax import interrupts
+
+    fire = [True]
+
+    def callback(phase, info):
+        if fire:
+            fire.pop()
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the callback
+
+    restore = interrupts.install("search", at_once=False)
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            time.sleep(30)  # where the signal is raised again, at once
+    finally:
+        gc.callbacks.remove(callback)
+        restore()
+    assert not fire and "Exception ignored" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"model_kwargs": {"width": 2.0}}, "field model_kwargs {'width': 2.0} does not fit model lenet5"),
+    ({"num_classes": "ten"}, 'field num_classes is "ten", not int | null'),
+    ({"input_shape": [28, 28]}, "field input_shape is [28, 28], not [H, W, C]"),
+    ({"learning_rate": "0.1"}, 'field learning_rate is "0.1", not float'),
+])
+def test_a_hand_edited_config_is_one_line_naming_the_file_and_field(capsys, tmp_path, edit, words):
+    workdir = tmp_path / "w"
+    shutil.copytree(BASELINE, workdir)
+    (workdir / "config.json").write_text(json.dumps({**json.loads((BASELINE / "config.json").read_text()), **edit}))
+    status, _, err = run(capsys, "evaluate", "--workdir", str(workdir))
+    assert status == 2 and len(err.splitlines()) == 1 and f"{workdir / 'config.json'}: {words}" in err, err
+
+
+@pytest.mark.parametrize("options, words", [
+    (("--finetune-epochs", "2"), "epochs: 1 != 2"),
+    (("--lr", "0.05"), "learning_rate: 0.02 != 0.05"),
+])
+def test_a_resumed_compression_with_other_fine_tuning_is_refused_before_anything_runs(capsys, tmp_path, options,
+                                                                                       words):
+    """What a finished prune stage leaves (its slim network, its fine-tune's config): resuming it with other
+    fine-tuning settings is refused at once, not after the baseline and the search were done again."""
+    from agmc_jax.pipeline import finetune_config
+    from agmc_jax.train import config_to_dict
+
+    base = json.loads((BASELINE / "config.json").read_text())
+    out = tmp_path / "c"
+    (out / "search" / "slim").mkdir(parents=True)
+    (out / "search" / "finetune").mkdir()
+    (out / "search" / "slim" / "network.json").write_text(json.dumps({"kind": "slim", "config": base}))
+    (out / "search" / "finetune" / "config.json").write_text(json.dumps(config_to_dict(finetune_config(base, 1, 0.02))))
+    before = snapshot(tmp_path)
+    status, _, err = run(capsys, "compress", *B, "--out", str(out), "--resume", "--target-macs", "0.5", *options)
+    assert status == 2 and len(err.splitlines()) == 1 and words in err, err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["search", "compress"])
+def test_an_output_given_as_a_network_says_which_directory_to_give(capsys, tmp_path, command):
+    out = tmp_path / "o"
+    network = out / ("slim" if command == "search" else "search/finetune")
+    network.mkdir(parents=True)
+    (network / "network.json").write_text("{}")
+    (out / ("search_state" if command == "search" else "report.json")).mkdir()
+    status, _, err = run(capsys, "evaluate", "--workdir", str(out))
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert f"(it is the --out of `agmc {command}`); give its network directory instead, e.g. {network}" in err
+
+
+def test_a_step_whose_manifest_is_missing_is_refused_in_one_line(capsys, tmp_path):
+    """The only step of a workdir that has manifests, its own removed: never read unverified."""
+    workdir = tmp_path / "w"
+    shutil.copytree(BASELINE, workdir)
+    for manifest in (workdir / "checkpoints" / checkpoint.MANIFESTS).glob("*.json"):
+        manifest.unlink()
+    status, _, err = run(capsys, "evaluate", "--workdir", str(workdir))
+    assert status == 2 and len(err.splitlines()) == 1 and "no checksum manifest" in err, err

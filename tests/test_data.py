@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agmc_jax import data
 from agmc_jax.data import fashion_mnist, transforms
-from agmc_jax.errors import DataNotFoundError, InputShapeError, UnknownDatasetError
+from agmc_jax.errors import DataError, DataNotFoundError, InputShapeError, UnknownDatasetError
 
 IDX_DIR = fashion_mnist.DEFAULT_IDX_DIR
 
@@ -95,7 +95,7 @@ def test_read_idx_accepts_plain_files_and_rejects_others(tmp_path):
     (tmp_path / "labels").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x03\x07\x08\x09")
     (tmp_path / "bad").write_bytes(b"not an idx file")
     np.testing.assert_array_equal(fashion_mnist.read_idx(str(tmp_path / "labels")), [7, 8, 9])
-    with pytest.raises(DataNotFoundError):
+    with pytest.raises(DataError, match="bad is not an IDX file"):
         fashion_mnist.read_idx(str(tmp_path / "bad"))
 
 
@@ -257,3 +257,39 @@ def test_bad_batch_arguments_are_typed_errors():
         next(data.batches(random_source(shape=(8, 8, 1)), "cifar10", 4, train=False))
     with pytest.raises(InputShapeError):
         data.ArraySource(np.zeros((3, 8, 8, 3), np.float32), np.zeros(3))
+
+
+def _tiny_idx_dir(directory, count=4):
+    """The four Fashion-MNIST IDX files (gzipped) of `count` blank images each."""
+    directory.mkdir()
+    for images_stem, labels_stem in fashion_mnist.IDX_FILES.values():
+        for stem, array in ((images_stem, np.zeros((count, 28, 28), np.uint8)),
+                            (labels_stem, np.arange(count, dtype=np.uint8))):
+            header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+            (directory / f"{stem}.gz").write_bytes(gzip.compress(header + array.tobytes()))
+    return directory
+
+
+def test_a_truncated_idx_file_is_one_line_naming_it_and_prepares_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGMC_TFDS_DIR", str(tmp_path / "cache"))
+    idx = _tiny_idx_dir(tmp_path / "idx")
+    damaged = idx / "train-images-idx3-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:30])
+    with pytest.raises(DataError) as error:
+        data.load("fashion_mnist", "train", data_dir=str(idx))
+    assert str(damaged) in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_preparation_cut_short_leaves_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGMC_TFDS_DIR", str(tmp_path / "cache"))
+    idx = _tiny_idx_dir(tmp_path / "idx")
+
+    def interrupted(self, **kwargs):
+        os.makedirs(os.path.join(self.data_dir, "incomplete.1234"))
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(fashion_mnist.FashionMnistIdx, "download_and_prepare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.load("fashion_mnist", "train", data_dir=str(idx))
+    assert not list((tmp_path / "cache").glob("from-*"))  # the cache of these files: none, not half of one

@@ -281,3 +281,45 @@ def test_the_library_refuses_labels_it_cannot_score(tmp_path, images, labels, wo
                out=tmp_path / "s")
     assert words in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("gap", [0.3, 0.02])
+def test_two_ctrl_c_during_a_search_are_one_line_and_status_130(tmp_path, gap):
+    """A second Ctrl-C while the first one unwinds ends the process at once, with the same one line (it used to end
+    in pages of "Exception ignored in atexit callback")."""
+    out = tmp_path / "s"
+    process = subprocess.Popen([sys.executable, "-m", "agmc_jax.cli", "search", "--workdir", str(BASELINE), "--out",
+                                str(out), "--method", "random", "--episodes", "200", "--reward-images", "200"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 300
+    while not (out / "episodes.jsonl").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    for _ in range(2):
+        process.send_signal(signal.SIGINT)
+        time.sleep(gap)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err and err.count("interrupted") == 1, err
+
+
+@pytest.mark.faults
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root only)")
+@pytest.mark.parametrize("free_kib", [96, 60, 30])
+def test_a_disk_that_fills_during_a_search_is_one_line(tmp_path, free_kib):
+    """The write that meets the full disk varies with the space left: each is one error line and exit status 2 (the
+    failed write's orbax tasks reported hundreds of lines as the interpreter tore down)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        (disk / "filler").write_bytes(bytes(2 * 1024 * 1024 - free_kib * 1024))
+        run = subprocess.run([sys.executable, "-m", "agmc_jax.cli", "search", "--workdir", str(BASELINE), "--out",
+                              str(disk / "s"), "--episodes", "4", "--reward-images", "200"], capture_output=True,
+                             text=True, cwd=Path(__file__).parents[1])
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    lines = [line for line in run.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and "it/s" not in line and "s/it" not in line and not line.endswith("compiling (once)")]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("agmc search: error: "), run.stderr[-3000:]

@@ -125,7 +125,10 @@ def test_bad_process_options_are_one_line(capsys):
     from agmc_jax.cli import main
 
     for argv, words in ((["--coordinator", "127.0.0.1:9", "--num-processes", "2", "--process-id", "5"], "[0, 2)"),
-                        (["--coordinator", "127.0.0.1:9"], "go together"), (["--process-id", "-1"], "--process-id")):
+                        (["--coordinator", "127.0.0.1:9"], "go together"), (["--process-id", "-1"], "--process-id"),
+                        *((["--coordinator", address, "--num-processes", "1", "--process-id", "0"], "HOST:PORT")
+                          for address in ("localhost:notaport", "localhost:0", "localhost:70000", "localhost",
+                                          ":1234", "a b:12", "localhost:12:34", "[::1:12"))):
         try:
             main([*argv, "summary", "--model", "lenet5"])
             status = 0

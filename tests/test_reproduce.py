@@ -71,6 +71,7 @@ def test_a_finished_run_resumes_to_the_same_result_without_training_again(capsys
     (("{config}", "--set", "train.epoch=3"), "train.epoch"),
     (("{config}", "--set", "train.epochs"), "FIELD=VALUE"),
     (("{config}", "--set", "train.epochs='many'"), "train.epochs"),
+    (("{config}", "--set", "compress.method=3"), "compress.method"),
     (("{tmp}/missing.py",), "not a reproduction config"),
 ])
 def test_bad_config_or_override_is_one_line(capsys, tmp_path, argv, words):

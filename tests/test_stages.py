@@ -54,7 +54,8 @@ def test_quantize_stage_reports_the_packed_file_it_wrote(capsys, tmp_path):
     (("--stages", "quantize,quantize"), "--stages"),
     (("--min-bit", "9", "--max-bit", "3"), "--min-bit 9"),
     (("--max-bit", "17"), "--max-bit"),
-    (("--target-size", "0.001"), "min_bit=2"),
+    (("--target-size", "0.001"), "below what any network reaches with weights of --min-bit 2"),
+    (("--target-size", "0.07"), "min_bit=2"),  # above 2/32, below what LeNet-5 reaches
     (("--quant-method", "nope"), "unknown method"),
 ])
 def test_bad_stage_options_are_one_line_before_any_work(capsys, tmp_path, argv, words):

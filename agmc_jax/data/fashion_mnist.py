@@ -12,14 +12,16 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import sys
 import tempfile
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 
-from agmc_jax.errors import DataNotFoundError
+from agmc_jax.errors import DataError, DataNotFoundError
 
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = {
@@ -53,17 +55,35 @@ def check_idx_dir(idx_dir: str) -> None:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """The uint8 array stored in an IDX file: two zero bytes, type 0x08, rank, big-endian dims, data."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-        raise DataNotFoundError(f"{path} is not an IDX file of unsigned bytes")
+    """The uint8 array stored in an IDX file: two zero bytes, type 0x08, rank, big-endian dims, data; a damaged
+    file (cut short, bad gzip data, a header that disagrees) is a one-line `DataError` naming it."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{path} is damaged ({error}); download or reinstall it (`apt-get install --reinstall "
+                        "dataset-fashion-mnist`)") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes; give --data-dir the Fashion-MNIST IDX files")
     rank = data[3]
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=rank, offset=4))
     values = np.frombuffer(data, np.uint8, offset=4 + 4 * rank)
     if values.size != np.prod(dims):
-        raise DataNotFoundError(f"{path} holds {values.size} bytes but its header says {dims}")
+        raise DataError(f"{path} holds {values.size} bytes but its header says {dims}: it is cut short or damaged; "
+                        "download or reinstall it")
     return values.reshape(dims)
+
+
+def check_idx_files(idx_dir: str) -> None:
+    """Read the four IDX files of `idx_dir` and raise a one-line `DataError` naming the first that is damaged or
+    does not fit its pair (images N x 28 x 28, labels N in 0..9): checked before a cache is prepared from them."""
+    for split, (images_stem, labels_stem) in IDX_FILES.items():
+        images, labels = read_idx(idx_path(idx_dir, images_stem)), read_idx(idx_path(idx_dir, labels_stem))
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise DataError(f"{idx_path(idx_dir, images_stem)} holds images of shape {images.shape[1:]}, not 28x28")
+        if labels.shape != images.shape[:1] or labels.max(initial=0) >= len(CLASS_NAMES):
+            raise DataError(f"{idx_path(idx_dir, labels_stem)} does not hold one label in 0..9 for each of the "
+                            f"{len(images)} {split} images")
 
 
 class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
@@ -112,6 +132,19 @@ def _file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _removed_on_failure(*directories: str):
+    """Remove those of `directories` that did not exist before when the block fails (or is interrupted): a cache
+    that failed to prepare leaves nothing behind."""
+    new = [d for d in directories if not os.path.exists(d)]
+    try:
+        yield
+    except BaseException:
+        for directory in new:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
 def prepared_builder(idx_dir: str | None = None) -> FashionMnistIdx:
     """The builder over the tfds cache, preparing it from `idx_dir` first if it is not there yet.
 
@@ -124,9 +157,11 @@ def prepared_builder(idx_dir: str | None = None) -> FashionMnistIdx:
     cache = tfds_cache_dir()
     if given:
         cache = os.path.join(cache, "from-" + hashlib.sha256(os.path.realpath(idx_dir).encode()).hexdigest()[:16])
-    with quiet_tfds():
+    made = (cache, os.path.join(cache, FashionMnistIdx.name), os.path.join(cache, "downloads"))
+    with quiet_tfds(), _removed_on_failure(*made):  # before the builder, which makes its directories
         if not FashionMnistIdx(data_dir=cache).is_prepared():
             check_idx_dir(idx_dir)
+            check_idx_files(idx_dir)
             print(f"agmc: preparing Fashion-MNIST from {idx_dir} into {cache} (once, ~10 s)", file=sys.stderr,
                   flush=True)
             with _file_lock(os.path.join(cache, "fashion_mnist_idx.lock")):

@@ -416,26 +416,28 @@ def _run(env, method, config, directory, fingerprint, out, progress):
               f"{env.count} reward images on {env.mesh.devices.size} device(s); compiling (once)", file=sys.stderr,
               flush=True)
     bar = tqdm(initial=done, total=config.episodes, disable=not progress or jax.process_index() != 0, desc=config.method)
-    while done < config.episodes:
-        runner, played = chunk(runner, key, env.data, limit)
-        finished = int(jax.device_get(runner.episode))
-        counts, accuracy, reward = (np.asarray(x).reshape(-1, *np.shape(x)[2:])[:finished - done]
-                                    for x in jax.device_get(played))
-        history.extend(counts, accuracy, reward)
-        records = [history.record(env, e) for e in range(done, finished)]
-        done = finished
-        bar.update(len(records))
-        bar.set_postfix({"best": f"{records[-1]['best_reward']:.4f}",
-                         env.resources[0]: f"{records[-1][env.resources[0] + '_ratio']:.3f}"})
+    try:
+        while done < config.episodes:
+            runner, played = chunk(runner, key, env.data, limit)
+            finished = int(jax.device_get(runner.episode))
+            counts, accuracy, reward = (np.asarray(x).reshape(-1, *np.shape(x)[2:])[:finished - done]
+                                        for x in jax.device_get(played))
+            history.extend(counts, accuracy, reward)
+            records = [history.record(env, e) for e in range(done, finished)]
+            done = finished
+            bar.update(len(records))
+            bar.set_postfix({"best": f"{records[-1]['best_reward']:.4f}",
+                             env.resources[0]: f"{records[-1][env.resources[0] + '_ratio']:.3f}"})
+            if log is not None:
+                log.write("".join(json.dumps(r) + "\n" for r in records))
+                log.flush()
+            if directory is not None:
+                checkpoint.save(directory, done, {"runner": runner, "history": history.tree()},
+                                {**fingerprint, "finished": done}, keep=2)
+    finally:  # the bar ends its line before an error is printed
+        bar.close()
         if log is not None:
-            log.write("".join(json.dumps(r) + "\n" for r in records))
-            log.flush()
-        if directory is not None:
-            checkpoint.save(directory, done, {"runner": runner, "history": history.tree()},
-                            {**fingerprint, "finished": done}, keep=2)
-    bar.close()
-    if log is not None:
-        log.close()
+            log.close()
     return history, runner.agent
 
 

@@ -121,4 +121,5 @@ register_stage(AUTOCOMPRESS, Stage(check, check_network, run, markdown,
                                    "AutoCompress's rounds of annealing, ADMM structured pruning, purification and "
                                    "retraining (--agent-option structure=filter|column|both, rounds, episodes, "
                                    "admm_epochs, retrain_epochs, learning_rate, momentum, weight_decay, rho, "
-                                   "rho_growth, rho_max, admm_interval, and annealing's options)"))
+                                   "rho_growth, rho_max, admm_interval, and annealing's options)",
+                                   ("export", "finetune")))

@@ -3,7 +3,7 @@ compressed network's MACs, parameters, latency, accuracy and layers (and the re-
 from agmc_jax.errors import UsageError
 from agmc_jax.latency import latency_ms
 from agmc_jax.networks import accuracies, load_network
-from agmc_jax.pipeline import finetune, finetune_config, run_search, search_config, search_options
+from agmc_jax.pipeline import check_tuning, finetune, finetune_config, run_search, search_config, search_options
 from agmc_jax.report import pruned_markdown
 from agmc_jax.stages.registry import Stage, register_stage
 
@@ -18,6 +18,14 @@ def check(config) -> None:
 def check_network(config, network, first) -> None:
     """The fine-tune's settings checked against the network's training config."""
     finetune_config(network[2], config.finetune_epochs, config.lr, config.data_dir, data_workers=config.data_workers)
+
+
+def check_resume(run) -> None:
+    """A resumed compression whose fine-tune would be refused after the search (other epochs or learning rate than
+    the saved one's) is refused first."""
+    config = run.config
+    check_tuning(run.out / "search" / "slim", run.out / "search" / "finetune", config.finetune_epochs, config.lr,
+                 config.data_dir, config.seed)
 
 
 def run(run, source, report):
@@ -64,4 +72,4 @@ def rerank_markdown(candidates) -> str:
 
 
 register_stage("prune", Stage(check, check_network, run, markdown,
-                              "search keep ratios per channel group, slim and fine-tune"))
+                              "search keep ratios per channel group, slim and fine-tune", ("search",), check_resume))

@@ -5,7 +5,8 @@ from agmc_jax.errors import UsageError
 from agmc_jax.graph import trace
 from agmc_jax.kinds import KINDS
 from agmc_jax.networks import accuracies, float_bytes, load_network, mark_trained_quantized
-from agmc_jax.pipeline import finetune_config, forget_other_start, run_search, search_config, search_options
+from agmc_jax.pipeline import (check_tuning, finetune_config, forget_other_start, run_search, search_config,
+                               search_options)
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.quant import save_packed
 from agmc_jax.stages.registry import Stage, register_stage
@@ -37,6 +38,14 @@ def check_network(config, network, first) -> None:
         env = search_config(**quantize_options(config)).env
         Budget(KINDS["bits"](trace(module, variables, tuple(train_config["input_shape"])), env), env)
     finetune_config(train_config, config.qat_epochs, config.lr, config.data_dir, data_workers=config.data_workers)
+
+
+def check_resume(run) -> None:
+    """A resumed compression whose quantization-aware fine-tune would be refused after the bit-width search (other
+    epochs or learning rate than the saved one's) is refused first."""
+    config, out = run.config, run.out / "quantize"
+    check_tuning(out / "search" / "quantized", out / "qat", config.qat_epochs, config.lr, config.data_dir, config.seed,
+                 sparse=False)
 
 
 def run(run, source, report):
@@ -86,4 +95,4 @@ def markdown(report) -> str:
 
 register_stage("quantize", Stage(check, check_network, run, markdown,
                                  "search weight bits per layer under --target-size, fine-tune quantization-aware "
-                                 "and export a packed file"))
+                                 "and export a packed file", (), check_resume))

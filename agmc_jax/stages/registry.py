@@ -13,7 +13,10 @@ class Stage(NamedTuple):
     check_network(config, network, first): the same for checks that need the input (module, variables, train
     config dict), all run before the first expensive step; `first` says whether the stage reads that network;
     run(run, source, report) -> (report with its section, the directory of the network it leaves), resuming
-    from what `run.out` holds when `run.resume`; markdown(report) -> its report section ('' without one).
+    from what `run.out` holds when `run.resume`; markdown(report) -> its report section ('' without one);
+    outputs: the names it writes in `run.out` besides its own name (a resumed compression refuses an --out holding
+    any other); check_resume(run): on resume, raise for what `run.out` holds that the stage would refuse only once
+    the stages before it ran again (None: nothing to check).
     """
 
     check: Callable
@@ -21,6 +24,8 @@ class Stage(NamedTuple):
     run: Callable
     markdown: Callable
     description: str
+    outputs: tuple = ()
+    check_resume: Callable | None = None
 
 
 class StageRun(NamedTuple):
