@@ -168,8 +168,10 @@ def _adopt(directory) -> None:
     unverified, with a warning, by the run that now continues them): from here on a step without one is unverified."""
     manifests = Path(directory) / MANIFESTS
     manifests.mkdir(parents=True)
-    for step in steps(directory):
-        write_text(manifests / f"{step}.json", json.dumps(_digests(Path(directory) / str(step))))
+    finished = [p for p in Path(directory).iterdir() if p.is_dir() and p.name.isdigit()] if Path(directory).is_dir() \
+        else []  # orbax's renamed (complete) steps, listed without a manager: one opens on every process together
+    for step in finished:
+        write_text(manifests / f"{step.name}.json", json.dumps(_digests(step)))
 
 
 def digest(*trees) -> str:

@@ -69,7 +69,9 @@ def test_compress_a_users_module_and_arrays(tmp_path, user_network):
     assert report["model"] == "TwoBranch" and report["dataset"].startswith("arrays-")
     ranked = report["rerank"]
     assert 2 <= len(ranked) <= 5 and any(c["name"].endswith("uniform rule") for c in ranked)
-    assert ranked[0]["finetuned_top1"] == max(c["finetuned_top1"] for c in ranked)
+    best = max(c["finetuned_top1"] for c in ranked)  # exported: the best, or the rule within a standard error of it
+    assert ranked[0]["finetuned_top1"] == best or (ranked[0]["name"].endswith("uniform rule") and
+                                                   best - ranked[0]["finetuned_top1"] <= np.sqrt(2 * 0.25 / 128))
     spec = data.dataset_spec(report["dataset"])
     assert report["accuracy"]["finetuned"]["test"] == pytest.approx(
         _top1(result.module, result.variables, *arrays["test"], spec), abs=1e-6)
