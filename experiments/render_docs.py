@@ -195,7 +195,8 @@ def search_experiment_page(rows) -> str:
                          f"{spread([r['search_training_steps'] for r in runs], 1, 0)} | "
                          f"{spread([r['seconds_total'] / 60 for r in runs], 1, 1)} |")
         for name in [n for n in ROW_NOTES if n in stats]:
-            lines += [f"`{name}`: {ROW_NOTES[name]}.", ""]
+            lines += ["", f"`{name}`: {ROW_NOTES[name]}."]
+        lines.append("")
         if {"default", "uniform"} <= set(stats):
             (mean, std, n), (rule, rule_std, m) = stats["default"], stats["uniform"]
             margin = 2 * max(std, rule_std)
