@@ -93,6 +93,7 @@ def export_stage():
     del STAGES["portable"]
 
 
+@pytest.mark.slow  # 80 s of two compressions; the example stage alone runs by default in test_docs
 def test_a_stage_registered_outside_the_package_runs_after_prune(capsys, tmp_path, export_stage):
     """The new stage runs on the fine-tuned network, from the library and the command line (listed in its help),
     adds its section to both reports, and its artifact computes the compressed network's logits."""
