@@ -99,7 +99,7 @@ def search_options(args, resume=False):
     """`run_search` keyword arguments from the search options of `agmc search` or of a `CompressConfig` (no criterion:
     the kind's first, see `default_criterion`)."""
     names = ("method", "target_macs", "target_params", "episodes", "seed", "reward_images", "data_dir",
-             "reward", "lbound", "round_to", "criterion", "recalibrate_bn", "rerank", "rerank_steps")
+             "reward", "lbound", "round_to", "recalibrate_bn", "rerank", "rerank_steps")
     flags = {name: getattr(args, name) for name in ("warmup_episodes", "sigma_decay") if getattr(args, name) is not None}
     env = {name: getattr(args, name) for name in ("fill", "reward_steps", "reward_lr", "reward_dtype")
            if getattr(args, name) is not None}

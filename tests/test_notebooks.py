@@ -92,7 +92,7 @@ def test_notebooks_are_all_tested():
 
 def test_quickstart(small_data, tmp_path):
     """ResNet-20 compressed by `agmc compress` within 50% of its MACs; the two plots and the report are shown."""
-    notebook = execute("quickstart", tmp_path, EPISODES=4, REWARD_IMAGES=100, RERANK_STEPS=2, FINETUNE_EPOCHS=1,
+    notebook = execute("quickstart", tmp_path, EPISODES=4, REWARD_IMAGES=100, RERANK=0, FINETUNE_EPOCHS=1,
                        DATA_DIR=small_data, OUT="runs/quickstart")
     report = json.loads((tmp_path / "runs" / "quickstart" / "report.json").read_text())
     assert report["model"] == "resnet20" and report["macs"]["ratio"] <= 0.5
@@ -104,7 +104,7 @@ def test_quickstart(small_data, tmp_path):
 def test_own_model(small_data, tmp_path):
     """A Linen CNN of the notebook's own trained, traced (two residual groups), searched, slimmed (same logits as
     masked: the notebook asserts it), fine-tuned and exported; a process without its code runs the export."""
-    notebook = execute("own_model", tmp_path, TRAIN_EPOCHS=1, EPISODES=4, REWARD_IMAGES=100, RERANK_STEPS=2, FINETUNE_EPOCHS=1,
+    notebook = execute("own_model", tmp_path, TRAIN_EPOCHS=1, EPISODES=4, REWARD_IMAGES=100, RERANK=0, FINETUNE_EPOCHS=1,
                        DATA_DIR=small_data, WORKDIR="runs/own_model")
     work = tmp_path / "runs" / "own_model"
     assert (work / "export" / "model.stablehlo").is_file() and (work / "compress" / "report.json").is_file()
