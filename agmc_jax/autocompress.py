@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax import checkpoint, data
@@ -37,6 +36,7 @@ from agmc_jax.prune.admm import (AdmmConfig, Feed, FitConfig, Sparsity, Target, 
                                  masked_train)
 from agmc_jax.prune.purify import purify, sparse_cost
 from agmc_jax.search import get_method, search
+from agmc_jax.train import evaluate_arrays
 
 STAGES = {"filter": ("filter",), "column": ("column",), "both": ("filter", "column")}
 SEARCHES = {"filter": "annealing", "column": "annealing_columns"}  # the search method of each stage
@@ -106,14 +106,6 @@ def _masked(variables, masks):
 
 def _logits(module, net, variables, images):
     return np.asarray(jax.jit(lambda v, x: module.apply(v, x, **net.call_kwargs))(variables, images))
-
-
-def accuracy(module, variables, images, labels, batch: int = 500, **call_kwargs) -> float:
-    """Top-1 of (module, variables) on labelled arrays (inference mode)."""
-    apply = jax.jit(lambda v, x: jnp.argmax(module.apply(v, x, **call_kwargs), -1))
-    correct = sum(int(np.sum(np.asarray(apply(variables, images[i:i + batch])) == labels[i:i + batch]))
-                  for i in range(0, len(labels), batch))
-    return correct / max(len(labels), 1)
 
 
 def minimum_cost(net, variables, structure) -> tuple:
@@ -225,7 +217,7 @@ def _stage(module, base, variables, validation, feed, config, kind, budget, seed
     if change > TOLERANCE * max(1.0, float(np.max(np.abs(before)))):
         raise AdmmError(f"purification changed the outputs by {change:.3g}: the network maps 0 to something else "
                         "than 0 between layers (e.g. a sigmoid); use structure 'filter' without purification")
-    pruned = accuracy(slimmed, small, images, labels, **net.call_kwargs)
+    pruned = evaluate_arrays(slimmed, small, images, labels)["accuracy"]
     retrained, metrics = masked_train(slimmed, small, structure_masks(small), feed, _fit(config, config.retrain_epochs))
     retrained = jax.device_get(retrained)
     return slimmed, retrained, {
@@ -236,7 +228,7 @@ def _stage(module, base, variables, validation, feed, config, kind, budget, seed
         "purified": {"channels": int(sum(purified.removed)), "macs": purified.before[0] - purified.after[0],
                      "params": purified.before[1] - purified.after[1], "max_output_change": change},
         "macs": purified.after[0], "params": purified.after[1], "pruned_accuracy": pruned,
-        "retrained_accuracy": accuracy(slimmed, retrained, images, labels, **net.call_kwargs),
+        "retrained_accuracy": evaluate_arrays(slimmed, retrained, images, labels)["accuracy"],
         "retrain_loss": metrics["loss"]}
 
 

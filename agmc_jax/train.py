@@ -15,7 +15,7 @@ import time
 import typing
 from pathlib import Path
 from functools import partial
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -246,16 +246,45 @@ def compute_dtype(tree, dtype: str):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def train_step(module, optimizer: OptimizerSpec, state: TrainState, batch, dtype: str = "float32"
-               ) -> tuple[TrainState, dict]:
+def _plain_module(module, carry):
+    return module
+
+
+def _plain_params(params, carry):
+    return params
+
+
+class Hook(NamedTuple):
+    """What a training phase adds to the plain step, from a `carry` the phase keeps on the devices: `module(module,
+    carry)` is the network the step trains (ADMM's penalty wrapper; QAT's quantizing wrapper is passed as the module
+    itself) and `params(params, carry)` the parameters after each update (a mask keeps pruned weights at zero)."""
+
+    module: Callable = _plain_module
+    params: Callable = _plain_params
+
+
+PLAIN = Hook()
+
+
+def masked_params(params, masks):
+    """`params` times `masks` (a params-shaped tree of 0/1): the `Hook.params` of a phase whose carry is its masks."""
+    return jax.tree.map(lambda p, m: p * m, params, masks)
+
+
+def train_step(module, optimizer: OptimizerSpec, state: TrainState, batch, dtype: str = "float32",
+               hook: Hook = PLAIN, carry=None) -> tuple[TrainState, dict]:
     """One SGD step on a batch of images and integer labels; returns the new state and metric sums.
 
     The loss is the mean cross-entropy plus every term the module sows into the `LOSSES` collection. In half
     precision (`dtype`, as Flax's `half_precision`) the forward and backward passes run in it on a cast of the
-    float32 parameters; the loss, the gradients' update and BatchNorm statistics stay float32."""
+    float32 parameters; the loss, the gradients' update and BatchNorm statistics stay float32. `hook` and
+    `carry` make it a masked, penalised or otherwise wrapped step (see `Hook`)."""
+    network = hook.module(module, carry)
+
     def loss_fn(params):
-        logits, updates = module.apply({"params": compute_dtype(params, dtype), "batch_stats": state.batch_stats},
-                                       compute_dtype(batch["image"], dtype), train=True, mutable=["batch_stats", LOSSES])
+        logits, updates = network.apply({"params": compute_dtype(params, dtype), "batch_stats": state.batch_stats},
+                                        compute_dtype(batch["image"], dtype), train=True,
+                                        mutable=["batch_stats", LOSSES])
         logits = logits.astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         extra = sum(jnp.sum(term.astype(jnp.float32)) for term in jax.tree.leaves(updates.get(LOSSES, {})))
@@ -263,7 +292,8 @@ def train_step(module, optimizer: OptimizerSpec, state: TrainState, batch, dtype
 
     (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = make_optimizer(optimizer).update(grads, state.opt_state, state.params)
-    state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), batch_stats, opt_state)
+    params = hook.params(optax.apply_updates(state.params, updates), carry)
+    state = TrainState(state.step + 1, params, batch_stats, opt_state)
     return state, _sums(logits, batch["label"], jnp.ones(batch["label"].shape, jnp.float32))
 
 
@@ -280,12 +310,14 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-def make_train_step(mesh: Mesh, module, optimizer: OptimizerSpec, dtype: str = "float32"):
-    """`train_step(state, batch)` compiled for a replicated state and a batch split over the mesh; donates the state."""
+def make_train_step(mesh: Mesh, module, optimizer: OptimizerSpec, dtype: str = "float32", hook: Hook = PLAIN):
+    """`train_step(state, batch, carry=None)` compiled for a replicated state and carry and a batch split over the
+    mesh; donates the state."""
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    step = jax.jit(partial(train_step, dtype=dtype), static_argnums=(0, 1), in_shardings=(replicated, split),
-                   out_shardings=(replicated, replicated), donate_argnums=2)
-    return partial(step, module, optimizer)
+    step = jax.jit(lambda state, batch, carry: train_step(module, optimizer, state, batch, dtype, hook, carry),
+                   in_shardings=(replicated, split, replicated), out_shardings=(replicated, replicated),
+                   donate_argnums=0)
+    return lambda state, batch, carry=None: step(state, batch, carry)
 
 
 def make_eval_step(mesh: Mesh, module, dtype: str = "float32"):
@@ -360,15 +392,61 @@ def _rates(total: Mapping) -> dict:
     return {"loss": total["loss"] / count, "accuracy": total["correct"] / count, "count": int(total["count"])}
 
 
+def metric_rates(metrics: list) -> dict:
+    """Mean loss, accuracy and count of a list of device metric sums."""
+    return _rates(_total(metrics))
+
+
+def evaluate_batches(variables, step_fn, batches: Iterable, mesh: Mesh, size: int) -> dict:
+    """Loss, accuracy and count over this process's `batches` (each padded to `size` examples and masked): the one
+    evaluator of training, fine-tuning, the stages and AutoCompress."""
+    return metric_rates([step_fn(variables, global_batch(_padded(batch, size), mesh)) for batch in batches])
+
+
+def _checked(batches: Iterable, input_shape) -> Iterable:
+    """`batches`, each checked to have the network's input shape."""
+    for batch in batches:
+        _check_shape(batch, input_shape)
+        yield batch
+
+
 def evaluate_source(variables, step_fn, source, config: TrainConfig, mesh: Mesh, batch_size: int) -> dict:
     """Loss, accuracy and count of the network on all of `source` (the last batch padded and masked)."""
     local = _check_batch_size(batch_size)
-    metrics = []
     with _batches(source, config, batch_size, train=False) as batches:
-        for batch in batches:
-            _check_shape(batch, config.input_shape)
-            metrics.append(step_fn(variables, global_batch(_padded(batch, local), mesh)))
-    return _rates(_total(metrics))
+        return evaluate_batches(variables, step_fn, _checked(batches, config.input_shape), mesh, local)
+
+
+def array_batches(images, labels, batch_size: int) -> Iterable:
+    """This process's share of labelled arrays (the same on every process) in batches of `batch_size` examples
+    globally, in order: what `evaluate_batches` reads for in-memory data."""
+    share = _check_batch_size(batch_size)
+    first = jax.process_index() * share
+    for start in range(0, len(labels), batch_size):
+        yield {"image": np.asarray(images[start + first:start + first + share], np.float32),
+               "label": np.asarray(labels[start + first:start + first + share], np.int32)}
+
+
+def evaluate_arrays(module, variables, images, labels, batch_size: int = 512, mesh: Mesh | None = None) -> dict:
+    """Loss, accuracy and count of (module, variables) in inference mode on labelled arrays (the same on every
+    process), by `evaluate_batches` over `mesh` (default: every device); `batch_size` rounds up to the devices."""
+    mesh = data_mesh() if mesh is None else mesh
+    size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    return evaluate_batches(place(variables, NamedSharding(mesh, P())), make_eval_step(mesh, module),
+                            array_batches(images, labels, size), mesh, size // jax.process_count())
+
+
+def train_steps(step_fn, state: TrainState, batches: Iterable, mesh: Mesh, carry=None, after=None):
+    """The one training loop (training, fine-tuning, QAT, masked retraining, ADMM): one compiled step per batch of
+    this process's `batches`, split over `mesh`; then `after(state, metrics, carry)` on the host returns the next
+    step's carry (progress, checkpoints, ADMM's Z/U updates). Returns (state, carry)."""
+    for batch in batches:
+        if len(batch["label"]) * jax.process_count() % mesh.devices.size:
+            raise AgmcError(f"a batch of {len(batch['label']) * jax.process_count()} examples does not split over "
+                            f"{mesh.devices.size} devices; choose a batch size that is a multiple of it")
+        state, metrics = step_fn(state, global_batch(batch, mesh), carry)
+        carry = carry if after is None else after(state, metrics, carry)
+    return state, carry
 
 
 ZERO = {"loss": 0.0, "correct": 0.0, "count": 0.0}  # metric sums before the first step
@@ -391,9 +469,8 @@ def _train_epoch(state, run: "_Run", feed: data.BatchIterator, epoch: int, total
     hidden = jax.process_index() != 0 or not sys.stderr.isatty()
     with tqdm(total=run.steps, initial=done, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
               disable=hidden) as bar:
-        for batch in itertools.islice(feed, run.steps - done):
-            _check_shape(batch, config.input_shape)
-            state, step_metrics = run.train_fn(state, global_batch(batch, run.mesh))
+        def after(state, step_metrics, carry):
+            nonlocal totals, metrics
             metrics.append(step_metrics)
             bar.update()
             if len(metrics) % 10 == 0:
@@ -403,6 +480,10 @@ def _train_epoch(state, run: "_Run", feed: data.BatchIterator, epoch: int, total
             if config.checkpoint_steps and position % config.checkpoint_steps == 0 and position % run.steps:
                 totals, metrics = _add(totals, metrics), []
                 save(state, epoch, {"totals": totals})
+            return carry
+
+        state, _ = train_steps(run.train_fn, state, _checked(itertools.islice(feed, run.steps - done),
+                                                             config.input_shape), run.mesh, after=after)
     return state, _add(totals, metrics)
 
 

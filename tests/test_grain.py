@@ -136,10 +136,10 @@ def dying_after(steps: int, monkeypatch) -> None:
     def make_dying(*args, **kwargs):
         step, calls = make(*args, **kwargs), itertools.count(1)
 
-        def run(state, batch):
+        def run(state, batch, carry=None):
             if next(calls) > steps:
                 raise Killed
-            return step(state, batch)
+            return step(state, batch, carry)
         return run
 
     monkeypatch.setattr(training, "make_train_step", make_dying)

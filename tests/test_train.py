@@ -8,16 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from agmc_jax import checkpoint, data
 from agmc_jax.errors import AgmcError, CheckpointError, CheckpointWarning
-from agmc_jax.train import (TrainConfig, abstract_train_state, build_module, create_train_state, evaluate, global_batch,
-                            load_trained, make_train_step, optimizer_spec, resolve_config, state_from_variables,
-                            train)
+from agmc_jax.prune.admm import Penalized
+from agmc_jax.train import (Hook, TrainConfig, abstract_train_state, build_module, create_train_state, evaluate,
+                            evaluate_arrays, global_batch, load_trained, make_train_step, masked_params, optimizer_spec,
+                            resolve_config, state_from_variables, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A ResNet-20 with 4/8/8 channels on 8x8 images: every test shares its compiled init and steps.
@@ -134,6 +137,56 @@ def test_sparse_training_keeps_pruned_weights_at_zero():
         if before.ndim > 1:
             assert np.all(after[before == 0] == 0)
             assert np.any(after[before != 0] != before[before != 0])
+
+
+def _hooked_and_plain(hook, carry, spec):
+    """One step of the hooked step (carry `carry`) and one of the plain step with optimizer `spec`, from the same
+    state and batch."""
+    module, mesh, state, _ = _one_device_setup()
+    batch = global_batch(_batch(), mesh)
+    plain = make_train_step(mesh, module, spec)
+    hooked = make_train_step(mesh, module, optimizer_spec(resolve_config(CONFIG), STEPS_PER_EPOCH), hook=hook)
+    return hooked(jax.tree.map(jnp.array, state), batch, carry), plain(state, batch)  # a copy: steps donate
+
+
+def test_a_mask_hook_is_the_plain_step_then_the_mask():
+    """`Hook(params=masked_params)` with masks as its carry gives the plain step's parameters times the masks,
+    exactly, and its BatchNorm statistics and metrics."""
+    _, _, state, _ = _one_device_setup()
+    masks = jax.tree.map(lambda p: (np.arange(p.size).reshape(p.shape) % 3 > 0).astype(np.float32), state.params)
+    (hooked, hooked_sums), (plain, plain_sums) = _hooked_and_plain(
+        Hook(params=masked_params), masks, optimizer_spec(resolve_config(CONFIG), STEPS_PER_EPOCH))
+    for got, want, mask in zip(jax.tree.leaves(hooked.params), jax.tree.leaves(plain.params), jax.tree.leaves(masks)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want) * mask)
+    chex.assert_trees_all_equal(hooked.batch_stats, plain.batch_stats)
+    chex.assert_trees_all_equal(hooked_sums, plain_sums)
+
+
+def test_a_penalty_hook_on_the_kernels_is_more_weight_decay():
+    """A module hook sowing c/2 * (sum of squared kernels, from its carry c) into the loss has the gradient c * w of
+    coupled weight decay: one step equals the plain step with weight decay raised by c (worked by hand)."""
+    c = 0.25
+    kernels = lambda params, c: c / 2 * sum(jnp.sum(p ** 2) for p in jax.tree.leaves(params) if p.ndim > 1)  # noqa
+    hook = Hook(module=lambda module, carry: Penalized(module, lambda params: kernels(params, carry)))
+    spec = optimizer_spec(resolve_config(CONFIG), STEPS_PER_EPOCH)
+    (hooked, _), (plain, _) = _hooked_and_plain(hook, jnp.float32(c), spec._replace(weight_decay=spec.weight_decay + c))
+    chex.assert_trees_all_close(hooked.params, plain.params, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_arrays_is_numpy_top1_and_cross_entropy():
+    """The one evaluator on in-memory arrays (37 images in batches of 16: the last padded and masked) gives the
+    accuracy, mean cross-entropy and count computed in NumPy from the network's logits."""
+    module, _, state, _ = _one_device_setup()
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    images, labels = SOURCES["test"].get(np.arange(30))
+    images = np.concatenate([images, images[:7]]).astype(np.float32) / 255
+    labels = np.concatenate([labels, labels[:7]])
+    logits = np.asarray(module.apply(variables, images, train=False), np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    losses = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(37), labels]
+    got = evaluate_arrays(module, variables, images, labels, batch_size=16)
+    assert got["count"] == 37 and got["accuracy"] == np.mean(logits.argmax(-1) == labels)
+    np.testing.assert_allclose(got["loss"], losses.mean(), rtol=1e-5)
 
 
 def test_resumed_run_equals_uninterrupted_run(trained, tmp_path):

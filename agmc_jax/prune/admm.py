@@ -13,9 +13,10 @@ and rho grows by `rho_growth` up to `rho_max`. The sets, for a `Target`:
   intersection is a maximum-weight submatrix problem).
 
 The penalty reaches `train.train_step` through the "losses" collection (`Penalized`), so an ADMM step
-is the ordinary train step of a wrapped module; `admm_train` and `masked_train` are the two phases.
+is the one train step with a `train.Hook` that wraps the module and masks the parameters, run by the one
+loop `train.train_steps`; `admm_train` and `masked_train` are the two phases.
 """
-from functools import partial
+import itertools
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -27,7 +28,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from agmc_jax.errors import AdmmError
 from agmc_jax.hosts import place
 from agmc_jax.prune.masks import masks_from_vectors
-from agmc_jax.train import LOSSES, OptimizerSpec, TrainState, data_mesh, global_batch, make_optimizer, train_step
+from agmc_jax.train import (LOSSES, Hook, OptimizerSpec, TrainState, data_mesh, make_optimizer, make_train_step,
+                            masked_params, metric_rates, train_steps)
 
 
 class Target(NamedTuple):
@@ -283,47 +285,39 @@ def _optimizer(fit: FitConfig, steps: int) -> OptimizerSpec:
     return OptimizerSpec(fit.learning_rate, fit.momentum, fit.weight_decay, "cosine", 0, max(1, fit.epochs * steps))
 
 
-def _train(module, variables, masks, feed: Feed, fit: FitConfig, on_step=None, carry=None, wrap=None, mesh=None):
-    """Train `variables` for `fit.epochs`, params times `masks` after every step (pruned stays pruned).
+def _train(module, variables, masks, feed: Feed, fit: FitConfig, hook: Hook = Hook(), carry=None, on_step=None,
+           mesh=None):
+    """Train `variables` for `fit.epochs` with `train.train_steps`, params times `masks` after every step (pruned
+    stays pruned): the step's `hook` sees the carry {'masks': ..., 'phase': carry}.
 
     Each batch is split over `mesh`'s 'data' axis (default: every device), the state replicated, as in
-    `train.train`. `wrap(carry)` gives the module a step trains (default `module`); every step
-    `on_step(step, params, carry)` may return a new carry (host). Returns (variables, carry, the last
-    epoch's mean loss and accuracy).
+    `train.train`. Every step `on_step(step, params, carry)` may return a new phase carry (host). Returns
+    (variables, carry, the last epoch's mean loss and accuracy).
     """
     if fit.epochs < 1:
         raise AdmmError(f"training phases need at least one epoch, got {fit.epochs}")
     mesh = data_mesh() if mesh is None else mesh
-    spec = _optimizer(fit, feed.steps)
-    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    params = jax.tree.map(lambda v, m: v * m, variables["params"], masks["params"])
+    spec, replicated = _optimizer(fit, feed.steps), NamedSharding(mesh, P())
+    params = masked_params(variables["params"], masks["params"])
     state = place(TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
                              make_optimizer(spec).init(params)), replicated)  # new arrays: the steps donate them
-    carry, masks = place((carry, masks["params"]), replicated)
+    step = make_train_step(mesh, module, spec, hook=hook._replace(
+        params=lambda params, both: masked_params(params, both["masks"])))
+    both = place({"masks": masks["params"], "phase": carry}, replicated)
+    metrics, done = [], itertools.count(1)
 
-    @partial(jax.jit, in_shardings=(replicated, split, replicated, replicated), out_shardings=replicated,
-             donate_argnums=0)
-    def step(state, batch, carry, masks):
-        state, metrics = train_step(module if wrap is None else wrap(carry), spec, state, batch)
-        return state._replace(params=jax.tree.map(lambda p, m: p * m, state.params, masks)), metrics
+    def after(state, sums, both):
+        metrics.append(sums)
+        step = next(done)
+        return both if on_step is None else {**both, "phase": on_step(step, state.params, both["phase"])}
 
-    done, metrics = 0, []
     for epoch in range(fit.epochs):
-        metrics = []
-        for batch in feed.batches(epoch):
-            if len(batch["label"]) % mesh.devices.size:
-                raise AdmmError(f"a batch of {len(batch['label'])} examples does not split over "
-                                f"{mesh.devices.size} devices; choose a batch size that is a multiple of it")
-            state, sums = step(state, global_batch(batch, mesh), carry, masks)
-            metrics.append(sums)
-            done += 1
-            if on_step is not None:
-                carry = on_step(done, state.params, carry)
-    totals = {k: float(sum(np.float64(m[k]) for m in jax.device_get(metrics))) for k in ("loss", "correct", "count")}
+        metrics.clear()
+        state, both = train_steps(step, state, feed.batches(epoch), mesh, both, after)
+    rates = metric_rates(metrics)
     variables = {**variables, "params": state.params,
                  **({"batch_stats": state.batch_stats} if "batch_stats" in variables else {})}
-    return variables, carry, {"loss": totals["loss"] / max(totals["count"], 1),
-                              "accuracy": totals["correct"] / max(totals["count"], 1)}
+    return variables, both["phase"], {"loss": rates["loss"], "accuracy": rates["accuracy"]}
 
 
 def admm_train(module, variables, feed: Feed, sparsity: Sparsity, target: Target, fit: FitConfig = FitConfig(),
@@ -348,11 +342,12 @@ def admm_train(module, variables, feed: Feed, sparsity: Sparsity, target: Target
         history.append({"step": step, "rho": float(state.rho[0]), "distance": float(distance(params))})
         return state
 
-    def wrap(state):
-        return Penalized(module, lambda params: admm_penalty(sparsity, state, params))
+    def penalized(module, both):
+        return Penalized(module, lambda params: admm_penalty(sparsity, both["phase"], params))
 
     init = jax.jit(lambda params: admm_init(sparsity, params, target, config))
-    variables, _, metrics = _train(module, variables, masks, feed, fit, on_step, init(start), wrap, mesh)
+    variables, _, metrics = _train(module, variables, masks, feed, fit, Hook(module=penalized), init(start), on_step,
+                                   mesh)
     history.append({"step": fit.epochs * feed.steps, "rho": history[-1]["rho"],
                     "distance": float(distance(variables["params"])), **metrics})
     return variables, history
