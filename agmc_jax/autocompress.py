@@ -18,14 +18,13 @@ Filter pruning exports a physically smaller network. Column pruning changes no t
 export is the masked network (the zeros in place), which runs no faster than the dense one; only
 the channels purification removes make it smaller.
 """
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from agmc_jax import checkpoint, data
+from agmc_jax import checkpoint, data, runs
 from agmc_jax.agents import AnnealingConfig, OptionError
 from agmc_jax.agents.registry import AGENTS, agent_config
 from agmc_jax.env import Budget, EnvConfig
@@ -155,12 +154,11 @@ def check_budget(net, variables, config, target_macs, target_params, env_options
 
 def _fingerprint(net, variables, validation, feed, config, target_macs, target_params, seed, env_options, annealing):
     """What a resumed AutoCompress must share with the saved one: network, weights, data (hashed) and settings."""
-    return json.loads(json.dumps({"model": type(net.module).__name__, "macs": net.macs, "params": net.params,
-                                  "variables": checkpoint.digest(variables), "data": checkpoint.digest(validation),
-                                  "train": checkpoint.digest(dict(next(iter(feed.batches(0))))),
-                                  "config": config._asdict(), "target_macs": target_macs,
-                                  "target_params": target_params, "seed": seed, "env": env_options,
-                                  "annealing": annealing}))
+    return {"model": type(net.module).__name__, "macs": net.macs, "params": net.params,
+            "variables": checkpoint.digest(variables), "data": checkpoint.digest(validation),
+            "train": checkpoint.digest(dict(next(iter(feed.batches(0))))), "config": config._asdict(),
+            "target_macs": target_macs, "target_params": target_params, "seed": seed, "env": env_options,
+            "annealing": annealing}
 
 
 def _resume(out, base, fingerprint, resume):
@@ -172,16 +170,12 @@ def _resume(out, base, fingerprint, resume):
     if not resume:
         raise CheckpointError(f"{out} already holds AutoCompress stages; pass --resume or choose a new --out")
 
-    def read(step):
-        meta = checkpoint.metadata(directory, step)
-        saved = meta.get("fingerprint", {})
-        changed = [key for key in fingerprint if saved.get(key) != fingerprint[key]]
-        if changed:
-            raise CheckpointError(f"{directory} holds AutoCompress stages of another {', '.join(changed)}; resume "
-                                  "with the same network, data and settings or choose a new --out")
-        return meta, checkpoint.restore(directory, step)
-
-    meta, variables = checkpoint.restore_newest(directory, read)[1]
+    found = runs.resume(directory, fingerprint, lambda step, meta: checkpoint.restore(directory, step),
+                        "resume with the same network, data and settings or choose a new --out",
+                        saved=lambda step, meta: meta.get("fingerprint", {}), hashed=("variables", "data", "train"))
+    if found is None:
+        return None
+    _, meta, variables = found
     return meta["done"], (Slimmed(base) if meta["slim"] else base), variables, meta["records"]
 
 

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from agmc_jax import checkpoint, data
+from agmc_jax import checkpoint, data, runs
 from agmc_jax.errors import AgmcError, CheckpointError, InputShapeError
 from agmc_jax.hosts import place
 from agmc_jax.models import check_input_shape, create_model, init_model
@@ -497,22 +497,15 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is unreadable ({error}); restore it or use another workdir") from error
 
 
-def _differences(saved: Mapping, current: Mapping) -> list:
-    """The fields, other than `RUN_FIELDS`, in which two config dicts differ (a missing field is at its default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return sorted(key for key in set(saved) | set(current)
-                  if key not in RUN_FIELDS and saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key)))
-
-
 SAME_RUN = "use a new workdir or the same config"  # how to fix a workdir of another run
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
-def _check_same_run(saved: Mapping, current: Mapping, where: str, fix: str = SAME_RUN) -> None:
-    """Raise a `CheckpointError` unless `saved` (read from `where`) describes the same run as `current`."""
-    changed = _differences(saved, current)
-    if changed:
-        detail = ", ".join(f"{key}: {saved.get(key)!r} != {current.get(key)!r}" for key in changed)
-        raise CheckpointError(f"{where} belongs to a different run ({detail}); {fix}")
+def _check_same_run(saved: Mapping, current: Mapping, where, fix: str = SAME_RUN) -> None:
+    """Raise a `CheckpointError` unless `saved` (read from `where`) describes the same run as `current`: every field
+    but `RUN_FIELDS` equal (a missing one at its default)."""
+    runs.refuse_foreign(saved, current, where, fix, defaults=_DEFAULTS,
+                        ignored=RUN_FIELDS)
 
 
 def check_workdir(workdir: Path, config: TrainConfig, fix: str = SAME_RUN) -> None:
@@ -527,9 +520,9 @@ def check_workdir(workdir: Path, config: TrainConfig, fix: str = SAME_RUN) -> No
         raise CheckpointError(f"{workdir / 'checkpoints'} holds checkpoints but {path} is missing; use a new workdir")
 
 
-def _run_metadata(directory: Path, step: int | None = None) -> dict:
-    """The epoch and config saved with a training checkpoint (default: the latest)."""
-    meta = checkpoint.metadata(directory, step)
+def _run_metadata(directory: Path, step: int | None = None, meta: Mapping | None = None) -> dict:
+    """The epoch and config saved with a training checkpoint (default: the latest), from `meta` when read already."""
+    meta = checkpoint.metadata(directory, step) if meta is None else meta
     if not {"epoch", "config"} <= set(meta):
         where = directory / str(checkpoint.latest_step(directory) if step is None else step)
         raise CheckpointError(f"checkpoint {where} has no training metadata: it is corrupt or was not written by "
@@ -570,20 +563,21 @@ def _restore_or_init(workdir: Path, module, config: TrainConfig, mesh: Mesh, var
     directory, replicated = workdir / "checkpoints", NamedSharding(mesh, P())
     target = abstract_train_state(module, config, replicated, variables)
 
-    def read(step):
-        meta = _run_metadata(directory, step)
-        _check_same_run(meta["config"], config_to_dict(config), f"checkpoint {step} in {directory}")
+    def restore(step, meta):
         if meta.get("init") not in (None, _init_digest(variables)):
             raise CheckpointError(f"checkpoint {step} in {directory} continues a run started from other variables; "
                                   "use a new workdir to train these")
-        return checkpoint.restore(directory, step, target=target), meta
+        return checkpoint.restore(directory, step, target=target)
 
-    found = checkpoint.restore_newest(directory, read)
+    found = runs.resume(directory, config_to_dict(config), restore, SAME_RUN,
+                        saved=lambda step, meta: _run_metadata(directory, step, meta)["config"],
+                        defaults=_DEFAULTS, ignored=RUN_FIELDS)
     if found is None:
         fresh = (create_train_state(module, config.input_shape, config) if variables is None  # a copy: the
                  else state_from_variables(jax.tree.map(jnp.array, variables), config))  # steps donate the state
         return place(fresh, replicated), {}
-    return found[1]
+    _, meta, state = found
+    return state, meta
 
 
 def _position(meta: Mapping, steps: int) -> tuple[int, dict, dict]:

@@ -7,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from agmc_jax import checkpoint
+from agmc_jax import checkpoint, runs
 from agmc_jax.errors import CheckpointError, CheckpointWarning
 
 
@@ -131,3 +131,37 @@ def test_a_run_continued_in_a_directory_written_before_manifests_adopts_its_step
     (tmp_path / checkpoint.MANIFESTS / "2.json").unlink()  # killed before the new step's manifest
     with pytest.warns(CheckpointWarning, match="resuming from checkpoint 1"):
         assert checkpoint.restore_newest(tmp_path, lambda s: checkpoint.restore(tmp_path, s))[0] == 1
+
+
+def test_run_fingerprints_differ_field_by_field_with_defaults_hashes_and_hints():
+    """`runs.differences`: nested fields one by one (a field missing on one side at its default), hashes by name,
+    ignored fields skipped, a hint after each changed field of its key, tuples equal to the lists JSON reads."""
+    saved = {"model": "lenet5", "shape": [1, 2], "env": {"fill": True}, "agent": {"tau": 0.01}, "data": "ab12",
+             "episodes": 10}
+    now = {"model": "lenet5", "shape": (1, 2), "env": {"fill": True, "lbound": 0.2}, "agent": {"tau": 0.05},
+           "data": "cd34", "episodes": 20}
+    compare = {"defaults": {"env": {"fill": True, "lbound": 0.2}}, "hashed": ("data",), "ignored": ("episodes",),
+               "hints": {"agent": "--agent-option {field}={old} keeps it"}}
+    assert runs.differences(saved, now, **compare) == [
+        "agent.tau 0.01 -> 0.05 (--agent-option tau=0.01 keeps it)", "data (another hash)"]
+    assert runs.differences(saved, {**now, "env": {"fill": True, "lbound": 0.3}}, **compare)[0] == \
+        "env.lbound 0.2 -> 0.3"
+    assert runs.differences(now, now, **compare) == []
+
+
+def test_resume_restores_the_newest_readable_step_of_its_own_run_and_refuses_a_foreign_one(tmp_path):
+    """`runs.resume`: a corrupt newest step is passed over for the older one (with a warning); a step saved by
+    another run is refused in one line naming the field and the fix; an empty directory is None."""
+    directory = tmp_path / "run"
+    assert runs.resume(directory, {"seed": 0}, lambda step, meta: None, "fix it") is None
+    for step in (1, 2):
+        checkpoint.save(directory, step, {"a": np.full(3, float(step))}, {"seed": 0, "step": step})
+    (directory / "2" / "default" / "manifest.ocdbt").write_bytes(b"garbage")
+    restore = lambda step, meta: checkpoint.restore(directory, step)["a"]  # noqa: E731
+    with pytest.warns(CheckpointWarning, match="resuming from checkpoint 1"):
+        step, meta, value = runs.resume(directory, {"seed": 0}, restore, "fix it", ignored=("step",))
+    assert (step, meta["step"]) == (1, 1) and np.all(value == 1.0)
+    with pytest.raises(CheckpointError) as error:
+        runs.resume(directory, {"seed": 3}, restore, "use a new directory", ignored=("step",))
+    assert str(error.value) == (f"checkpoint 1 in {directory} holds a run of another network, data or setting "
+                                "(seed 0 -> 3); use a new directory")

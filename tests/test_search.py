@@ -12,7 +12,8 @@ from agmc_jax.agents import DDPGConfig, OptionError, agent_config
 from agmc_jax.env import BudgetError, EnvConfig, Environment
 from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.models import create_model, init_model
-from agmc_jax.search import METHODS, SearchConfig, UnknownMethodError, _changes, environment, get_method, search
+from agmc_jax.runs import differences
+from agmc_jax.search import METHODS, RESUME, SearchConfig, UnknownMethodError, environment, get_method, search
 from agmc_jax.search import checkpoint as search_checkpoint
 from agmc_jax.search import loop
 from agmc_jax.search.loop import Runner, make_chunk, place
@@ -277,8 +278,8 @@ def test_a_search_saved_before_an_environment_field_existed_resumes_with_its_def
     search(MODULE, VARIABLES, DATA, config=config("amc", 2), out=tmp_path / "s", progress=False)
     now = checkpoint.metadata(tmp_path / "s" / "search_state")
     older = {**now, "env": {k: v for k, v in now["env"].items() if k != "fill"}}
-    assert _changes(older, now) == []
-    assert _changes({**now, "env": {**now["env"], "fill": False}}, now) == ["env.fill False -> True"]
+    assert differences(older, now, **RESUME) == []
+    assert differences({**now, "env": {**now["env"], "fill": False}}, now, **RESUME) == ["env.fill False -> True"]
 
 
 def test_a_bfloat16_reward_scores_like_float32_and_exports_float32():

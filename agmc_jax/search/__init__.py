@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from agmc_jax import checkpoint
+from agmc_jax import checkpoint, runs
 from agmc_jax.agents import agent_config
 from agmc_jax.env import EnvConfig, Environment, check_config
 from agmc_jax.errors import AgmcError, CheckpointError, DataError
@@ -139,51 +139,25 @@ def _fingerprint(env, config, variables, data, train_data=None):
             **({"train": checkpoint.digest(train_data)} if env.finetunes else {})}
 
 
-def _changes(saved, fingerprint) -> list:
-    """What differs between a saved fingerprint and this search's, as 'field saved -> now' (hashes by name)."""
-    changes = []
-    for key, value in json.loads(json.dumps(fingerprint)).items():
-        old = saved.get(key)
-        if old == value:
-            continue
-        if key == "agent" and isinstance(old, dict) and isinstance(value, dict):
-            changes += [f"agent option {field} {old.get(field)!r} -> {value.get(field)!r} (--agent-option "
-                        f"{field}={old.get(field)} keeps the saved one)"
-                        for field in sorted(set(old) | set(value)) if old.get(field) != value.get(field)]
-        elif isinstance(old, dict) and isinstance(value, dict):
-            # a field added since the search was saved compares as its default (the setting that search had)
-            old = {**(EnvConfig._field_defaults if key == "env" else {}), **old}
-            changes += [f"{key}.{field} {old.get(field)!r} -> {value.get(field)!r}"
-                        for field in sorted(set(old) | set(value)) if old.get(field) != value.get(field)]
-        elif key in ("variables", "data", "train"):
-            changes.append(f"{key} (another hash)")
-        else:
-            changes.append(f"{key} {old!r} -> {value!r}")
-    return changes
-
-
-def _check_resume(directory, saved, fingerprint, episodes):
-    """The number of finished episodes of the saved search, after checking that this search continues it."""
-    changes = _changes(saved, fingerprint)
-    if changes:
-        raise CheckpointError(f"{directory} holds a search of another network, data or setting "
-                              f"({'; '.join(changes)}); resume with the saved settings or choose a new --out directory")
-    finished = int(saved.get("finished", 0))
-    if finished > episodes:
-        raise CheckpointError(f"{directory} holds {finished} finished episodes; --episodes must be at least "
-                              f"{finished} to resume it")
-    return finished
+# How a saved search's fingerprint is compared with a resumed one's (`runs.differences`): an environment field added
+# since it was saved at its default, hashes by name, how to keep a saved agent option.
+RESUME = {"defaults": {"env": EnvConfig._field_defaults}, "hashed": ("variables", "data", "train"),
+          "hints": {"agent": "--agent-option {field}={old} keeps the saved one"}}
 
 
 def _resume(directory, fingerprint, episodes, target):
     """(finished episodes, state) of the newest readable checkpoint of this search ((0, None) when there is none);
     unreadable newer steps are passed over with one warning and removed: their episodes are played again."""
-    def read(step):
-        finished = _check_resume(directory, checkpoint.metadata(directory, step), fingerprint, episodes)
+    def restore(step, meta):
+        finished = int(meta.get("finished", 0))
+        if finished > episodes:
+            raise CheckpointError(f"{directory} holds {finished} finished episodes; --episodes must be at least "
+                                  f"{finished} to resume it")
         return finished, checkpoint.restore(directory, step, target=target(finished))
 
-    found = checkpoint.restore_newest(directory, read)
-    return (0, None) if found is None else found[1]
+    found = runs.resume(directory, fingerprint, restore, "resume with the saved settings or choose a new --out "
+                        "directory", **RESUME)
+    return (0, None) if found is None else found[2]
 
 
 class _History:
