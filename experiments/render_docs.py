@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agmc_jax.search import default_criterion
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 DOCS = ROOT / "docs"
@@ -210,7 +212,10 @@ def _changed(default, rows) -> list:
     """(option, value) of a `default` record's config that differ from the other methods' records (the budget and
     the seed aside: every row has its own)."""
     reference = next((r["config"] for r in rows if r["method"] != "default"), {})
-    return [(k, v) for k, v in default.get("config", {}).items()
+    config = dict(default.get("config", {}))
+    if "criterion" in config and config["criterion"] is None:  # None: the kind's default, named as the run used it
+        config["criterion"] = default_criterion(config["method"], config.get("kind"))
+    return [(k, v) for k, v in config.items()
             if k not in ("method", "seed", "target_macs", "target_params") and reference.get(k) != v]
 
 
