@@ -459,6 +459,9 @@ def main(argv=None):
             interrupts.stop_now(signum)
         print(f"agmc {args.command}: {interrupts.INTERRUPTED}", file=sys.stderr)
         sys.exit(interrupts.STATUS[signum])
+    except BrokenPipeError:  # the reader of stdout went away (`agmc summary | head -1`): nothing to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush is not refused
+        _exit(1, in_process)
     except OSError as error:  # a full disk, a read-only or vanished directory, met while writing
         where = f" {error.filename}" if getattr(error, "filename", None) else ""
         print(f"agmc {args.command}: error: cannot use{where}: {error.strerror or error}; free space or fix the "

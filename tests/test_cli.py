@@ -5,6 +5,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -544,3 +546,14 @@ def test_a_step_whose_manifest_is_missing_is_refused_in_one_line(capsys, tmp_pat
         manifest.unlink()
     status, _, err = run(capsys, "evaluate", "--workdir", str(workdir))
     assert status == 2 and len(err.splitlines()) == 1 and "no checksum manifest" in err, err
+
+
+def test_a_reader_that_closes_stdout_ends_the_command_quietly_and_not_as_success():
+    """`agmc summary | head -1` style: stdout's reader is gone before the table is written; no traceback, no
+    misleading 'free space' line, exit status 1 (the output was not all delivered)."""
+    process = subprocess.Popen([sys.executable, "-m", "agmc_jax.cli", "summary", "--model", "resnet56"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 1 and err == "", err
