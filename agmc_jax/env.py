@@ -22,10 +22,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from agmc_jax.errors import AgmcError, BudgetError, DataError
 from agmc_jax.hosts import place
+from agmc_jax.kinds import options_of
 from agmc_jax.prune.admm import FitConfig
 from agmc_jax.prune.batchnorm import apply_recalibrated
 from agmc_jax.prune.masks import CRITERIA
-from agmc_jax.quant.size import FLOAT_BITS
 from agmc_jax.train import DTYPES, OptimizerSpec, compute_dtype, make_optimizer
 
 SLACK = 1e-6  # relative: beyond 2^24 MACs or parameters float32 costs round (by ~1e-7); the host allows this much
@@ -45,9 +45,7 @@ class EnvConfig(NamedTuple):
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics of each pruned network before scoring it
     eval_batch: int = 500
     target_size: float | None = None  # fraction of the float32 size in bits: the bits kind's budget
-    min_bit: int = 2  # the bits kind's weight bit widths, HAQ's defaults
-    max_bit: int = 8
-    pinned_bits: int | None = 8  # bits of the first and last quantized layers, not searched; None: search them
+    kind_options: tuple = ()  # sorted (name, value) pairs of the kind's `Options` (bits: min_bit, max_bit, pinned_bits)
     fill: bool = True  # raise each walled policy to the budget (Budget.filled): the budget is used, not left
     reward_steps: int = 32  # a reward that finetunes: SGD steps of masked fine-tuning before scoring
     reward_lr: float = 0.02  # its constant learning rate (agmc compress fine-tunes from 0.02)
@@ -99,7 +97,6 @@ def register_reward(name: str, reward: Reward) -> None:
     if not isinstance(reward, Reward):
         raise AgmcError(f"register_reward takes a Reward, got {type(reward).__name__}")
     REWARDS[name] = reward
-MAX_BITS = 16  # the widest bit width the bits kind searches or pins
 
 
 def check_config(config: EnvConfig) -> None:
@@ -110,19 +107,10 @@ def check_config(config: EnvConfig) -> None:
             raise BudgetError(f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
     if config.target_macs is None and config.target_params is None and config.target_size is None:
         raise BudgetError("give a budget: --target-macs or --target-params (--target-size for bit widths)")
-    for name in ("min_bit", "max_bit", "pinned_bits"):
-        value = getattr(config, name)
-        if value is None and name == "pinned_bits":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_BITS:
-            raise BudgetError(f"--{name.replace('_', '-')} must be a whole number of bits in 1..{MAX_BITS}, "
-                              f"got {value}")
-    if config.min_bit > config.max_bit:
-        raise BudgetError(f"--min-bit {config.min_bit} is above --max-bit {config.max_bit}; swap them")
-    if config.target_size is not None and config.target_size * FLOAT_BITS < config.min_bit:
-        raise BudgetError(f"--target-size {config.target_size} is below what any network reaches with weights of "
-                          f"--min-bit {config.min_bit} ({config.min_bit}/{FLOAT_BITS} of the float32 size, before "
-                          "scales and unquantized variables); raise --target-size or lower --min-bit")
+    if not isinstance(config.kind_options, tuple) or not all(
+            isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in config.kind_options):
+        raise BudgetError(f"kind_options must be a tuple of (name, value) pairs (hashable), got "
+                          f"{config.kind_options!r}")
     if not 0 < config.lbound <= config.rbound <= 1:
         raise BudgetError(f"need 0 < lbound <= rbound <= 1, got {config.lbound}, {config.rbound}")
     if config.reward not in REWARDS:
@@ -274,6 +262,7 @@ class Budget:
 
     def __init__(self, kind, config: EnvConfig = EnvConfig()):
         check_config(config)
+        options_of(kind, config)
         self.kind, self.net, self.config = kind, kind.net, config
         self.space = action_space(kind, config)
         self.sizes, self.min_counts = self.space.high, self.space.low

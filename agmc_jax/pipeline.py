@@ -103,11 +103,13 @@ def search_options(args, resume=False):
     flags = {name: getattr(args, name) for name in ("warmup_episodes", "sigma_decay") if getattr(args, name) is not None}
     env = {name: getattr(args, name) for name in ("fill", "reward_steps", "reward_lr", "reward_dtype")
            if getattr(args, name) is not None}
-    bits = {name: getattr(args, name) for name in ("kind", "target_size", "min_bit", "max_bit")
+    bits = {name: getattr(args, name) for name in ("kind", "target_size")
             if getattr(args, name, None) is not None}  # bits options: `agmc search` only (compress: its quantize stage)
+    kind_options = {name: getattr(args, name) for name in ("min_bit", "max_bit")
+                    if getattr(args, name, None) is not None}  # `agmc search --min-bit/--max-bit`: the bits kind's
     criterion = args.criterion or default_criterion(args.method, bits.get("kind"))
     return {**{name: getattr(args, name) for name in names}, **bits, **env, "criterion": criterion, "resume": resume,
-            "agent_options": {**flags, **parse_options(args.agent_option)}}
+            "kind_options": kind_options, "agent_options": {**flags, **parse_options(args.agent_option)}}
 
 
 def finetune(search_dir, epochs=3, learning_rate=0.02, data_dir=None, seed=None, data_workers=None):

@@ -1,5 +1,6 @@
 """Bit widths as a compression kind: HAQ's action mapping, the exact size budget and its wall on every zoo
 network, one compiled evaluation for every bit policy, the rewards, the library API and its export."""
+import json
 from functools import cache
 
 import flax.linen as nn
@@ -9,15 +10,21 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from agmc_jax.cli import parser
+from agmc_jax.compression import CompressConfig
 from agmc_jax.embed import amc_state
 from agmc_jax.env import REWARDS, Budget, BudgetError, EnvConfig, Environment
 from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.graph import trace
 from agmc_jax.kinds import KINDS, Bits, Channels
 from agmc_jax.models import create_model, init_model
+from agmc_jax.pipeline import search_config, search_options
 from agmc_jax.quant import load_packed
 from agmc_jax.quant.size import limbs
-from agmc_jax.search import build_config, get_method, search
+from agmc_jax.runs import differences, refuse_foreign
+from agmc_jax.search import (RESUME, SearchConfig, _fingerprint, build_config, get_method, saved_fingerprint,
+                             search)
+from agmc_jax.stages.quantize import quantize_options
 from tests.test_env import NETS
 
 MODULE = create_model("lenet5", 10)
@@ -28,7 +35,10 @@ DATA = (RNG.normal(size=(48, 28, 28, 1)).astype(np.float32), RNG.integers(0, 10,
 
 
 def bit_config(target_size=0.15, **options):
-    return EnvConfig(**{"target_macs": None, "target_size": target_size, "eval_batch": 24, **options})
+    """A size budget; the bits kind's options (min_bit, max_bit, pinned_bits) go into `kind_options`."""
+    bits = {name: options.pop(name) for name in Bits.Options._fields if name in options}
+    return EnvConfig(**{"target_macs": None, "target_size": target_size, "eval_batch": 24, **options},
+                     kind_options=tuple(sorted(bits.items())))
 
 
 def bit_budget(net, **options):
@@ -54,7 +64,7 @@ def reference_size(net, bits_by_layer):
 
 def layer_bits(budget, counts):
     """Bits per layer of a policy: first and last pinned at `pinned_bits`, the others the counts in order."""
-    pinned = budget.config.pinned_bits
+    pinned = budget.kind.options.pinned_bits
     return [pinned, *counts, pinned] if pinned is not None else list(counts)
 
 
@@ -67,7 +77,7 @@ def haq(action, low, high):
 def numpy_bit_wall(budget, actions):
     """The wall written plainly: each step's HAQ bit width, capped by the largest width that keeps the budget
     reachable with every later step at min_bit (brute force over widths, sizes from `reference_size`)."""
-    low, high = budget.config.min_bit, budget.config.max_bit
+    low, high = budget.kind.options.min_bit, budget.kind.options.max_bit
     target = budget.config.target_size * 32 * sum(int(np.prod(s)) for s in budget.net.shapes)
     counts = np.full(budget.steps, high)
     for t, action in enumerate(actions):
@@ -248,7 +258,7 @@ def test_the_size_budget_defaults_to_a_quarter_and_may_come_with_the_environment
     method = get_method("haq")
     assert build_config(method, 3, 0, None, None, None, {}).env.target_size == 0.25
     config = build_config(method, 3, 0, None, None, None, {"target_size": 0.2, "max_bit": 6})
-    assert (config.env.target_size, config.env.max_bit, config.env.target_macs) == (0.2, 6, None)
+    assert (config.env.target_size, config.env.kind_options, config.env.target_macs) == (0.2, (("max_bit", 6),), None)
     config = build_config(get_method("random"), 3, 0, None, None, None, {}, target_size=0.3, kind="bits")
     assert (config.kind, config.env.target_size, config.env.target_macs) == ("bits", 0.3, None)
 
@@ -289,3 +299,112 @@ def test_bad_kind_budget_and_pinned_network_through_the_library():
     variables = module.init(jax.random.key(0), DATA[0][:1])
     with pytest.raises(BudgetError, match="no layer left to search bits for.*pinned_bits=None"):
         search(module, variables, DATA, method="random", kind="bits", episodes=1, progress=False)
+
+
+def test_the_environment_config_has_no_bit_fields_the_kind_owns_them():
+    """min_bit, max_bit and pinned_bits are the bits kind's `Options` (HAQ's defaults), not EnvConfig fields; the
+    config carries the kind's options as sorted pairs and stays hashable."""
+    assert not {"min_bit", "max_bit", "pinned_bits"} & set(EnvConfig._fields)
+    assert Bits.Options() == (2, 8, 8) and Bits.Options._fields == ("min_bit", "max_bit", "pinned_bits")
+    assert not any(hasattr(kind, "Options") for name, kind in KINDS.items() if name != "bits")
+    assert hash(bit_config(min_bit=3)) == hash(bit_config(min_bit=3))
+    assert Bits(LENET, bit_config()).options == Bits.Options()
+
+
+@pytest.mark.parametrize("options", [{"kind_options": {"min_bit": 3, "max_bit": 5}}, {"min_bit": 3, "max_bit": 5}])
+def test_the_bits_kind_reads_its_options_from_kind_options(options):
+    """min_bit=3, max_bit=5 (as kind options, or by name as before they moved): every action maps to 3..5 bits,
+    every width is reachable, and the uniform policy is the widest single width in 3..5 within the budget."""
+    config = build_config(get_method("haq"), 3, 0, None, None, None, {"target_size": 0.13, **options}).env
+    assert config.kind_options == (("max_bit", 5), ("min_bit", 3))
+    budget = Budget(Bits(LENET, config), config)
+    assert budget.kind.options == Bits.Options(min_bit=3, max_bit=5)
+    wanted = jax.vmap(lambda a: budget.space.wanted(0, a, jnp.int32))(np.linspace(0, 1, 101, dtype=np.float32))
+    assert set(np.asarray(wanted).tolist()) == {3, 4, 5}
+    counts = budget.policy_counts(np.ones(budget.steps, np.float32))
+    assert set(counts.tolist()) <= {3, 4, 5}
+    target = 0.13 * 32 * sum(int(np.prod(s)) for s in LENET.shapes)
+    widest = max(b for b in (3, 4, 5) if reference_size(LENET, [8, b, b, b, 8]) <= target)
+    assert widest < 5  # the budget binds
+    np.testing.assert_array_equal(budget.uniform_counts(), [widest] * budget.steps)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("haq", {"kind_options": {"min_bit": 6, "max_bit": 4}}, "--min-bit 6 is above --max-bit 4; swap them"),
+    ("haq", {"kind_options": {"max_bits": 6}},
+     "the bits kind has no option max_bits; its options are min_bit, max_bit, pinned_bits"),
+    ("amc", {"kind_options": {"min_bit": 3}}, "the channels kind has no option min_bit; it takes none"),
+    ("amc", {"min_bit": 3}, "unknown environment option min_bit: neither an EnvConfig field .* nor an option of the "
+                            "channels kind .it takes none."),
+    ("haq", {"max_bits": 3},
+     "unknown environment option max_bits: .* kind .its options are min_bit, max_bit, pinned_bits"),
+])
+def test_bad_kind_options_are_one_line_errors_before_anything_is_traced(method, options, message):
+    with pytest.raises(AgmcError, match=message) as error:
+        build_config(get_method(method), 3, 0, None, None, None, options)
+    assert "\n" not in str(error.value)
+
+
+def test_a_kind_without_options_refuses_them_in_its_budget():
+    config = EnvConfig(kind_options=(("pinned_bits", None),))
+    with pytest.raises(BudgetError, match="the channels kind has no option pinned_bits; it takes none"):
+        Budget(Channels(LENET, config), config)
+    with pytest.raises(BudgetError, match="kind_options must be a tuple of .name, value. pairs"):
+        Budget(Channels(LENET, EnvConfig()), EnvConfig(kind_options={"min_bit": 3}))
+
+
+def _before_kind_options(fingerprint, **moved):
+    """A fingerprint as a search saved before the bits kind owned its options: every EnvConfig then had min_bit,
+    max_bit and pinned_bits (HAQ's defaults unless given), and no kind_options."""
+    saved = json.loads(json.dumps(fingerprint))
+    del saved["env"]["kind_options"]
+    saved["env"].update({"min_bit": 2, "max_bit": 8, "pinned_bits": 8, **moved})
+    return saved
+
+
+def test_a_search_saved_before_the_kind_owned_its_options_resumes():
+    """An old fingerprint's min_bit/max_bit/pinned_bits compare as the kind options they now are (bits), or not at all
+    (a kind without options); a different saved value is still a change."""
+    env = bit_environment(max_bit=6)
+    config = SearchConfig(method="haq", env=env.config)
+    fingerprint = _fingerprint(env, config, VARIABLES, DATA)
+    assert fingerprint["env"]["kind_options"] == [("max_bit", 6), ("min_bit", 2), ("pinned_bits", 8)]
+    assert differences(saved_fingerprint(_before_kind_options(fingerprint, max_bit=6), fingerprint), fingerprint,
+                       **RESUME) == []
+    with pytest.raises(CheckpointError, match="env.kind_options .*'max_bit', 7.* -> .*'max_bit', 6"):
+        refuse_foreign(saved_fingerprint(_before_kind_options(fingerprint, max_bit=7), fingerprint), fingerprint,
+                       "old", "resume with the saved settings", **RESUME)
+    channels = EnvConfig(eval_batch=24, recalibrate_bn=False)
+    env = Environment(Channels(LENET, channels), VARIABLES, DATA[0], DATA[1], channels)
+    fingerprint = _fingerprint(env, SearchConfig(method="amc", env=channels), VARIABLES, DATA)
+    assert fingerprint["env"]["kind_options"] == []
+    assert differences(saved_fingerprint(_before_kind_options(fingerprint), fingerprint), fingerprint, **RESUME) == []
+
+
+def test_an_old_bits_search_on_disk_resumes(tmp_path, monkeypatch):
+    """A bits search whose checkpoint metadata has the old env fields resumes (its episodes are not played again)."""
+    options = dict(method="random", kind="bits", target_size=0.12, episodes=2, progress=False, out=tmp_path / "s",
+                   eval_batch=24, max_bit=6)
+    first = search(MODULE, VARIABLES, DATA, **options)
+    read = search.__globals__["checkpoint"].metadata
+
+    def old_metadata(directory, step=None):
+        saved = read(directory, step)
+        return {**saved, "env": _before_kind_options(saved, max_bit=6)["env"]}
+
+    monkeypatch.setattr(search.__globals__["checkpoint"], "metadata", old_metadata)
+    resumed = search(MODULE, VARIABLES, DATA, resume=True, **options)
+    assert resumed.history == first.history
+
+
+def test_the_bit_flags_of_search_and_compress_become_the_kinds_options():
+    """`agmc search --min-bit/--max-bit` and `agmc compress`'s (its quantize stage's) reach the bits kind as
+    kind_options; without them the kind's defaults hold and the search's config gives none."""
+    args = parser().parse_args(["search", "--workdir", "w", "--out", "o", "--method", "haq", "--min-bit", "3",
+                                "--max-bit", "5"])
+    assert search_config(**search_options(args)).env.kind_options == (("max_bit", 5), ("min_bit", 3))
+    args = parser().parse_args(["search", "--workdir", "w", "--out", "o", "--method", "haq"])
+    assert search_config(**search_options(args)).env.kind_options == ()
+    config = CompressConfig(stages=("prune", "quantize"), target_macs=0.5, quant_max_bit=6)
+    assert search_config(**quantize_options(config)).env.kind_options == (("max_bit", 6),)
+    assert search_config(**search_options(config)).env.kind_options == ()  # the prune stage's channels take none

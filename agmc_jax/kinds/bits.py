@@ -4,15 +4,20 @@ Weights are quantized linearly, symmetric, per output channel (`agmc_jax.quant.f
 bit width a traced value: one compiled evaluation scores every policy); activations stay float, as
 in HAQ's model-size setting. The first and last quantized layers are pinned at `pinned_bits` (8, as
 HAQ) and are not steps. The budget is the model's size in bits (`agmc_jax.quant.size`), a
-fraction `target_size` of its float32 size, decided exactly in integers.
+fraction `target_size` of its float32 size, decided exactly in integers. The bit range and the pinned
+width are the kind's options (`Bits.Options`, given as the environment config's `kind_options`).
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from agmc_jax.errors import BudgetError
 from agmc_jax.graph.graphs import node_layers
+from agmc_jax.kinds.options import options_of
 from agmc_jax.quant.fake import fake_quantize
+from agmc_jax.quant.qat import MAX_BITS, MIN_BITS
 from agmc_jax.quant.size import FLOAT_BITS, MAX_STEPS, MAX_WEIGHTS, fits, size_bits, size_model
 
 
@@ -24,22 +29,23 @@ class BitWidths:
     resources = ("size",)
 
     def __init__(self, kind, config):
+        options = kind.options
         if config.target_macs is not None or config.target_params is not None:
             raise BudgetError("bit widths change neither MACs nor parameters: give the bits kind target_size "
                               "only (target_macs=None, target_params=None)")
         if config.target_size is None:
             raise BudgetError("the bits kind needs a size budget: --target-size (a fraction of the float32 size)")
-        self.kind, self.min_bit, self.max_bit = kind, config.min_bit, config.max_bit
+        self.kind, self.min_bit, self.max_bit = kind, options.min_bit, options.max_bit
         steps = len(kind.step_layers)
-        self.low = np.full(steps, config.min_bit, np.int64)
-        self.high = np.full(steps, config.max_bit, np.int64)
+        self.low = np.full(steps, options.min_bit, np.int64)
+        self.high = np.full(steps, options.max_bit, np.int64)
         self.totals = np.array([kind.model.float32], np.float64)
         self.targets = config.target_size * self.totals
         if not self.feasible(self.low):
             lowest = size_bits(kind.model, self.low) / kind.model.float32
-            raise BudgetError(f"the size budget {config.target_size} is below what min_bit={config.min_bit} "
+            raise BudgetError(f"the size budget {config.target_size} is below what min_bit={options.min_bit} "
                               f"allows ({lowest:.4f} of the float32 size with every searched layer at "
-                              f"{config.min_bit} bits); raise --target-size or lower --min-bit")
+                              f"{options.min_bit} bits); raise --target-size or lower --min-bit")
 
     def feasible(self, counts, xp=np):
         """Whether the policy's size in bits is within the budget, exactly (NumPy int64 or jnp int32 limbs)."""
@@ -72,12 +78,38 @@ class Bits:
     export_name = "quantized"
     default_budget = {"target_size": 0.25}
 
+    class Options(NamedTuple):
+        """The weight bit widths searched, and those of the first and last quantized layers; HAQ's defaults."""
+
+        min_bit: int = 2
+        max_bit: int = 8
+        pinned_bits: int | None = 8  # not searched; None: search them too
+
+    @staticmethod
+    def check_options(options, config):
+        """Raise `BudgetError` on widths outside 1..16, a range upside down, or a size budget (`config.target_size`)
+        that no network reaches at min_bit: before the network is traced."""
+        for name, value in options._asdict().items():
+            if value is None and name == "pinned_bits":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not MIN_BITS <= value <= MAX_BITS:
+                raise BudgetError(f"--{name.replace('_', '-')} must be a whole number of bits in "
+                                  f"{MIN_BITS}..{MAX_BITS}, got {value}")
+        if options.min_bit > options.max_bit:
+            raise BudgetError(f"--min-bit {options.min_bit} is above --max-bit {options.max_bit}; swap them")
+        size = config.target_size  # one outside (0, 1) is the environment's error (`agmc_jax.env.check_config`)
+        if size is not None and 0 < size < 1 and size * FLOAT_BITS < options.min_bit:
+            raise BudgetError(f"--target-size {config.target_size} is below what any network reaches with weights "
+                              f"of --min-bit {options.min_bit} ({options.min_bit}/{FLOAT_BITS} of the float32 size, "
+                              "before scales and unquantized variables); raise --target-size or lower --min-bit")
+
     def __init__(self, net, config):
-        self.net, self.config = net, config
+        self.net, self.config, self.options = net, config, options_of(self, config)
         layers = [(layer, op.leaf) for layer, op in zip(net.layers, net.analysis.layers)]
         self._layer_leaves = tuple(leaf for _, leaf in layers)
-        ends = {0, len(layers) - 1} if config.pinned_bits is not None else set()
-        self.pinned = {leaf: config.pinned_bits for i, (_, leaf) in enumerate(layers) if i in ends}
+        pinned_bits = self.options.pinned_bits
+        ends = {0, len(layers) - 1} if pinned_bits is not None else set()
+        self.pinned = {leaf: pinned_bits for i, (_, leaf) in enumerate(layers) if i in ends}
         searched = [(i, layer, leaf) for i, (layer, leaf) in enumerate(layers) if i not in ends]
         if not searched:
             raise BudgetError(f"{type(net.module).__name__} has no layer left to search bits for: its "
@@ -87,7 +119,7 @@ class Bits:
         if len(searched) > MAX_STEPS or self.model.weights.max() > MAX_WEIGHTS:
             raise BudgetError(f"the exact size model takes at most {MAX_STEPS} layers of at most {MAX_WEIGHTS} "
                               "weights each")
-        self.sizes = np.full(len(searched), config.max_bit, np.int64)
+        self.sizes = np.full(len(searched), self.options.max_bit, np.int64)
         self.step_layers = [[layer] for _, layer, _ in searched]
         self.step_macs = np.array([layer.macs for _, layer, _ in searched], np.float64)
         step_of_layer = np.full(len(layers) + 1, -1, np.int32)  # the last entry maps the -1 of non-layer nodes

@@ -21,6 +21,7 @@ from agmc_jax.agents import agent_config
 from agmc_jax.env import EnvConfig, Environment, check_config
 from agmc_jax.errors import AgmcError, CheckpointError, DataError
 from agmc_jax.graph import trace
+from agmc_jax.kinds import option_names, options_of
 from agmc_jax.quant import FLOAT_BITS, save_packed
 from agmc_jax.search.loop import Runner, compiled, make_chunk, place
 from agmc_jax.search.rerank import RERANK_STEPS, Candidate, candidates, rerank
@@ -132,8 +133,10 @@ class SearchResult:
 
 
 def _fingerprint(env, config, variables, data, train_data=None):
+    options = options_of(env.kind, config.env)  # every option the kind reads, defaults included
+    settings = {**config.env._asdict(), "kind_options": [] if options is None else sorted(options._asdict().items())}
     return {"model": type(env.net.module).__name__, "sizes": [int(s) for s in env.sizes], "macs": int(env.net.macs),
-            "method": config.method, "kind": config.kind, "seed": config.seed, "env": config.env._asdict(),
+            "method": config.method, "kind": config.kind, "seed": config.seed, "env": settings,
             "agent": None if config.agent is None else config.agent._asdict(), "gnn_hidden": config.gnn_hidden,
             "chunk": config.chunk, "variables": checkpoint.digest(variables), "data": checkpoint.digest(data),
             **({"train": checkpoint.digest(train_data)} if env.finetunes else {})}
@@ -143,6 +146,19 @@ def _fingerprint(env, config, variables, data, train_data=None):
 # since it was saved at its default, hashes by name, how to keep a saved agent option.
 RESUME = {"defaults": {"env": EnvConfig._field_defaults}, "hashed": ("variables", "data", "train"),
           "hints": {"agent": "--agent-option {field}={old} keeps the saved one"}}
+MOVED_TO_KIND = ("min_bit", "max_bit", "pinned_bits")  # EnvConfig fields until the bits kind owned them (issue #23)
+
+
+def saved_fingerprint(meta: dict, fingerprint: dict) -> dict:
+    """A saved search's fingerprint as this version writes it: env fields saved before they moved into a kind's
+    options become the kind options of those names that this search's kind has (none for a kind without them)."""
+    saved = meta.get("env")
+    moved = {name: saved[name] for name in MOVED_TO_KIND if name in saved} if isinstance(saved, dict) else {}
+    if not moved or "kind_options" in saved:
+        return meta
+    kept = {name: value for name, value in saved.items() if name not in moved}
+    options = [[name, moved[name]] for name, _ in fingerprint["env"].get("kind_options", []) if name in moved]
+    return {**meta, "env": {**kept, "kind_options": options}}
 
 
 def _resume(directory, fingerprint, episodes, target):
@@ -156,7 +172,7 @@ def _resume(directory, fingerprint, episodes, target):
         return finished, checkpoint.restore(directory, step, target=target(finished))
 
     found = runs.resume(directory, fingerprint, restore, "resume with the saved settings or choose a new --out "
-                        "directory", **RESUME)
+                        "directory", saved=lambda step, meta: saved_fingerprint(meta, fingerprint), **RESUME)
     return (0, None) if found is None else found[2]
 
 
@@ -196,20 +212,33 @@ def build_config(method: Method, episodes, seed, target_macs, target_params, age
     for name, value in (("target_macs", target_macs), ("target_params", target_params), ("target_size", target_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.floating))):
             raise AgmcError(f"{name} must be a fraction in (0, 1), got {value!r}")
-    env_options = {**dict(method.env_defaults), **env_options}
+    compresses = with_kind(method, kind).kind
+    env_options = _gather_kind_options(compresses, {**dict(method.env_defaults), **env_options})
     budget = {"target_macs": target_macs, "target_params": target_params, "target_size": target_size}
     budget = {name: env_options.pop(name, None) if value is None else value for name, value in budget.items()}
     if all(value is None for value in budget.values()):
-        budget.update(with_kind(method, kind).kind.default_budget)
+        budget.update(compresses.default_budget)
     agent = None if method.agent is None else agent_config(method.agent, agent_options, episodes)
-    try:
-        env = EnvConfig(**budget, **env_options)
-    except TypeError as error:
-        raise AgmcError(f"unknown environment option: {error}; EnvConfig fields are "
-                        f"{', '.join(EnvConfig._fields)}") from None
+    env = EnvConfig(**budget, **env_options)
     check_config(env)
+    options_of(compresses, env)
     return _check_lengths(SearchConfig(method=method.name, episodes=episodes, seed=seed, agent=agent, env=env,
                                        kind=kind, rerank=rerank, rerank_steps=rerank_steps))
+
+
+def _gather_kind_options(kind, options: dict) -> dict:
+    """The environment options with the kind's gathered into `kind_options`, sorted (name, value) pairs: given there
+    (a dict or pairs) or by name beside the EnvConfig fields (`min_bit=3` for bits, as before the kind owned them);
+    a name that is neither is one error listing both."""
+    names = option_names(kind)
+    unknown = sorted(set(options) - set(EnvConfig._fields) - set(names))
+    if unknown:
+        takes = f"its options are {', '.join(names)}" if names else "it takes none"
+        raise AgmcError(f"unknown environment option {', '.join(unknown)}: neither an EnvConfig field "
+                        f"({', '.join(EnvConfig._fields)}) nor an option of the {kind.unit} kind ({takes})")
+    given = {**dict(options.get("kind_options", ())), **{name: options[name] for name in names if name in options}}
+    rest = {name: value for name, value in options.items() if name not in names}
+    return {**rest, "kind_options": tuple(sorted(given.items()))}
 
 
 def _check_lengths(config: SearchConfig) -> SearchConfig:
@@ -294,9 +323,10 @@ def search(module, variables, data, method="agmc", target_macs=None, target_para
     to the kind's (half the MACs for channels, half the parameters for weights, a quarter of the
     float32 size in bits, `target_size`, for bit widths).
     `agent_options` (or its older name `ddpg_options`) override fields of the agent's config;
-    `env_options` those of `EnvConfig`. With `out`, writes a checkpoint per chunk, `episodes.jsonl`
-    and `policy.json`; `resume=True` continues a killed search there. The reward images are sharded
-    over `mesh` (default: every device on one data axis).
+    `env_options` those of `EnvConfig` and the kind's options (`kind_options={"max_bit": 6}`, or by name:
+    `max_bit=6`). With `out`, writes a checkpoint per chunk, `episodes.jsonl` and `policy.json`; `resume=True`
+    continues a killed search there. The reward images are sharded over `mesh` (default: every device on one data
+    axis).
     """
     if config is None:
         config = build_config(get_method(method), episodes, seed, target_macs, target_params,

@@ -15,12 +15,11 @@ from agmc_jax.train import config_to_dict, train
 
 def quantize_options(config, resume=False) -> dict:
     """`run_search` keyword arguments of the bit-width search."""
-    options = {**search_options(config, resume), "method": config.quant_method, "kind": "bits", "target_macs": None,
-               "target_params": None, "target_size": config.quant_target_size, "criterion": "l2", "round_to": 1,
-               "rerank": 0}
-    options.update({name: getattr(config, f"quant_{name}") for name in ("min_bit", "max_bit")
-                    if getattr(config, f"quant_{name}") is not None})
-    return options
+    bits = {name: getattr(config, f"quant_{name}") for name in ("min_bit", "max_bit")
+            if getattr(config, f"quant_{name}") is not None}
+    return {**search_options(config, resume), "method": config.quant_method, "kind": "bits", "target_macs": None,
+            "target_params": None, "target_size": config.quant_target_size, "criterion": "l2", "round_to": 1,
+            "rerank": 0, "kind_options": bits}
 
 
 def check(config) -> None:
