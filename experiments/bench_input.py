@@ -34,20 +34,53 @@ from array_record.python import array_record_data_source, array_record_module
 from PIL import Image
 
 from agmc_jax import data
+from agmc_jax.data import transforms
 from agmc_jax.data.pipeline import BatchPlan, make_batch, plan_steps
 
 from results_io import write_result  # experiments/results_io.py: JSON under experiments/results/
 
 
-class JpegRecords(data.Source):
-    """(label int32 little-endian, JPEG bytes) records of an array_record file, decoded with PIL on `get`; the reader
-    opens in each process that reads (it is not pickled to worker processes)."""
+def _pil(blob: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
 
-    def __init__(self, path: str):
-        self.path, self._reader = path, None
+
+def _opencv(blob: bytes) -> np.ndarray:
+    import cv2
+    cv2.setNumThreads(1)  # one image per call: the pipeline's parallelism is its worker processes
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def _simplejpeg(blob: bytes) -> np.ndarray:
+    import simplejpeg
+    return simplejpeg.decode_jpeg(blob, colorspace="RGB")
+
+
+# The JPEG decoders compared: PIL (what tfds's data source uses without OpenCV), OpenCV (what it uses when
+# opencv-python-headless is installed), simplejpeg (libjpeg-turbo without the rest).
+DECODERS = {"pil": (_pil, "PIL"), "opencv": (_opencv, "cv2"), "simplejpeg": (_simplejpeg, "simplejpeg")}
+
+
+def available_decoders() -> list:
+    """The decoders whose module this interpreter has."""
+    found = []
+    for name, (_, module) in DECODERS.items():
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        found.append(name)
+    return found
+
+
+class JpegRecords(data.Source):
+    """(label int32 little-endian, JPEG bytes) records of an array_record file, decoded by `decoder` on `get`; the
+    reader opens in each process that reads (it is not pickled to worker processes)."""
+
+    def __init__(self, path: str, decoder: str = "pil"):
+        self.path, self.decoder, self._reader = path, decoder, None
 
     def __getstate__(self):
-        return {"path": self.path, "_reader": None}
+        return {"path": self.path, "decoder": self.decoder, "_reader": None}
 
     def _records(self):
         if self._reader is None:
@@ -59,7 +92,8 @@ class JpegRecords(data.Source):
 
     def get(self, indices: np.ndarray) -> tuple:
         records = self._records().__getitems__([int(i) for i in indices])
-        images = [np.asarray(Image.open(io.BytesIO(r[4:])).convert("RGB")) for r in records]
+        decode = DECODERS[self.decoder][0]
+        images = [decode(r[4:]) for r in records]
         return images, np.asarray([struct.unpack("<i", r[:4])[0] for r in records], np.int32)
 
 
@@ -154,6 +188,40 @@ def bench(label: str, source, spec, batch_size: int, batches: int, workers: list
     return rows
 
 
+def decoder_rows(path: Path, count: int, repeats: int) -> list:
+    """CPU milliseconds per image of each available decoder on the first `count` records, against the whole training
+    view of an image (decode, random-resized crop to 224, flip, normalise), and whether its pixels equal PIL's."""
+    blobs = [r[4:] for r in array_record_data_source.ArrayRecordDataSource([str(path)]).__getitems__(list(range(count)))]
+    spec, rng = data.dataset_spec("imagenet2012"), np.random.default_rng(0)
+    uniforms = rng.random((count, 64))
+    reference = [_pil(b) for b in blobs[:16]]
+
+    def view(decode):
+        for blob, u in zip(blobs, uniforms):
+            image = transforms.preprocess([decode(blob)], "imagenet", spec.input_shape, u[None])
+            transforms.normalize(image, spec.mean, spec.std)
+
+    rows = []
+    print(f"\nJPEG decoders, {count} images, best of {repeats} (CPU ms per image, this process)")
+    print(f"{'decoder':<12} {'decode':>8} {'view':>8} {'decode share':>13} {'same pixels as PIL':>19}")
+    for name in available_decoders():
+        decode = DECODERS[name][0]
+        same = all(np.array_equal(decode(b), r) for b, r in zip(blobs, reference))
+        timings = {}
+        for part, work in (("decode", lambda: [decode(b) for b in blobs]), ("view", lambda: view(decode))):
+            best = np.inf
+            for _ in range(repeats):
+                began = time.process_time()
+                work()
+                best = min(best, time.process_time() - began)
+            timings[part] = 1e3 * best / count
+        print(f"{name:<12} {timings['decode']:>8.3f} {timings['view']:>8.3f} "
+              f"{timings['decode'] / timings['view']:>13.2f} {str(same):>19}")
+        rows.append({"decoder": name, "decode_cpu_ms": timings["decode"], "view_cpu_ms": timings["view"],
+                     "same_pixels_as_pil": same})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2", help="grain worker counts besides 0 (comma-separated)")
@@ -165,6 +233,8 @@ def main():
     parser.add_argument("--jpeg-batch", type=int, default=64)
     parser.add_argument("--jpeg-batches", type=int, default=32, help="at most one epoch (32 at the defaults)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of every pipeline, interleaved (best kept)")
+    parser.add_argument("--decoder", choices=tuple(DECODERS), default="pil",
+                        help="the JPEG decoder of the pipelines' rows (every available one is also timed alone)")
     args = parser.parse_args()
     workers = [0] + [int(w) for w in args.workers.split(",") if w]
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other jobs share these cores: rates are "
@@ -179,10 +249,12 @@ def main():
         jpegs = write_jpegs(path, args.jpeg_images)
         print(f"\nwrote {jpegs['images']} JPEGs (mean {jpegs['mean_jpeg_bytes'] / 1e3:.0f} kB, "
               f"{jpegs['mean_pixels'] / 1e3:.0f} kpixels) in {time.perf_counter() - began:.0f} s")
-        rows += bench("imagenet-sized JPEGs (array_record)", JpegRecords(str(path)), data.dataset_spec("imagenet2012"),
-                      args.jpeg_batch, args.jpeg_batches, workers, args.repeats)
+        decoders = decoder_rows(path, min(256, args.jpeg_images), args.repeats)
+        rows += bench(f"imagenet-sized JPEGs (array_record, {args.decoder})", JpegRecords(str(path), args.decoder),
+                      data.dataset_spec("imagenet2012"), args.jpeg_batch, args.jpeg_batches, workers, args.repeats)
     write_result("bench_input", time.strftime("%Y-%m-%d_%H%M%S"),
-                 {"args": vars(args), "load_average": os.getloadavg()[0], "jpegs": jpegs, "rows": rows})
+                 {"args": vars(args), "load_average": os.getloadavg()[0], "jpegs": jpegs, "decoders": decoders,
+                  "rows": rows})
 
 
 if __name__ == "__main__":

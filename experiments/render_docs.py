@@ -342,19 +342,28 @@ def _value(value) -> str:
     return _cell(value)
 
 
+def _table(rows) -> list:
+    """Markdown lines of a table of dicts: every column whose values are all plain."""
+    keys = [k for k in dict.fromkeys(k for row in rows for k in row)
+            if not k.startswith("_") and k not in ("command", "date", "machine", "args")
+            and all(isinstance(row.get(k), (str, int, float, bool, type(None))) for row in rows)]
+    return ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|",
+            *["| " + " | ".join(_value(row.get(k, "")) for k in keys) + " |" for row in rows]]
+
+
 def bench_page(name: str, title: str, intro: str):
-    """A page of every run of a benchmark, newest first: its rows as they were written."""
+    """A page of every run of a benchmark, newest first: its rows as they were written, then any other list of
+    records it holds (bench_input's decoders) as a table of its own."""
     def page(rows) -> str:
         lines = _header(title, f"{name}.py", intro + " Timings from a shared machine: compare rows of one run only.")
         if not rows:
             return "\n".join(lines + ["No run recorded here yet (earlier runs are in the [notes](../notes.md)).", ""])
         for run in reversed(rows):
-            keys = [k for k in dict.fromkeys(k for row in run.get("rows", [run]) for k in row)
-                    if not k.startswith("_") and k not in ("command", "date", "machine", "args")
-                    and all(isinstance(row.get(k), (str, int, float, bool, type(None))) for row in run.get("rows", [run]))]
+            extra = [(key, value) for key, value in run.items() if key != "rows" and isinstance(value, list)
+                     and value and all(isinstance(item, dict) for item in value)]
             lines += [f"## {run['_file']}", "", *provenance([run], documented_command(f"{name}.py")),
-                      "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|",
-                      *["| " + " | ".join(_value(row.get(k, "")) for k in keys) + " |" for row in run.get("rows", [run])],
+                      *_table(run.get("rows", [run])),
+                      *[line for key, value in extra for line in ("", f"{key}:", "", *_table(value))],
                       *[f"\n{_cell(note)}" for note in run.get("notes", [])], ""]
         return "\n".join(lines)
     return page

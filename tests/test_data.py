@@ -293,3 +293,19 @@ def test_a_preparation_cut_short_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         data.load("fashion_mnist", "train", data_dir=str(idx))
     assert not list((tmp_path / "cache").glob("from-*"))  # the cache of these files: none, not half of one
+
+
+def test_tfds_decodes_jpegs_with_opencv_the_measured_fastest_and_as_pil_does():
+    """opencv-python-headless is a dependency because tfds's data sources decode with it when it is importable
+    (experiments/bench_input.py: the least CPU per image of the training view); its pixels are PIL's."""
+    import cv2
+    from PIL import Image
+    from tensorflow_datasets.core.features import image_feature
+
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, format="JPEG", quality=90)
+    feature = image_feature.Image(shape=(None, None, 3))
+    assert image_feature.cv2 is not None and cv2.__version__
+    decoded = feature.decode_example_np(encoded.getvalue())
+    np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(encoded.getvalue())).convert("RGB")))
