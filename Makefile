@@ -22,7 +22,8 @@ demo: setup
 	  --target-macs 0.5 --episodes 100 --reward-images 1000 --finetune-epochs 1
 
 # The longest test files first: xdist hands out whole files in this order, so the two workers finish together.
-FIRST := tests/test_reproduce.py tests/test_search.py tests/test_notebooks.py tests/test_faults.py tests/test_devices.py
+FIRST := tests/test_notebooks.py tests/test_faults.py tests/test_search.py tests/test_hosts.py tests/test_devices.py \
+	tests/test_compress.py tests/test_cli.py tests/test_stages.py
 
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(FIRST) $(filter-out $(FIRST),$(wildcard tests/test_*.py))

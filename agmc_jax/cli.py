@@ -16,7 +16,7 @@ from agmc_jax import interrupts
 from agmc_jax.compression import COMPRESS_OPTIONS
 from agmc_jax.env import REWARDS
 from agmc_jax.errors import AgmcError, InputShapeError, UsageError
-from agmc_jax.kinds import KINDS
+from agmc_jax.kinds import KINDS, describe_kind_options
 from agmc_jax.search.registry import describe_methods
 from agmc_jax.search.rerank import RERANK_STEPS
 from agmc_jax.stages import describe_stages
@@ -242,6 +242,8 @@ def _search_arguments(parser, methods_help="", defaults=None):
     parser.add_argument("--agent-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a field of the method's agent config, e.g. sigma_decay=0.99 or candidates=8 "
                              "(repeatable; an unknown name lists the valid ones)")
+    parser.add_argument("--kind-option", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"an option of the compression kind ({describe_kind_options()}; repeatable)")
     parser.add_argument("--warmup-episodes", type=_NATURAL, default=None,
                         help="DDPG: episodes of random actions before learning (default: a quarter, at most 100)")
     parser.add_argument("--sigma-decay", type=_RATIO, default=None,

@@ -49,6 +49,7 @@ class CompressConfig:
     criterion: str | None = None  # None: the kind's first (lstsq for channels: the study's best cheap proxy)
     recalibrate_bn: bool = True
     agent_option: tuple = ()  # KEY=VALUE strings, or a dict
+    kind_option: tuple = ()  # the prune stage's kind options: KEY=VALUE strings, or a dict
     warmup_episodes: int | None = None
     sigma_decay: float | None = None
     finetune_epochs: int = 1
@@ -62,10 +63,10 @@ class CompressConfig:
     data_workers: int | None = None  # input processes of the prune and quantize fine-tunes (None: the dataset's)
 
     def __post_init__(self):
-        options = self.agent_option.items() if isinstance(self.agent_option, dict) else None
         set_field = object.__setattr__.__get__(self)
-        set_field("agent_option", tuple(f"{k}={v}" for k, v in options) if options is not None
-                  else tuple(self.agent_option))
+        for name in ("agent_option", "kind_option"):
+            value = getattr(self, name)
+            set_field(name, tuple(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else tuple(value))
         stages = ordered_stages(self.stages)
         if self.method == AUTOCOMPRESS:
             stages = ordered_stages(tuple(AUTOCOMPRESS if s == "prune" else s for s in stages))

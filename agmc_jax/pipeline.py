@@ -105,8 +105,8 @@ def search_options(args, resume=False):
            if getattr(args, name) is not None}
     bits = {name: getattr(args, name) for name in ("kind", "target_size")
             if getattr(args, name, None) is not None}  # bits options: `agmc search` only (compress: its quantize stage)
-    kind_options = {name: getattr(args, name) for name in ("min_bit", "max_bit")
-                    if getattr(args, name, None) is not None}  # `agmc search --min-bit/--max-bit`: the bits kind's
+    kind_options = {**parse_options(args.kind_option, "--kind-option"),  # the kind's, and `agmc search`'s bit flags
+                    **{name: getattr(args, name) for name in ("min_bit", "max_bit") if getattr(args, name, None) is not None}}
     criterion = args.criterion or default_criterion(args.method, bits.get("kind"))
     return {**{name: getattr(args, name) for name in names}, **bits, **env, "criterion": criterion, "resume": resume,
             "kind_options": kind_options, "agent_options": {**flags, **parse_options(args.agent_option)}}

@@ -408,3 +408,21 @@ def test_the_bit_flags_of_search_and_compress_become_the_kinds_options():
     config = CompressConfig(stages=("prune", "quantize"), target_macs=0.5, quant_max_bit=6)
     assert search_config(**quantize_options(config)).env.kind_options == (("max_bit", 6),)
     assert search_config(**search_options(config)).env.kind_options == ()  # the prune stage's channels take none
+
+
+def test_any_kind_option_comes_from_the_command_line_read_as_the_kind_declares_it(capsys):
+    """`--kind-option KEY=VALUE` reaches the kind's `Options` as their types (an int; 'none' for an optional one);
+    a value of another type, a name the kind lacks, or an option for channels is one line at the config, before
+    anything runs; the help lists the kinds' options."""
+    args = parser().parse_args(["search", "--workdir", "w", "--out", "o", "--method", "haq", "--kind-option",
+                                "min_bit=3", "--kind-option", "pinned_bits=none"])
+    assert search_config(**search_options(args)).env.kind_options == (("min_bit", 3), ("pinned_bits", None))
+    args = parser().parse_args(["search", "--workdir", "w", "--out", "o", "--method", "haq", "--kind-option",
+                                "min_bit=three"])
+    with pytest.raises(BudgetError, match="the bits kind's option min_bit takes a <class 'int'>, got 'three'"):
+        search_config(**search_options(args))
+    with pytest.raises(BudgetError, match="the channels kind has no option min_bit; it takes none"):
+        CompressConfig(target_macs=0.5, kind_option={"min_bit": "3"})
+    with pytest.raises(SystemExit):
+        parser().parse_args(["search", "--help"])
+    assert "bits: min_bit, max_bit, pinned_bits" in " ".join(capsys.readouterr().out.split())

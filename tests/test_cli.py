@@ -504,8 +504,8 @@ def test_a_hand_edited_config_is_one_line_naming_the_file_and_field(capsys, tmp_
 
 
 @pytest.mark.parametrize("options, words", [
-    (("--finetune-epochs", "2"), "epochs: 1 != 2"),
-    (("--lr", "0.05"), "learning_rate: 0.02 != 0.05"),
+    (("--finetune-epochs", "2"), "epochs 1 -> 2"),
+    (("--lr", "0.05"), "learning_rate 0.02 -> 0.05"),
 ])
 def test_a_resumed_compression_with_other_fine_tuning_is_refused_before_anything_runs(capsys, tmp_path, options,
                                                                                        words):

@@ -63,8 +63,9 @@ COMPRESS_POINTS = {
     "after report.json": "report.json",
 }
 QUICK_SEARCH = ("second checkpoint, mid-write", "after policy.json", "masked network, mid-write")
-QUICK_COMPRESS = ("first fine-tuning checkpoint, mid-write", "after the first fine-tuning epoch",
-                  "after the fine-tuning summary")
+# The default suite's kill points (each a restart of the command): a fine-tune cut mid-write and one cut after
+# its summary; every point, and random kills, run with -m faults.
+QUICK_COMPRESS = ("first fine-tuning checkpoint, mid-write", "after the fine-tuning summary")
 SMALL_WRITES = ("policy.json", "rewards.png", "keep.png", "report.json", "report.md", "search/policy.json",
                 "search/rewards.png", "search/keep.png")
 RANDOM_KILLS = 6

@@ -14,6 +14,7 @@ from agmc_jax.agents.heads import Actor, Critic
 from agmc_jax.agents.ppo import PPOConfig, ppo
 from agmc_jax.agents.random_agent import RandomConfig, random_agent
 from agmc_jax.errors import AgmcError
+from agmc_jax.kinds.options import parse_value
 
 
 class OptionError(AgmcError, ValueError):
@@ -60,19 +61,6 @@ def register_agent(agent: AgentType) -> AgentType:
     return agent
 
 
-def _parse(text: str, annotation, default):
-    """A command-line string as the type of a config field (int, float, bool, optional)."""
-    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    if text.lower() == "none" and type(None) in typing.get_args(annotation):
-        return None
-    kind = kinds[0] if isinstance(kinds[0], type) else type(default)
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(text)
-        return text.lower() in ("true", "1")
-    return kind(text)
-
-
 def agent_config(agent: AgentType, options: dict | None = None, episodes: int = 100):
     """The agent's config: its defaults, the search-length defaults, then `options` (values or strings)."""
     config = agent.config()
@@ -85,7 +73,7 @@ def agent_config(agent: AgentType, options: dict | None = None, episodes: int = 
     for name, value in (options or {}).items():
         if isinstance(value, str):
             try:
-                value = _parse(value, hints[name], getattr(config, name))
+                value = parse_value(value, hints[name], getattr(config, name))
             except ValueError:
                 raise OptionError(f"{agent.name} option {name} takes a {hints[name]}, got {value!r}") from None
         if isinstance(value, float) and not math.isfinite(value):
@@ -94,12 +82,12 @@ def agent_config(agent: AgentType, options: dict | None = None, episodes: int = 
     return config._replace(**values)
 
 
-def parse_options(pairs) -> dict:
-    """`KEY=VALUE` strings (from `--agent-option`) as a dict of strings."""
+def parse_options(pairs, flag: str = "--agent-option") -> dict:
+    """`KEY=VALUE` strings (from `--agent-option`, or `flag`) as a dict of strings."""
     options = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise OptionError(f"--agent-option takes KEY=VALUE, got {pair!r}")
+            raise OptionError(f"{flag} takes KEY=VALUE, got {pair!r}")
         options[key.strip().replace("-", "_")] = value.strip()
     return options

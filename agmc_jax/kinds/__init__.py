@@ -7,7 +7,7 @@ options (`Options`, `check_options`: see `agmc_jax.kinds.options`), given as the
 from agmc_jax.kinds.bits import Bits, BitWidths
 from agmc_jax.kinds.channels import Channels
 from agmc_jax.kinds.columns import Columns
-from agmc_jax.kinds.options import option_names, options_of
+from agmc_jax.kinds.options import option_names, options_of, typed_options
 from agmc_jax.kinds.weights import Weights
 
 from agmc_jax.errors import AgmcError
@@ -27,5 +27,12 @@ def register_kind(name: str, kind: type) -> type:
     return kind
 
 
-__all__ = ["KINDS", "PROTOCOL", "Bits", "BitWidths", "Channels", "Columns", "Weights", "option_names", "options_of",
-           "register_kind"]
+def describe_kind_options() -> str:
+    """One line of help: each kind that takes options, and their names."""
+    taking = [f"{name}: {', '.join(option_names(kind))}" for name, kind in KINDS.items() if option_names(kind)]
+    return "; ".join(taking) or "no kind takes options"
+
+
+__all__ = ["KINDS", "PROTOCOL", "Bits", "BitWidths", "Channels", "Columns", "Weights", "describe_kind_options",
+           "option_names", "options_of",
+           "register_kind", "typed_options"]

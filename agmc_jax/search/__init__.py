@@ -21,7 +21,7 @@ from agmc_jax.agents import agent_config
 from agmc_jax.env import EnvConfig, Environment, check_config
 from agmc_jax.errors import AgmcError, CheckpointError, DataError
 from agmc_jax.graph import trace
-from agmc_jax.kinds import option_names, options_of
+from agmc_jax.kinds import option_names, options_of, typed_options
 from agmc_jax.quant import FLOAT_BITS, save_packed
 from agmc_jax.search.loop import Runner, compiled, make_chunk, place
 from agmc_jax.search.rerank import RERANK_STEPS, Candidate, candidates, rerank
@@ -238,7 +238,7 @@ def _gather_kind_options(kind, options: dict) -> dict:
                         f"({', '.join(EnvConfig._fields)}) nor an option of the {kind.unit} kind ({takes})")
     given = {**dict(options.get("kind_options", ())), **{name: options[name] for name in names if name in options}}
     rest = {name: value for name, value in options.items() if name not in names}
-    return {**rest, "kind_options": tuple(sorted(given.items()))}
+    return {**rest, "kind_options": tuple(sorted(typed_options(kind, given).items()))}
 
 
 def _check_lengths(config: SearchConfig) -> SearchConfig:
