@@ -21,9 +21,10 @@ demo: setup
 	$(BIN)/agmc compress --workdir agmc_jax/baselines/lenet5_fashion_mnist --out runs/demo --resume --method agmc \
 	  --target-macs 0.5 --episodes 100 --reward-images 1000 --finetune-epochs 1
 
-# The longest test files first: xdist hands out whole files in this order, so the two workers finish together.
-FIRST := tests/test_notebooks.py tests/test_faults.py tests/test_search.py tests/test_hosts.py tests/test_devices.py \
-	tests/test_compress.py tests/test_cli.py tests/test_stages.py
+# The longest test files first (measured with --durations=0): xdist hands out whole files in this order, so the two
+# workers finish together.
+FIRST := tests/test_search.py tests/test_notebooks.py tests/test_hosts.py tests/test_faults.py tests/test_cli.py \
+	tests/test_train.py tests/test_devices.py tests/test_admm.py tests/test_compress.py tests/test_stages.py
 
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(FIRST) $(filter-out $(FIRST),$(wildcard tests/test_*.py))

@@ -315,6 +315,20 @@ def test_compress_autocompress_meets_the_budget_and_its_export_runs(capsys, tmp_
     module, variables, _ = load_network(out / "finetune")
     expected = np.asarray(module.apply(variables, images))
     np.testing.assert_allclose(np.asarray(load_exported(exported)(images)), expected, rtol=1e-4, atol=1e-4)
+    resume = ["compress", "--workdir", str(BASELINE), "--out", str(out), "--method", "autocompress", "--resume",
+              "--target-macs", "0.5", "--reward-images", "64",
+              *itertools.chain.from_iterable(("--agent-option", o) for o in options)]
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # another learning rate than its fine-tune's: one line, nothing run
+        main([*resume, "--lr", "0.05"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and len(err.splitlines()) == 1 and "learning_rate 0.01 -> 0.05" in err, err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    with mock_data(256):
+        main([*resume, "--lr", "0.01"])  # the same: the fine-tuned network is read back, not trained again
+    assert "fine-tune with every pruned weight fixed" not in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["accuracy"] == report["accuracy"]
 
 
 def test_compress_help_names_every_autocompress_option(capsys):

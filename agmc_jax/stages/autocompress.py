@@ -1,10 +1,12 @@
 """The autocompress stage (`--method autocompress` or `--stages autocompress`): AutoCompress's rounds of annealing,
 ADMM structured pruning, purification and retraining, then a fine-tune with every pruned weight fixed; its report
 section is the pruned network's summary and the rounds' table."""
+import json
+
 import jax
 import numpy as np
 
-from agmc_jax import data
+from agmc_jax import data, runs
 from agmc_jax.agents import parse_options
 from agmc_jax.autocompress import autocompress, check_budget, split_options, structure_masks, training_feed
 from agmc_jax.errors import BudgetError
@@ -37,6 +39,21 @@ def check_network(config, network, first) -> None:
     net = trace(module, variables, tuple(train_config["input_shape"]))
     check_budget(net, variables, split_options(parse_options(config.agent_option))[0], config.target_macs,
                  config.target_params, _env_options(config))
+
+
+def _tuning(config) -> dict:
+    """What the final fine-tune's result depends on beyond the rounds: saved with it, compared on resume."""
+    return {"epochs": config.finetune_epochs, "learning_rate": config.lr, "seed": config.seed}
+
+
+def check_resume(run) -> None:
+    """A resumed compression whose final fine-tune was done with other settings is refused before anything runs
+    (an output written before the settings were saved with it is taken as it is)."""
+    path = run.out / "finetune" / "network.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if "finetune" in saved:
+        runs.refuse_foreign(saved["finetune"], _tuning(run.config), run.out / "finetune",
+                            "resume with the settings it was fine-tuned with, or compress into a new --out")
 
 
 def _layers(dense_net, final_net):
@@ -75,12 +92,14 @@ def run(run, source, report):
     if not (out / "export" / "network.json").exists():
         save_network(out / "export", kind, train_config, result.variables, info)
     pruned = accuracies(result.module, result.variables, train_config, config.data_dir)
-    print(f"  fine-tune with every pruned weight fixed, {config.finetune_epochs} epoch(s)", flush=True)
-    fit = FitConfig(config.finetune_epochs, config.lr, train_config["momentum"], train_config["weight_decay"])
-    tuned, _ = masked_train(result.module, result.variables, structure_masks(result.variables), feed, fit)
-    tuned = jax.device_get(tuned)
-    if not (out / "finetune" / "network.json").exists():
-        save_network(out / "finetune", kind, train_config, tuned, info)
+    if (out / "finetune" / "network.json").exists():  # resumed after its fine-tune (`check_resume`: same settings)
+        tuned = load_network(out / "finetune")[1]
+    else:
+        print(f"  fine-tune with every pruned weight fixed, {config.finetune_epochs} epoch(s)", flush=True)
+        fit = FitConfig(config.finetune_epochs, config.lr, train_config["momentum"], train_config["weight_decay"])
+        tuned, _ = masked_train(result.module, result.variables, structure_masks(result.variables), feed, fit)
+        tuned = jax.device_get(tuned)
+        save_network(out / "finetune", kind, train_config, tuned, {**info, "finetune": _tuning(config)})
     return {
         **report,
         "macs": {"dense": result.dense_macs, "slim": int(result.macs), "ratio": result.macs / result.dense_macs},
@@ -122,4 +141,4 @@ register_stage(AUTOCOMPRESS, Stage(check, check_network, run, markdown,
                                    "retraining (--agent-option structure=filter|column|both, rounds, episodes, "
                                    "admm_epochs, retrain_epochs, learning_rate, momentum, weight_decay, rho, "
                                    "rho_growth, rho_max, admm_interval, and annealing's options)",
-                                   ("export", "finetune")))
+                                   ("export", "finetune"), check_resume))
