@@ -304,3 +304,13 @@ def test_a_bfloat16_reward_scores_like_float32_and_exports_float32():
     assert {leaf.dtype for leaf in jax.tree.leaves(exported)} == {np.dtype(np.float32)}
     with pytest.raises(BudgetError, match="reward-dtype"):
         environment(method, module, variables, data, SearchConfig(env=EnvConfig(target_macs=0.5, reward_dtype="float8")))
+
+
+def test_resuming_into_a_directory_of_other_files_is_refused(tmp_path):
+    """The library's `search(out=..., resume=True)` on a directory that holds files but no search (a training
+    workdir, say) is one line and writes nothing there."""
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="holds no search to resume but other files \\(config.json\\)"):
+        search(MODULE, VARIABLES, DATA, method="random", episodes=1, out=tmp_path / "w", resume=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["config.json"]

@@ -299,7 +299,8 @@ def environment(method: Method, module, variables, data, config: SearchConfig, m
 
 
 def check_output(out, resume=False) -> None:
-    """Refuse an `out` that is a file, or that holds a search when not resuming; reads nothing else."""
+    """Refuse an `out` that is a file, that holds a search when not resuming, or that holds other files and no search
+    when resuming (a search would start among them); reads nothing else."""
     if out is None:
         return
     out = Path(out)
@@ -307,6 +308,10 @@ def check_output(out, resume=False) -> None:
         raise CheckpointError(f"{out} is a file; choose a directory for --out")
     if not resume and any((out / name).exists() for name in ("search_state", "episodes.jsonl", "policy.json")):
         raise CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose a new --out")
+    other = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if resume and other and not (out / "search_state").exists():
+        raise CheckpointError(f"{out} holds no search to resume but other files ({', '.join(other[:3])}); give the "
+                              "out of an earlier search, or a new out")
 
 
 def search(module, variables, data, method="agmc", target_macs=None, target_params=None, episodes=100, seed=0,
