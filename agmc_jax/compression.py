@@ -162,8 +162,11 @@ def _run_stages(config, out: Path, workdir: Path, network, resume) -> Compressed
               "method": config.method if config.stages[0] != "quantize" else config.quant_method,
               "accuracy": {"dense": accuracies(module, variables, train_config, config.data_dir)},
               "size_bytes_float32": float_bytes(variables)}
-    source, run = workdir, StageRun(config, out, resume)
+    source = workdir
     for number, stage in enumerate(config.stages, 2):
+        later = config.stages[number - 1:]
+        run = StageRun(config, out, resume, lambda left, later=later: [
+            STAGES[name].check_network(config, left, name == later[0]) for name in later])
         print(f"[{number}/{total}] {stage}", flush=True)
         report, source = STAGES[stage].run(run, source, report)
     print(f"[{total}/{total}] report", flush=True)

@@ -65,3 +65,15 @@ def test_bad_stage_options_are_one_line_before_any_work(capsys, tmp_path, argv, 
     assert status == 2 and len(err.splitlines()) == 1 and words in err, err
     assert not (tmp_path / "c").exists()
     assert {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in BASELINE.rglob("*") if p.is_file()} == before
+
+
+def test_a_size_budget_only_the_pruned_network_misses_is_refused_before_the_prune_fine_tune(capsys, tmp_path):
+    """LeNet-5 reaches 7.3% of its float32 size at 2 bits, the network pruned to half its MACs 7.9% (its pinned
+    8-bit layers weigh more): --target-size 0.076 passes the checks on the input and is refused in one line as soon
+    as the search has fixed the pruned shapes, before the prune stage's fine-tune starts."""
+    out = tmp_path / "c"
+    status, _, err = run(capsys, "compress", "--workdir", str(BASELINE), "--out", str(out), "--stages",
+                         "prune,quantize", "--method", "uniform", "--target-macs", "0.5", "--target-size", "0.076",
+                         "--reward-images", "64")
+    assert status == 2 and len(err.splitlines()) == 1 and "below what min_bit=2 allows (0.079" in err, err
+    assert (out / "search" / "slim").is_dir() and not (out / "search" / "finetune").exists()

@@ -36,6 +36,7 @@ def run(run, source, report):
     print(f"  search: {config.method}, {config.episodes} episodes", flush=True)
     result = run_search(source, out / "search", **search_options(config, run.resume))
     slim_module, slim_variables, _ = load_network(out / "search" / "slim")
+    run.check_later((slim_module, slim_variables, train_config))  # the fine-tune keeps these shapes
     pruned = accuracies(slim_module, slim_variables, train_config, config.data_dir)
     print(f"  fine-tune the slimmed network, {config.finetune_epochs} epoch(s)", flush=True)
     tuned = finetune(out / "search", config.finetune_epochs, config.lr, config.data_dir, config.seed,

@@ -28,12 +28,20 @@ class Stage(NamedTuple):
     check_resume: Callable | None = None
 
 
+def _nothing_later(network) -> None:
+    return None
+
+
 class StageRun(NamedTuple):
-    """What a stage runs under: the `CompressConfig`, the compression's output directory, whether it resumes."""
+    """What a stage runs under: the `CompressConfig`, the compression's output directory, whether it resumes, and
+    `check_later(network)`: the later stages' `check_network` of the network this stage leaves, which a stage calls
+    as soon as that network's shapes are known (before its own training) so a budget only that network cannot meet
+    is refused early."""
 
     config: Any
     out: Path
     resume: bool
+    check_later: Callable = _nothing_later
 
 
 STAGES: dict[str, Stage] = {}
