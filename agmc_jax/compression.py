@@ -66,6 +66,8 @@ class CompressConfig:
         set_field = object.__setattr__.__get__(self)
         for name in ("agent_option", "kind_option"):
             value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (dict, tuple, list)):
+                raise UsageError(f"{name} must be a dict or KEY=VALUE strings, got {value!r}")
             set_field(name, tuple(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else tuple(value))
         stages = ordered_stages(self.stages)
         if self.method == AUTOCOMPRESS:
@@ -82,14 +84,14 @@ class CompressConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1):
                 raise BudgetError(f"--{name.replace('_', '-').replace('quant-', '')} must be a fraction in (0, 1), "
-                                  f"got {value}")
+                                  f"got {value!r}")
         for name in ("finetune_epochs", "qat_epochs", "episodes", "reward_images"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
                     or getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a whole number of at least 1, "
-                                 f"got {getattr(self, name)}")
+                                 f"got {getattr(self, name)!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be a positive finite number, got {self.lr}")
+            raise UsageError(f"--lr must be a positive finite number, got {self.lr!r}")
         for stage in stages:
             STAGES[stage].check(self)
 

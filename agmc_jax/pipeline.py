@@ -11,7 +11,7 @@ import numpy as np
 from agmc_jax import checkpoint, data
 from agmc_jax.agents import parse_options
 from agmc_jax.env import REWARDS
-from agmc_jax.errors import AgmcError, CheckpointError
+from agmc_jax.errors import AgmcError, CheckpointError, UsageError
 from agmc_jax.networks import check_new_output, load_network, mark_trained_slim, save_network, save_quantized
 from agmc_jax.prune.slim import Slimmed
 from agmc_jax.report import plot_keep, plot_rewards
@@ -105,8 +105,13 @@ def search_options(args, resume=False):
            if getattr(args, name) is not None}
     bits = {name: getattr(args, name) for name in ("kind", "target_size")
             if getattr(args, name, None) is not None}  # bits options: `agmc search` only (compress: its quantize stage)
-    kind_options = {**parse_options(args.kind_option, "--kind-option"),  # the kind's, and `agmc search`'s bit flags
-                    **{name: getattr(args, name) for name in ("min_bit", "max_bit") if getattr(args, name, None) is not None}}
+    kind_options = parse_options(args.kind_option, "--kind-option")  # the kind's, and `agmc search`'s bit flags
+    for name in ("min_bit", "max_bit"):
+        flag = getattr(args, name, None)
+        if flag is not None and kind_options.get(name, str(flag)) != str(flag):
+            raise UsageError(f"--{name.replace('_', '-')} {flag} and --kind-option {name}={kind_options[name]} "
+                             "disagree; give one")
+        kind_options.update({} if flag is None else {name: flag})
     criterion = args.criterion or default_criterion(args.method, bits.get("kind"))
     return {**{name: getattr(args, name) for name in names}, **bits, **env, "criterion": criterion, "resume": resume,
             "kind_options": kind_options, "agent_options": {**flags, **parse_options(args.agent_option)}}

@@ -426,3 +426,19 @@ def test_any_kind_option_comes_from_the_command_line_read_as_the_kind_declares_i
     with pytest.raises(SystemExit):
         parser().parse_args(["search", "--help"])
     assert "bits: min_bit, max_bit, pinned_bits" in " ".join(capsys.readouterr().out.split())
+
+
+def test_kind_options_that_would_be_dropped_or_contradicted_are_refused():
+    """The quantize stage alone does not read --kind-option (it takes --min-bit/--max-bit): refused, not dropped; a
+    --min-bit that contradicts --kind-option min_bit is one line; a non-mapping is a typed error in the library."""
+    with pytest.raises(AgmcError, match="--kind-option sets the prune stage's kind"):
+        CompressConfig(stages=("quantize",), kind_option=("min_bit=3",))
+    args = parser().parse_args(["search", "--workdir", "w", "--out", "o", "--method", "haq", "--kind-option",
+                                "min_bit=3", "--min-bit", "4"])
+    with pytest.raises(AgmcError, match="--min-bit 4 and --kind-option min_bit=3 disagree"):
+        search_options(args)
+    with pytest.raises(AgmcError, match="kind_option must be a dict or KEY=VALUE strings, got 5"):
+        CompressConfig(target_macs=0.5, kind_option=5)
+    for name, value in (("kind_options", "min_bit=3"), ("agent_options", 5)):
+        with pytest.raises(AgmcError, match=f"{name} must be a dict"):
+            search(MODULE, VARIABLES, DATA, method="haq", episodes=1, progress=False, **{name: value})

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agmc_jax import data
 from agmc_jax.data import fashion_mnist, transforms
-from agmc_jax.errors import DataError, DataNotFoundError, InputShapeError, UnknownDatasetError
+from agmc_jax.errors import DataError, DataNotFoundError, InputShapeError, UnknownDatasetError, UsageError
 
 IDX_DIR = fashion_mnist.DEFAULT_IDX_DIR
 
@@ -309,3 +309,12 @@ def test_tfds_decodes_jpegs_with_opencv_the_measured_fastest_and_as_pil_does():
     assert image_feature.cv2 is not None and cv2.__version__
     decoded = feature.decode_example_np(encoded.getvalue())
     np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(encoded.getvalue())).convert("RGB")))
+
+
+def test_more_input_workers_than_the_host_should_start_are_refused():
+    """`--data-workers` beyond 4 a core (at least 16) is one line before anything starts, not a fork storm."""
+    cores = len(os.sched_getaffinity(0))
+    limit = max(16, 4 * cores)
+    assert data.check_workers(limit) == limit
+    with pytest.raises(UsageError, match=f"--data-workers {limit + 1} is more than this host should start"):
+        data.check_workers(limit + 1)

@@ -30,9 +30,15 @@ def default_workers(spec: DatasetSpec) -> int:
 
 
 def check_workers(workers: int) -> int:
-    """`workers`, after checking that it is a count of processes."""
+    """`workers`, after checking that it is a count of processes this host can run: at most 4 a core (or
+    MAX_WORKERS on a small host); more only take memory (each holds a copy of the pipeline)."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise UsageError(f"--data-workers must be an integer at least 0 (0: in the training process), got {workers!r}")
+    cores = len(os.sched_getaffinity(0))
+    limit = max(MAX_WORKERS, 4 * cores)
+    if workers > limit:
+        raise UsageError(f"--data-workers {workers} is more than this host should start (at most {limit} for its "
+                         f"{cores} cores); choose fewer")
     return workers
 
 

@@ -251,7 +251,7 @@ def _check_lengths(config: SearchConfig) -> SearchConfig:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (name == "rerank_steps"):
             raise AgmcError(f"--{name.replace('_', '-')} must be a whole number of at least "
-                            f"{int(name == 'rerank_steps')}, got {value}")
+                            f"{int(name == 'rerank_steps')}, got {value!r}")
     return config
 
 
@@ -333,6 +333,10 @@ def search(module, variables, data, method="agmc", target_macs=None, target_para
     continues a killed search there. The reward images are sharded over `mesh` (default: every device on one data
     axis).
     """
+    for name, value in (("agent_options", agent_options), ("ddpg_options", ddpg_options),
+                        ("kind_options", env_options.get("kind_options"))):
+        if value is not None and not isinstance(value, (dict, tuple)):
+            raise AgmcError(f"{name} must be a dict of option names and values, got {value!r}")
     if config is None:
         config = build_config(get_method(method), episodes, seed, target_macs, target_params,
                               {**(ddpg_options or {}), **(agent_options or {})}, env_options, target_size, kind,

@@ -27,6 +27,8 @@ def check(config) -> None:
     if REWARDS[config.reward].finetunes:
         raise UsageError(f"the quantize stage searches bit widths, which the {config.reward} reward cannot train; "
                          "choose --reward acc (or another) with --stages quantize")
+    if config.kind_option and "prune" not in config.stages:
+        raise UsageError("--kind-option sets the prune stage's kind; the quantize stage takes --min-bit and --max-bit")
     search_config(**quantize_options(config))
 
 
