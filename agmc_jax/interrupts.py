@@ -24,10 +24,13 @@ _stopping = {"command": None, "signal": None, "again": False, "said": False, "at
 
 
 def is_agmc_command() -> bool:
-    """Whether this process is the `agmc` command (its script, or `python -m agmc_jax.cli`)."""
+    """Whether this process is the `agmc` command (its script, or `python -m agmc_jax.cli`), or one of its spawned
+    children."""
     argv = list(getattr(sys, "orig_argv", ()))
     module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
-    return os.path.basename(sys.argv[0] or "") == "agmc" or module == "agmc_jax.cli"
+    script = sys.argv[0] or ""  # a spawned child has its parent's: `agmc`, or cli.py's path under `-m`
+    return os.path.basename(script) == "agmc" or module == "agmc_jax.cli" or \
+        script.endswith(os.path.join("agmc_jax", "cli.py"))
 
 
 def stop_now(signum, frame=None):
@@ -44,10 +47,20 @@ def stop_now(signum, frame=None):
 
 
 def guard_startup() -> None:
-    """In the `agmc` process, a signal before the command runs (while the package imports) ends it at once."""
-    if is_agmc_command() and threading.current_thread() is threading.main_thread():
-        for signum in STATUS:
-            signal.signal(signum, stop_now)
+    """In the `agmc` process, a signal before the command runs (while the package imports) ends it at once. Its
+    input workers (multiprocessing children, which import the package too) ignore Ctrl-C: a terminal sends it to
+    the whole group, and the command, which stops them, says the one line."""
+    if not is_agmc_command() or threading.current_thread() is not threading.main_thread():
+        return
+    if "--multiprocessing-fork" in getattr(sys, "orig_argv", ()):  # a spawned child, still unpickling its task
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return
+    for signum in STATUS:
+        signal.signal(signum, stop_now)
+    # multiprocessing's resource tracker (started later, inheriting the environment) removes the shared memory of an
+    # input pipeline that a stop cut short, and would print two lines about each kind: the stop's line is enough
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        filter(None, (os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning")))
 
 
 def _raise(signum, frame):

@@ -165,3 +165,23 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path, monke
     assert int(actual.step) == 8
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow  # half a minute of training before the signal: run with -m slow
+def test_ctrl_c_to_the_group_of_a_run_with_input_workers_is_one_line(tmp_path):
+    """A terminal's Ctrl-C reaches the command and its input workers (one process group): the workers stay quiet,
+    the resource tracker's notes about the pipeline's shared memory are not shown; one line, status 130."""
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "agmc_jax.cli", "train", "--model", "lenet5", "--dataset",
+                                "fashion_mnist", "--epochs", "2", "--data-workers", "2", "--workdir",
+                                str(tmp_path / "w")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    time.sleep(30)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not line.startswith("epoch")]
+    assert process.returncode == 130 and lines == [
+        "agmc train: interrupted; what was saved stays (rerun with --resume where the command takes it)"], err[-2000:]
