@@ -14,7 +14,7 @@ from agmc_jax.agents.heads import Actor, Critic
 from agmc_jax.agents.ppo import PPOConfig, ppo
 from agmc_jax.agents.random_agent import RandomConfig, random_agent
 from agmc_jax.errors import AgmcError
-from agmc_jax.kinds.options import parse_value
+from agmc_jax.kinds.options import parse_value, type_words
 
 
 class OptionError(AgmcError, ValueError):
@@ -75,7 +75,8 @@ def agent_config(agent: AgentType, options: dict | None = None, episodes: int = 
             try:
                 value = parse_value(value, hints[name], getattr(config, name))
             except ValueError:
-                raise OptionError(f"{agent.name} option {name} takes a {hints[name]}, got {value!r}") from None
+                raise OptionError(f"{agent.name} option {name} takes {type_words(hints[name])}, got {value!r}") \
+                    from None
         if isinstance(value, float) and not math.isfinite(value):
             raise OptionError(f"{agent.name} option {name} must be a finite number, got {value}")
         values[name] = value

@@ -26,6 +26,14 @@ def option_names(kind) -> tuple:
     return () if options is None else tuple(options._fields)
 
 
+def type_words(annotation) -> str:
+    """A field's type as a user reads it: 'an int', 'an int or none'."""
+    names = [getattr(a, "__name__", str(a)) for a in typing.get_args(annotation) or (annotation,) if a is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    words = " or ".join(f"{'an' if n[0] in 'aeiou' else 'a'} {n}" for n in names)
+    return words + (" or none" if optional else "")
+
+
 def typed_options(kind, given) -> dict:
     """The kind options `given` (a mapping; command-line strings read as the types its `Options` declares); a name
     the kind does not take or a value of the wrong type is one `BudgetError`."""
@@ -41,8 +49,8 @@ def typed_options(kind, given) -> dict:
             try:
                 value = parse_value(value, hints[name], kind.Options._field_defaults.get(name))
             except ValueError:
-                raise BudgetError(f"the {kind.unit} kind's option {name} takes a {hints[name]}, got {value!r}") \
-                    from None
+                raise BudgetError(f"the {kind.unit} kind's option {name} takes {type_words(hints[name])}, got "
+                                  f"{value!r}") from None
         typed[name] = value
     return typed
 
