@@ -474,7 +474,7 @@ def _train_epoch(state, run: "_Run", feed: data.BatchIterator, epoch: int, total
             metrics.append(step_metrics)
             bar.update()
             if len(metrics) % 10 == 0:
-                rates = _rates(_total(metrics[-10:]))
+                rates = metric_rates(metrics[-10:])
                 bar.set_postfix(loss=f"{rates['loss']:.3f}", acc=f"{rates['accuracy']:.3f}")
             position = feed.get_state()["next_index"]
             if config.checkpoint_steps and position % config.checkpoint_steps == 0 and position % run.steps:

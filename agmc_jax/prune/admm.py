@@ -28,8 +28,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from agmc_jax.errors import AdmmError
 from agmc_jax.hosts import place
 from agmc_jax.prune.masks import masks_from_vectors
-from agmc_jax.train import (LOSSES, Hook, OptimizerSpec, TrainState, data_mesh, make_optimizer, make_train_step,
-                            masked_params, metric_rates, train_steps)
+from agmc_jax.train import (LOSSES, PLAIN, Hook, OptimizerSpec, TrainState, data_mesh, make_optimizer,
+                            make_train_step, masked_params, metric_rates, train_steps)
 
 
 class Target(NamedTuple):
@@ -285,7 +285,7 @@ def _optimizer(fit: FitConfig, steps: int) -> OptimizerSpec:
     return OptimizerSpec(fit.learning_rate, fit.momentum, fit.weight_decay, "cosine", 0, max(1, fit.epochs * steps))
 
 
-def _train(module, variables, masks, feed: Feed, fit: FitConfig, hook: Hook = Hook(), carry=None, on_step=None,
+def _train(module, variables, masks, feed: Feed, fit: FitConfig, hook: Hook = PLAIN, carry=None, on_step=None,
            mesh=None):
     """Train `variables` for `fit.epochs` with `train.train_steps`, params times `masks` after every step (pruned
     stays pruned): the step's `hook` sees the carry {'masks': ..., 'phase': carry}.

@@ -308,8 +308,9 @@ def check_output(out, resume=False) -> None:
         raise CheckpointError(f"{out} is a file; choose a directory for --out")
     if not resume and any((out / name).exists() for name in ("search_state", "episodes.jsonl", "policy.json")):
         raise CheckpointError(f"{out} already holds a search; pass --resume to continue it or choose a new --out")
-    other = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-    if resume and other and not (out / "search_state").exists():
+    other = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) \
+        if resume and out.is_dir() and not (out / "search_state").exists() else []
+    if other:
         raise CheckpointError(f"{out} holds no search to resume but other files ({', '.join(other[:3])}); give the "
                               "out of an earlier search, or a new out")
 
