@@ -170,9 +170,9 @@ def _header(title: str, script: str, intro: str) -> list:
 
 def search_experiment_page(rows) -> str:
     lines = _header("Does the search earn its keep? (issue #22)", "search_experiment.py",
-                    "ResNet-20 on Fashion-MNIST: each method's network after the same standard fine-tune of "
-                    "`agmc compress`, test top-1 on the 10,000 test images; `default` is `agmc compress` with the "
-                    "settings named below. Mean ± standard deviation over seeds (population), n seeds per row.")
+                    "Each method's network after the same standard fine-tune of `agmc compress`, test top-1 on the "
+                    "10,000 test images; `default` is `agmc compress` with the settings named below. Mean ± "
+                    "standard deviation over seeds (population), n seeds per row.")
     if not rows:
         return "\n".join(lines + ["No run has finished yet.", ""])
     lines += provenance(rows, documented_command("search_experiment.py"))
@@ -181,31 +181,50 @@ def search_experiment_page(rows) -> str:
         changed = sorted({f"{k}={v}" for r in default for k, v in _changed(r, rows)})
         lines += ["`default` row's settings beyond the other rows': " + (", ".join(f"`{c}`" for c in changed)
                   or "none") + ".", ""]
-    for budget in sorted({r["budget"] for r in rows}):
-        mine = [r for r in rows if r["budget"] == budget]
-        lines += [f"## {budget}", "", "| method | n | test top-1 % | test % before fine-tune | MACs kept % | "
-                  "params kept % | search training steps | minutes per run |", "|---|---|---|---|---|---|---|---|"]
-        stats = {}
-        for method in [m for m in SEARCH_METHODS if any(r["method"] == m for r in mine)] + sorted(
-                {r["method"] for r in mine} - set(SEARCH_METHODS)):
-            runs = [r for r in mine if r["method"] == method]
-            test = 100 * np.array([r["test"] for r in runs])
-            stats[method] = (test.mean(), test.std(), len(runs))
-            lines.append(f"| {method} | {len(runs)} | {spread(test)} | {spread([r['pruned_test'] for r in runs], 100)} "
-                         f"| {spread([r['macs_ratio'] for r in runs], 100, 1)} | "
-                         f"{spread([r['params_ratio'] for r in runs], 100, 1)} | "
-                         f"{spread([r['search_training_steps'] for r in runs], 1, 0)} | "
-                         f"{spread([r['seconds_total'] / 60 for r in runs], 1, 1)} |")
-        for name in [n for n in ROW_NOTES if n in stats]:
-            lines += ["", f"`{name}`: {ROW_NOTES[name]}."]
-        lines.append("")
-        if {"default", "uniform"} <= set(stats):
-            (mean, std, n), (rule, rule_std, m) = stats["default"], stats["uniform"]
-            margin = 2 * max(std, rule_std)
-            verdict = ("yes" if mean - rule > margin else "no") if min(n, m) > 1 else "not yet (one seed)"
-            lines += [f"default − uniform rule: {mean - rule:+.2f} points; above two standard deviations "
-                      f"({margin:.2f}): {verdict}.", ""]
+    for net in sorted({_network(r) for r in rows}):
+        lines += [f"## {_network_title(net)}", ""]
+        for budget in sorted({r["budget"] for r in rows if _network(r) == net}):
+            lines += _budget_table([r for r in rows if _network(r) == net and r["budget"] == budget], budget)
     return "\n".join(lines)
+
+
+def _budget_table(mine, budget) -> list:
+    """One budget's rows of the search experiment, and whether the default beats the rule."""
+    lines = [f"### {budget}", "", "| method | n | test top-1 % | test % before fine-tune | MACs kept % | "
+             "params kept % | search training steps | minutes per run |", "|---|---|---|---|---|---|---|---|"]
+    stats = {}
+    for method in [m for m in SEARCH_METHODS if any(r["method"] == m for r in mine)] + sorted(
+            {r["method"] for r in mine} - set(SEARCH_METHODS)):
+        runs = [r for r in mine if r["method"] == method]
+        test = 100 * np.array([r["test"] for r in runs])
+        stats[method] = (test.mean(), test.std(), len(runs))
+        lines.append(f"| {method} | {len(runs)} | {spread(test)} | {spread([r['pruned_test'] for r in runs], 100)} "
+                     f"| {spread([r['macs_ratio'] for r in runs], 100, 1)} | "
+                     f"{spread([r['params_ratio'] for r in runs], 100, 1)} | "
+                     f"{spread([r['search_training_steps'] for r in runs], 1, 0)} | "
+                     f"{spread([r['seconds_total'] / 60 for r in runs], 1, 1)} |")
+    for name in [n for n in ROW_NOTES if n in stats]:
+        lines += ["", f"`{name}`: {ROW_NOTES[name]}."]
+    lines.append("")
+    if {"default", "uniform"} <= set(stats):
+        (mean, std, n), (rule, rule_std, m) = stats["default"], stats["uniform"]
+        margin = 2 * max(std, rule_std)
+        verdict = ("yes" if mean - rule > margin else "no") if min(n, m) > 1 else "not yet (one seed)"
+        lines += [f"default − uniform rule: {mean - rule:+.2f} points; above two standard deviations "
+                  f"({margin:.2f}): {verdict}.", ""]
+    return lines
+
+
+def _network(record) -> str:
+    """The network a search-experiment record compressed (records from before the field: ResNet-20)."""
+    return record.get("network", "resnet20_fashion_mnist")
+
+
+def _network_title(network) -> str:
+    """'resnet20_fashion_mnist (dense 92.70%)': the shipped baseline's test top-1 where it is one."""
+    summary = ROOT / "agmc_jax" / "baselines" / network / "summary.json"
+    dense = json.loads(summary.read_text()).get("test_acc") if summary.is_file() else None
+    return f"{network} (dense {100 * dense:.2f}%)" if dense is not None else network
 
 
 def _changed(default, rows) -> list:
@@ -220,24 +239,23 @@ def _changed(default, rows) -> list:
 
 
 def search_headline(rows) -> str:
-    """The README's table: test top-1 after the fine-tune, per budget and method."""
+    """The README's table: test top-1 after the fine-tune, per network, budget and method."""
     link = "docs/results/search_experiment.md"
     if not rows:
         return f"No run has finished yet ([results page]({link}))."
-    budgets = sorted({r["budget"] for r in rows})
     methods = [m for m in SEARCH_METHODS if any(r["method"] == m for r in rows)]
     dates = sorted({r["date"] for r in rows if r.get("date")})
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
     tested = ", ".join(sorted({f"`{k}={v}`" for r in rows if r["method"] == "default" for k, v in _changed(r, rows)}))
-    lines = ["| budget | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for budget in budgets:
+    lines = ["| network | budget | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+    for net, budget in sorted({(_network(r), r["budget"]) for r in rows}):
         cells = []
         for method in methods:
-            runs = [r["test"] for r in rows if r["budget"] == budget and r["method"] == method]
+            runs = [r["test"] for r in rows if _network(r) == net and r["budget"] == budget and r["method"] == method]
             cells.append(f"{spread(runs, 100)} (n={len(runs)})" if runs else "—")
-        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_network_title(net)} | {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [
-        "", f"ResNet-20 on Fashion-MNIST (dense 92.70%), test top-1 % after the same fine-tune, mean ± std over n "
+        "", f"Fashion-MNIST, test top-1 % after the same fine-tune, mean ± std over n "
             f"seeds; `default` is `agmc compress`'s defaults ({tested or 'none'} beyond the other rows'; "
             f"[why](docs/defaults.md)). {len(rows)} runs, "
             f"{' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else 'undated'}, "
@@ -444,7 +462,7 @@ def _readme(text: str, table: str) -> str:
 
 def rendered_files(with_cli: bool = True) -> dict:
     """{path: the text it should hold} of every generated file."""
-    data = {name: records(name, "*/*/seed*.json" if name == "search_experiment" else "**/*.json") for name in pages()}
+    data = {name: records(name, "*/*/*/seed*.json" if name == "search_experiment" else "**/*.json") for name in pages()}
     files = {DOCS / "results" / "index.md": index_page(data)}
     files.update({DOCS / "results" / f"{name}.md": render(data[name]) for name, (_, render) in pages().items()})
     files[README] = _readme(README.read_text(), search_headline(data["search_experiment"]))

@@ -8,13 +8,15 @@ fields: candidate defaults under test); the others are `--method NAME` with the 
 published: channels chosen by L2 norm, no refit, no re-rank (`AS_PUBLISHED`); `uniform_lstsq` is the rule with the
 default's least-squares refit, to tell the refit's share from the search's.
 
-Every run writes `OUT/BUDGET/METHOD/seedS.json` when it finishes (its compress output resumes under
-`--work`); rerunning skips finished runs. `python experiments/render_docs.py` renders the table (mean ± std over
+Every run writes `OUT/NETWORK/BUDGET/METHOD/seedS.json` when it finishes (NETWORK: the workdir's folder name;
+its compress output resumes under `--work`); rerunning skips finished runs. `python experiments/render_docs.py` renders the table (mean ± std over
 seeds, and whether the default beats the uniform rule by more than two standard deviations) from those files.
 
     python experiments/search_experiment.py --workdir agmc_jax/baselines/resnet20_fashion_mnist \
         --out experiments/results/search_experiment --work runs/search_experiment \
         --budgets macs=0.5,macs=0.25,params=0.1 --seeds 0,1,2
+    python experiments/search_experiment.py --workdir agmc_jax/baselines/lenet5_fashion_mnist \
+        --budgets macs=0.25,params=0.1 --methods default,uniform,uniform_lstsq --seeds 0,1,2
 """
 import argparse
 import json
@@ -38,6 +40,11 @@ def parse_budget(text) -> dict:
     return {f"target_{resource}": float(value)}
 
 
+def network(args) -> str:
+    """The records' and runs' folder of the network: the workdir's name ('resnet20_fashion_mnist')."""
+    return Path(args.workdir).resolve().name
+
+
 def run(args, budget, method, seed, defaults) -> dict:
     """One compression; returns its record."""
     options = {**parse_budget(budget), "seed": seed, "episodes": args.episodes,
@@ -45,15 +52,15 @@ def run(args, budget, method, seed, defaults) -> dict:
     options.update(defaults if method == "default" else METHODS[method])
     config = agmc_jax.CompressConfig(**options)
     began = time.perf_counter()
-    done = agmc_jax.compress(config, Path(args.work) / budget / method / f"seed{seed}", workdir=args.workdir,
-                             resume=True)
+    done = agmc_jax.compress(config, Path(args.work) / network(args) / budget / method / f"seed{seed}",
+                             workdir=args.workdir, resume=True)
     report = done.report
     finetune = json.loads((done.network / "summary.json").read_text()) if (done.network / "summary.json").exists() \
         else {}
     rerank = report.get("rerank", [])
     trained = (config.rerank_steps * len(rerank)
                + (config.episodes * (config.reward_steps or 32) if config.reward == "finetuned" else 0))
-    return {"budget": budget, "method": method, "seed": seed, "config": {k: v for k, v in vars(config).items()},
+    return {"network": network(args), "budget": budget, "method": method, "seed": seed, "config": dict(vars(config)),
             "test": report["accuracy"]["finetuned"]["test"], "validation": report["accuracy"]["finetuned"]["validation"],
             "pruned_test": report["accuracy"]["pruned"]["test"], "macs_ratio": report["macs"]["ratio"],
             "params_ratio": report["params"]["ratio"], "search_training_steps": trained,
@@ -80,13 +87,13 @@ def main():
     for seed in [int(s) for s in args.seeds.split(",")]:  # seed by seed: an interrupted run has whole seeds
         for budget in args.budgets.split(","):
             for method in args.methods.split(","):
-                path = out / budget / method / f"seed{seed}.json"
+                path = out / network(args) / budget / method / f"seed{seed}.json"
                 if path.exists():
                     continue
                 record = run(args, budget, method, seed, defaults)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(record, indent=1))
-                print(f"{budget} {method} seed {seed}: test {100 * record['test']:.2f}% "
+                print(f"{network(args)} {budget} {method} seed {seed}: test {100 * record['test']:.2f}% "
                       f"({record['seconds_total'] / 60:.1f} min)", flush=True)
 
 

@@ -209,8 +209,8 @@ def test_the_results_pages_render_each_experiments_records(tmp_path, monkeypatch
 
     for seed, test in ((0, 0.90), (1, 0.92)):
         for method in ("default", "uniform"):
-            write(f"search_experiment/macs=0.25/{method}/seed{seed}.json", {
-                "budget": "macs=0.25", "method": method, "seed": seed, "test": test - (method == "uniform") * 0.05,
+            write(f"search_experiment/lenet5_fashion_mnist/macs=0.25/{method}/seed{seed}.json", {
+                "network": "lenet5_fashion_mnist", "budget": "macs=0.25", "method": method, "seed": seed, "test": test - (method == "uniform") * 0.05,
                 "pruned_test": 0.2, "macs_ratio": 0.25, "params_ratio": 0.3, "search_training_steps": 0,
                 "seconds_total": 60.0, "config": {"method": method, "seed": seed, "rerank": 4 * (method == "default")}})
         write(f"compare_autocompress/macs=0.5/amc_seed{seed}.json", {
@@ -226,7 +226,8 @@ def test_the_results_pages_render_each_experiments_records(tmp_path, monkeypatch
     pages = {path.name: text for path, text in render_docs.rendered_files(with_cli=False).items()}
     assert "| default | 2 | 91.00 ± 1.00 |" in pages["search_experiment.md"]
     assert "`rerank=4`" in pages["search_experiment.md"] and "+5.00 points" in pages["search_experiment.md"]
-    assert "91.00 ± 1.00 (n=2)" in pages["README.md"] and "| macs=0.25 | " in pages["README.md"]
+    assert "| lenet5_fashion_mnist (dense 88.00%) | macs=0.25 | 91.00 ± 1.00 (n=2) |" in pages["README.md"]
+    assert "## lenet5_fashion_mnist (dense 88.00%)" in pages["search_experiment.md"]
     assert "| macs=0.5 | amc | 2 |" in pages["compare_autocompress.md"]
     assert "91.00 ± 1.00" in pages["compare_methods.md"] and "87.50 ± 0.50" in pages["quantize.md"]
     assert "| a | 1.05 |" in pages["bench_search.md"] and "2026-12-07" in pages["index.md"]
