@@ -13,9 +13,11 @@ actions: DDPG runs no updates, what the search loop itself costs; PPO still trai
       side by side (vmapped), each trained `--reward-steps` masked SGD steps of 128 images, then scored on 1,000
       images: seconds per scored candidate against the same number of training steps of the dense network on the
       same batches; the count of compilations over the whole run (target: 1).
+  (d) (c) on LeNet-5: the finetuned reward's regime that a CPU finishes (ResNet-20's vmapped in-loop gradients
+      take XLA's CPU backend more than 50 CPU-minutes; run (c) on an accelerator).
 Chunks and dense evaluations alternate; medians over `--repeats`.
 
-    python experiments/bench_search.py [--chunk 10] [--repeats 5] [--methods agmc,amc,ppo,ppo:bits] [--regimes a,b,c]
+    python experiments/bench_search.py [--chunk 10] [--repeats 5] [--methods agmc,amc,ppo,ppo:bits] [--regimes a,b,c]  # a,b,d on a CPU
 
 A method may name another compression kind after a colon (`ppo:bits`: bit widths at a quarter of the
 float32 size); each kind is searched under its default budget.
@@ -35,7 +37,8 @@ from agmc_jax.search.loop import Runner, make_chunk, place
 
 from results_io import write_result  # experiments/results_io.py: JSON under experiments/results/
 
-REGIMES = {"a": ("resnet20", 1000), "b": ("lenet5", 100), "c": ("resnet20", 1000)}
+REGIMES = {"a": ("resnet20", 1000), "b": ("lenet5", 100), "c": ("resnet20", 1000), "d": ("lenet5", 1000)}
+FINETUNED = ("c", "d")  # the regimes of the finetuned reward
 
 
 def timed(function, *args):
@@ -129,12 +132,12 @@ def main():
     for regime in args.regimes.split(","):
         model, count = REGIMES[regime]
         images, labels = load_arrays("fashion_mnist", "validation", limit=count)
-        if regime == "c":
+        if regime in FINETUNED:
             train = load_arrays("fashion_mnist", "train", limit=128 * args.reward_steps)
             compile_s, compilations, candidate_s, dense_s = measure_finetuned(model, images, labels, train,
                                                                               args.reward_steps, args.chunk,
                                                                               args.repeats)
-            print(f"(c) {model}, finetuned reward, {args.reward_steps} steps of 128 images per candidate, {count} "
+            print(f"({regime}) {model}, finetuned reward, {args.reward_steps} steps of 128 images per candidate, {count} "
                   f"reward images, {jax.device_count()} device(s): {candidate_s:.3f} s per scored candidate, "
                   f"{args.reward_steps} dense training steps {dense_s:.3f} s; ratio {candidate_s / dense_s:.3f}; "
                   f"{compilations} compilation(s) over {1 + args.repeats} chunks (first chunk, compiling, "
