@@ -1,8 +1,10 @@
 """Which cheap score predicts a pruned network's accuracy after the standard fine-tune? (issue #22's proxy study)
 
-For each budget, a set of channel policies that meet it: the uniform rule, deliberately skewed ones
-(thin early or late layers, one thin stage), random walled policies raised to the budget, and the best
-policies of AGMC, AMC, annealing and random searches. Each policy is slimmed (BatchNorm re-estimated on
+For each budget, a set of channel policies that meet it: the uniform policy (one keep ratio, channels
+rounded to 1), the uniform rule as `agmc compress --method uniform` exports it (`rule`: channels in
+multiples of 8, raised to the budget), deliberately skewed ones (thin early or late layers, one thin
+stage), random walled policies raised to the budget, and the best policies of AGMC, AMC, annealing and
+random searches. Each policy is slimmed (BatchNorm re-estimated on
 the first 100 validation images, as `agmc compress` exports it) and given the standard fine-tune of
 `agmc compress` (one epoch of the training split, batch 128, SGD lr 0.02 momentum 0.9, cosine to 0,
 weight decay 5e-4 on kernels, the baseline's data seed): its test top-1 is the truth. Proxies:
@@ -19,14 +21,18 @@ weight decay 5e-4 on kernels, the baseline's data seed): its test top-1 is the t
 Each proxy's cost per policy is reported in seconds measured here (the slimmed network on this CPU) and in
 dense evaluations of 1,000 images (what the masked, full-size computation inside a search costs: a
 training step of 128 images counted as 3 x 128 forward images). Kendall tau and Spearman rho against the
-truth come with 95% bootstrap intervals (policies resampled). The uniform policy is fine-tuned again
-with other data seeds to show the truth's own noise.
+truth come with 95% bootstrap intervals (policies resampled). The uniform policy, the rule and the
+`--replicate-best` policies of highest truth so far are fine-tuned again with other data seeds
+(`NAME_seedS`, `replicate_of` in the record): the truth's own noise, and whether the best policies found
+beat the rule by more than it.
 
 Resumable: every policy writes `OUT/<budget>/<policy>.json` when it is done and is skipped when that file
 exists; searches checkpoint under `--work`. `--report` renders the table and scatter plots from the JSON.
 
     python experiments/proxy_study.py --workdir agmc_jax/baselines/resnet20_fashion_mnist \
         --out experiments/results/proxy_study --work runs/proxy_study --budgets macs=0.25,params=0.1
+    python experiments/proxy_study.py --workdir agmc_jax/baselines/resnet20_fashion_mnist \
+        --out experiments/results/proxy_study --work runs/proxy_study --budgets params=0.1 --replicate-best 3
     python experiments/proxy_study.py --out experiments/results/proxy_study --report docs/proxy_study.md
 """
 import argparse
@@ -36,6 +42,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +64,24 @@ from agmc_jax.train import (data_mesh, evaluate_source, global_batch, make_eval_
 STEPS = (8, 32, 128)
 SEARCHES = ("agmc", "amc", "annealing", "random")
 SLOPES = (-0.6, -0.3, 0.3, 0.6)  # keep ratio rising with depth (thin early layers) for positive slopes
+
+
+class Searched(NamedTuple):
+    """A policy to take from a search: the `rank`-th best distinct one of `method`'s."""
+    method: str
+    rank: int
+
+
+class Replicate(NamedTuple):
+    """A policy already studied (`counts`, record `of`), fine-tuned again with data seed `seed`."""
+    of: str
+    counts: list
+    seed: int
+
+
+def is_replicate(record) -> bool:
+    """Whether a record is a fine-tune replicate of another policy (not a policy of its own)."""
+    return "replicate_of" in record
 
 
 def parse_budget(text):
@@ -113,9 +138,20 @@ class Study:
         for i in range(self.args.random):
             counts = env.policy_counts(rng.uniform(size=env.steps))
             items.append((f"random{i:02d}", np.asarray(filled(jnp.asarray(counts, jnp.int32)))))
-        items += [(f"{method}_best{rank}", (method, rank)) for method in SEARCHES for rank in range(self.args.top)]
-        items += [(f"uniform_seed{s}", ("uniform_seed", s)) for s in range(1, self.args.replicates + 1)]
-        return env, items
+        items += [("rule", Searched("uniform", 0))]
+        items += [(f"{method}_best{rank}", Searched(method, rank)) for method in SEARCHES
+                  for rank in range(self.args.top)]
+        return env, items + self.replicates(budget, items)
+
+    def replicates(self, budget, items) -> list:
+        """Items fine-tuning the uniform policy, the rule and the `--replicate-best` policies of highest truth
+        (among those done so far) again with data seeds 1..`--replicates`."""
+        done = {r["name"]: r for r in load_records(self.out).get(budget, []) if not is_replicate(r)}
+        best = sorted((n for n in done if n not in ("uniform", "rule")), key=lambda n: -done[n]["truth"])
+        names = ["uniform", "rule", *best[:self.args.replicate_best]]
+        counts = {n: done[n]["counts"] for n in names if n in done} | {"uniform": list(items[0][1])}
+        return [(f"{n}_seed{s}", Replicate(n, counts[n], s)) for n in names if n in counts
+                for s in range(1, self.args.replicates + 1)]
 
     @staticmethod
     def _profile(env, offsets):
@@ -131,10 +167,12 @@ class Study:
         return counts(low)
 
     def searched(self, budget, method, rank):
-        """The `rank`-th best distinct policy (by reward) of a search of `method` at `budget` (resumable)."""
+        """The `rank`-th best distinct policy (by reward) of a search of `method` at `budget` (resumable); the
+        uniform rule with `agmc compress`'s own rounding."""
+        rounding = {} if method == "uniform" else {"round_to": 1}
         result = search(self.module, self.variables, tuple(a[:1000] for a in self.validation), method=method,
                         episodes=self.args.episodes, seed=0, out=self.work / budget / f"search_{method}",
-                        resume=True, progress=False, round_to=1, fill=True, **parse_budget(budget))
+                        resume=True, progress=False, fill=True, **rounding, **parse_budget(budget))
         counts = np.array([r["keep"] for r in result.history]) * result.env.sizes
         order = np.argsort([-r["reward"] for r in result.history], kind="stable")
         distinct = []
@@ -225,10 +263,17 @@ class Study:
 
     # ----- the study -----------------------------------------------------------------------------
     def main(self):
+        """Passes over the plan until one writes nothing: a pass's new truths can name new policies to replicate."""
         budgets = self.args.budgets.split(",")
-        plans = {b: self.policies(b) for b in budgets}
         lstsq = {b: self.env(b, 1000, "lstsq") for b in budgets}
+        while self.study(budgets, lstsq):
+            pass
+
+    def study(self, budgets, lstsq) -> bool:
+        """One pass over every budget's policies; whether it wrote a record."""
+        plans = {b: self.policies(b) for b in budgets}
         longest = max(len(items) for _, items in plans.values())
+        wrote = False
         for i in range(longest):  # round robin over budgets: an interrupted study has every budget
             for budget in budgets:
                 env, items = plans[budget]
@@ -238,24 +283,26 @@ class Study:
                 path = self.out / budget / f"{name}.json"
                 if path.exists():
                     continue
-                seed = None
-                if isinstance(what, tuple) and what[0] == "uniform_seed":
-                    counts, seed = items[0][1], what[1]
-                elif isinstance(what, tuple):
+                seed, extra = None, {}
+                if isinstance(what, Replicate):
+                    counts, seed, extra = what.counts, what.seed, {"replicate_of": what.of}
+                elif isinstance(what, Searched):
                     counts = self.searched(budget, *what)
                 else:
                     counts = what
                 record = self.run(env, lstsq[budget], name, np.asarray(counts, np.int64), seed)
-                record.update(budget=budget, machine=f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                record.update(**extra, budget=budget, machine=f"{platform.machine()}, {os.cpu_count()} CPUs, "
                               f"{jax.devices()[0].platform}", date=time.strftime("%Y-%m-%d"),
                               dense_eval_seconds=self.dense_eval_seconds)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 partial = path.with_suffix(".partial")
                 partial.write_text(json.dumps(record, indent=1))
                 partial.replace(path)
+                wrote = True
                 print(f"{budget} {name}: MACs {record['macs_ratio']:.3f} params {record['params_ratio']:.3f} "
                       f"bn1000 {record['proxies']['bn_top1_1000']:.3f} truth {record['truth']:.4f} "
                       f"({record['seconds_total'] / 60:.1f} min)", flush=True)
+        return wrote
 
 
 # ----- analysis ----------------------------------------------------------------------------------
@@ -285,6 +332,19 @@ def load_records(out):
     return budgets
 
 
+def seeds_table(records) -> list:
+    """Markdown lines: each replicated policy's truth over its data seeds (mean ± std, population), best first."""
+    seeds = {}
+    for r in records:
+        seeds.setdefault(r.get("replicate_of", r["name"]), []).append(r["truth"])
+    rows = sorted(((np.mean(t), np.std(t), len(t), n) for n, t in seeds.items() if len(t) > 1), reverse=True)
+    if not rows:
+        return []
+    return ["The truth's own noise: policies fine-tuned again with other data seeds (test top-1 %, mean ± std):", "",
+            "| policy | seeds | truth % |", "|---|---|---|",
+            *[f"| `{n}` | {k} | {100 * m:.2f} ± {100 * d:.2f} |" for m, d, k, n in rows], ""]
+
+
 def report(out, target):
     """The Markdown table of every proxy's rank correlations and cost, and a scatter plot per budget."""
     import matplotlib
@@ -297,8 +357,7 @@ def report(out, target):
              f"{target}` from the JSON records in `{out}` (the study itself: the command in the script's docstring).",
              ""]
     for budget, records in load_records(out).items():
-        policies = [r for r in records if not r["name"].startswith("uniform_seed")]
-        replicates = [r["truth"] for r in records if r["name"].startswith("uniform") and "truth" in r]
+        policies = [r for r in records if not is_replicate(r)]
         truth = np.array([r["truth"] for r in policies])
         first = policies[0]
         uniform = next((r for r in policies if r["name"] == "uniform"), None)
@@ -309,9 +368,7 @@ def report(out, target):
                   f"{100 * truth.min():.2f}-{100 * truth.max():.2f}%"
                   + (f"; the uniform rule {100 * uniform['truth']:.2f}% (rank {1 + int(np.sum(truth > uniform['truth']))}"
                      f" of {len(truth)})" if uniform else "")
-                  + (f"; the uniform policy fine-tuned with {len(replicates)} data seeds: "
-                     f"{100 * np.mean(replicates):.2f} ± {100 * np.std(replicates):.2f}%" if len(replicates) > 1 else "")
-                  + ".", "",
+                  + ".", "", *seeds_table(records),
                   "| proxy | Kendall tau [95% CI] | Spearman rho [95% CI] | picks (its best policy's truth %) | "
                   "seconds per policy here | dense evaluations per policy |", "|---|---|---|---|---|---|"]
         names = list(first["proxies"])
@@ -330,7 +387,7 @@ def report(out, target):
         figure, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.6))
         for axis, name in zip(axes, shown):
             values = np.array([r["proxies"].get(name, np.nan) for r in policies])
-            for group, marker in (("uniform", "*"), ("slope", "^"), ("thin", "v"), ("random", "o"), ("best", "s")):
+            for group, marker in (("uniform", "*"), ("rule", "P"), ("slope", "^"), ("thin", "v"), ("random", "o"), ("best", "s")):
                 chosen = [i for i, r in enumerate(policies) if group in r["name"]]
                 axis.scatter(values[chosen], 100 * truth[chosen], marker=marker, label=group, s=80 if group == "uniform" else 25)
             axis.set_xlabel(name)
@@ -357,7 +414,10 @@ def main():
     parser.add_argument("--random", type=int, default=16, help="random walled policies per budget")
     parser.add_argument("--top", type=int, default=2, help="best distinct policies taken from each search")
     parser.add_argument("--episodes", type=int, default=60, help="episodes of each search")
-    parser.add_argument("--replicates", type=int, default=2, help="extra fine-tune seeds of the uniform policy")
+    parser.add_argument("--replicates", type=int, default=2,
+                        help="extra fine-tune seeds of the uniform policy, the rule and the --replicate-best")
+    parser.add_argument("--replicate-best", type=int, default=0,
+                        help="policies of highest truth (so far) fine-tuned again with --replicates seeds")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)

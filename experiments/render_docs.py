@@ -425,7 +425,7 @@ def proxy_counts() -> dict:
     """{budget: policies} of the proxy study's JSON records (its fine-tune replicates apart)."""
     counts = {}
     for record in records("proxy_study", "*/*.json"):
-        if not record["name"].startswith("uniform_seed"):
+        if "replicate_of" not in record:
             counts[record["budget"]] = counts.get(record["budget"], 0) + 1
     return counts
 
