@@ -360,14 +360,17 @@ def report(out, target):
         policies = [r for r in records if not is_replicate(r)]
         truth = np.array([r["truth"] for r in policies])
         first = policies[0]
-        uniform = next((r for r in policies if r["name"] == "uniform"), None)
+        named = {r["name"]: r for r in policies}
         lines += [f"## {budget}: {len(policies)} policies", "",
                   f"Machine: {first['machine']}; dates {min(r['date'] for r in records)} to "
                   f"{max(r['date'] for r in records)}. Truth: test top-1 after the standard fine-tune "
                   f"({first['finetune_steps']} steps): mean {100 * truth.mean():.2f}%, range "
                   f"{100 * truth.min():.2f}-{100 * truth.max():.2f}%"
-                  + (f"; the uniform rule {100 * uniform['truth']:.2f}% (rank {1 + int(np.sum(truth > uniform['truth']))}"
-                     f" of {len(truth)})" if uniform else "")
+                  + "".join(f"; {label} {100 * named[n]['truth']:.2f}% (rank "
+                            f"{1 + int(np.sum(truth > named[n]['truth']))} of {len(truth)})"
+                            for n, label in (("uniform", "the uniform policy (one keep ratio)"),
+                                             ("rule", "the rule as `agmc compress --method uniform` exports it"))
+                            if n in named)
                   + ".", "", *seeds_table(records),
                   "| proxy | Kendall tau [95% CI] | Spearman rho [95% CI] | picks (its best policy's truth %) | "
                   "seconds per policy here | dense evaluations per policy |", "|---|---|---|---|---|---|"]

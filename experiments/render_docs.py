@@ -191,7 +191,8 @@ def search_experiment_page(rows) -> str:
 def _budget_table(mine, budget) -> list:
     """One budget's rows of the search experiment, and whether the default beats the rule."""
     lines = [f"### {budget}", "", "| method | n | test top-1 % | test % before fine-tune | MACs kept % | "
-             "params kept % | search training steps | minutes per run |", "|---|---|---|---|---|---|---|---|"]
+             "params kept % | search training steps | search min | re-rank min | minutes per run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     stats = {}
     for method in [m for m in SEARCH_METHODS if any(r["method"] == m for r in mine)] + sorted(
             {r["method"] for r in mine} - set(SEARCH_METHODS)):
@@ -202,6 +203,8 @@ def _budget_table(mine, budget) -> list:
                      f"| {spread([r['macs_ratio'] for r in runs], 100, 1)} | "
                      f"{spread([r['params_ratio'] for r in runs], 100, 1)} | "
                      f"{spread([r['search_training_steps'] for r in runs], 1, 0)} | "
+                     f"{spread([_minutes(r.get('seconds_search')) for r in runs], 1, 1)} | "
+                     f"{spread([_minutes(r.get('seconds_rerank')) for r in runs], 1, 1)} | "
                      f"{spread([r['seconds_total'] / 60 for r in runs], 1, 1)} |")
     for name in [n for n in ROW_NOTES if n in stats]:
         lines += ["", f"`{name}`: {ROW_NOTES[name]}."]
@@ -213,6 +216,11 @@ def _budget_table(mine, budget) -> list:
         lines += [f"default − uniform rule: {mean - rule:+.2f} points; above two standard deviations "
                   f"({margin:.2f}): {verdict}.", ""]
     return lines
+
+
+def _minutes(seconds):
+    """Minutes of a recorded duration; None where the record has none (written before it was recorded)."""
+    return None if seconds is None else seconds / 60
 
 
 def _network(record) -> str:

@@ -65,6 +65,8 @@ def run(args, budget, method, seed, defaults) -> dict:
             "pruned_test": report["accuracy"]["pruned"]["test"], "macs_ratio": report["macs"]["ratio"],
             "params_ratio": report["params"]["ratio"], "search_training_steps": trained,
             "seconds_total": time.perf_counter() - began, "seconds_finetune": finetune.get("seconds"),
+            "seconds_search": report.get("seconds", {}).get("search"),
+            "seconds_rerank": report.get("seconds", {}).get("rerank"),
             "rerank": rerank, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
             "command": shlex.join(["python", *sys.argv]),
             "date": time.strftime("%Y-%m-%d")}

@@ -55,7 +55,8 @@ def _top1(module, variables, images, labels, spec):
 def test_compress_a_users_module_and_arrays(tmp_path, user_network):
     """The report's costs are the slim network's traced costs and meet the budget within a rounding step; its test
     accuracy is what an independent evaluation of the returned network gives; the default re-rank's candidates are
-    reported, the exported policy first; a resumed call returns the same."""
+    reported, the exported policy first, with its wall time apart from the search's; a resumed call returns the
+    same."""
     module, variables, arrays = user_network
     config = agmc_jax.CompressConfig(method="random", target_macs=0.5, episodes=4, reward_images=128, round_to=1,
                                      rerank_steps=2)
@@ -76,6 +77,9 @@ def test_compress_a_users_module_and_arrays(tmp_path, user_network):
     assert report["accuracy"]["finetuned"]["test"] == pytest.approx(
         _top1(result.module, result.variables, *arrays["test"], spec), abs=1e-6)
     assert json.loads((tmp_path / "c" / "report.json").read_text()) == report
+    seconds = report["seconds"]  # the re-rank's wall time apart from the search's
+    assert seconds["search"] > 0 and seconds["rerank"] > 0 and seconds["finetune"] > 0
+    assert "Wall time: search" in (tmp_path / "c" / "report.md").read_text()
     again = agmc_jax.compress(config, tmp_path / "c", module=module, variables=variables, data=arrays, resume=True)
     assert again.report["accuracy"] == report["accuracy"] and again.report["layers"] == report["layers"]
     other = jax.tree.map(lambda v: v + 1, variables)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,6 +56,7 @@ class SearchResult:
     history: list
     agent_state: object = None
     candidates: list = dataclasses.field(default_factory=list)  # the re-ranked policies, best first (rerank.Candidate)
+    rerank_seconds: float = 0.0  # wall time of the re-rank (compilation included), apart from the search's
 
     @property
     def net(self):
@@ -126,9 +128,10 @@ class SearchResult:
                        "layers": [l.name for l in layers]}
                       for t, (size, c, layers) in enumerate(zip(self.env.sizes, self.counts, kind.step_layers))],
             "layers": kind.layer_usage(self.counts),
-            **({"rerank": [{"name": c.name, "reward": None if np.isnan(c.reward) else c.reward, "finetuned_top1": c.score,
-                            **self.env.ratios(c.counts), "keep": (c.counts / self.env.sizes).round(4).tolist()}
-                           for c in self.candidates]} if self.candidates else {}),
+            **({"rerank": [{"name": c.name, "reward": None if np.isnan(c.reward) else c.reward,
+                            "finetuned_top1": c.score, **self.env.ratios(c.counts),
+                            "keep": (c.counts / self.env.sizes).round(4).tolist()} for c in self.candidates],
+                "rerank_seconds": self.rerank_seconds} if self.candidates else {}),
         }
 
 
@@ -380,13 +383,14 @@ def _reranked(result, judge, config: SearchConfig, history, progress=False):
     if progress and jax.process_index() == 0:
         print(f"agmc: re-ranking {len(named)} policies (the search's best and the uniform rule's) by "
               f"{config.rerank_steps} masked SGD steps each", file=sys.stderr, flush=True)
+    began = time.perf_counter()
     ranked = rerank(judge, named)
     best = ranked[0]
     accuracy = float(result.env.accuracy(best.counts[None])[0])
     reward = best.reward if not np.isnan(best.reward) else float(
         result.env.reward(jnp.float32(accuracy), jnp.asarray(best.counts)))
     return dataclasses.replace(result, counts=np.asarray(best.counts), reward=reward, candidates=ranked,
-                               accuracy=accuracy)
+                               accuracy=accuracy, rerank_seconds=time.perf_counter() - began)
 
 
 def _rule(env, rule, directory, fingerprint):

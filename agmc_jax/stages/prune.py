@@ -1,5 +1,7 @@
 """The prune stage: search keep counts on the network, slim it, fine-tune it; its report section is the
 compressed network's MACs, parameters, latency, accuracy and layers (and the re-ranked candidates)."""
+import time
+
 from agmc_jax.errors import UsageError
 from agmc_jax.latency import latency_ms
 from agmc_jax.networks import accuracies, load_network
@@ -34,7 +36,9 @@ def run(run, source, report):
     config, out = run.config, run.out
     module, variables, train_config = load_network(source)
     print(f"  search: {config.method}, {config.episodes} episodes", flush=True)
+    began = time.perf_counter()
     result = run_search(source, out / "search", **search_options(config, run.resume))
+    searched = time.perf_counter() - began
     slim_module, slim_variables, _ = load_network(out / "search" / "slim")
     run.check_later((slim_module, slim_variables, train_config))  # the fine-tune keeps these shapes
     pruned = accuracies(slim_module, slim_variables, train_config, config.data_dir)
@@ -53,12 +57,23 @@ def run(run, source, report):
                                           shape, 128),
         "layers": policy["layers"],
         **({"rerank": policy["rerank"]} if "rerank" in policy else {}),
+        "seconds": {"search": searched - result.rerank_seconds, "rerank": result.rerank_seconds,
+                    "finetune": tuned.get("seconds")},
     }, out / "search" / "finetune"
 
 
 def markdown(report) -> str:
-    """The pruned network's summary, its layers and the re-ranked candidates."""
-    return pruned_markdown(report) + rerank_markdown(report.get("rerank", []))
+    """The pruned network's summary, its layers, the re-ranked candidates and where the time went."""
+    return pruned_markdown(report) + rerank_markdown(report.get("rerank", [])) + seconds_markdown(report)
+
+
+def seconds_markdown(report) -> str:
+    """The stage's wall time: the search, its re-rank and the fine-tune ('' for a report without them)."""
+    seconds = report.get("seconds")
+    if not seconds:
+        return ""
+    parts = [f"{name} {value:.0f} s" for name, value in seconds.items() if value is not None]
+    return f"\nWall time: {', '.join(parts)} (re-rank apart from the search, compilation included).\n"
 
 
 def rerank_markdown(candidates) -> str:
