@@ -9,8 +9,9 @@ published: channels chosen by L2 norm, no refit, no re-rank (`AS_PUBLISHED`); `u
 default's least-squares refit, to tell the refit's share from the search's.
 
 Every run writes `OUT/NETWORK/BUDGET/METHOD/seedS.json` when it finishes (NETWORK: the workdir's folder name;
-its compress output resumes under `--work`); rerunning skips finished runs. `python experiments/render_docs.py` renders the table (mean ± std over
-seeds, and whether the default beats the uniform rule by more than two standard deviations) from those files.
+its compress output resumes under `--work`); rerunning skips finished runs. `python experiments/render_docs.py`
+renders the table (mean ± std over seeds, and whether the default beats the uniform rule by more than two
+standard deviations) from those files.
 
     python experiments/search_experiment.py --workdir agmc_jax/baselines/resnet20_fashion_mnist \
         --out experiments/results/search_experiment --work runs/search_experiment \
@@ -20,6 +21,7 @@ seeds, and whether the default beats the uniform rule by more than two standard 
 """
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -60,15 +62,15 @@ def run(args, budget, method, seed, defaults) -> dict:
     rerank = report.get("rerank", [])
     trained = (config.rerank_steps * len(rerank)
                + (config.episodes * (config.reward_steps or 32) if config.reward == "finetuned" else 0))
+    accuracy, seconds = report["accuracy"], report.get("seconds", {})
     return {"network": network(args), "budget": budget, "method": method, "seed": seed, "config": dict(vars(config)),
-            "test": report["accuracy"]["finetuned"]["test"], "validation": report["accuracy"]["finetuned"]["validation"],
-            "pruned_test": report["accuracy"]["pruned"]["test"], "macs_ratio": report["macs"]["ratio"],
-            "params_ratio": report["params"]["ratio"], "search_training_steps": trained,
-            "seconds_total": time.perf_counter() - began, "seconds_finetune": finetune.get("seconds"),
-            "seconds_search": report.get("seconds", {}).get("search"),
-            "seconds_rerank": report.get("seconds", {}).get("rerank"),
-            "rerank": rerank, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
-            "command": shlex.join(["python", *sys.argv]),
+            "test": accuracy["finetuned"]["test"], "validation": accuracy["finetuned"]["validation"],
+            "pruned_test": accuracy["pruned"]["test"], "dense_test": accuracy["dense"]["test"],
+            "macs_ratio": report["macs"]["ratio"], "params_ratio": report["params"]["ratio"],
+            "search_training_steps": trained, "seconds_total": time.perf_counter() - began,
+            "seconds_finetune": finetune.get("seconds"), "seconds_search": seconds.get("search"),
+            "seconds_rerank": seconds.get("rerank"), "rerank": rerank,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "command": shlex.join(["python", *sys.argv]),
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -213,6 +213,10 @@ def test_the_results_pages_render_each_experiments_records(tmp_path, monkeypatch
                 "network": "lenet5_fashion_mnist", "budget": "macs=0.25", "method": method, "seed": seed, "test": test - (method == "uniform") * 0.05,
                 "pruned_test": 0.2, "macs_ratio": 0.25, "params_ratio": 0.3, "search_training_steps": 0,
                 "seconds_total": 60.0, "config": {"method": method, "seed": seed, "rerank": 4 * (method == "default")}})
+        write(f"search_experiment/mine/params=0.1/default/seed{seed}.json", {  # a network of a user's: its records'
+            "network": "mine", "budget": "params=0.1", "method": "default", "seed": seed, "test": test,  # dense top-1
+            "dense_test": 0.95, "pruned_test": 0.2, "macs_ratio": 0.3, "params_ratio": 0.1, "search_training_steps": 0,
+            "seconds_total": 60.0, "seconds_search": 30.0, "seconds_rerank": 6.0, "config": {"method": "default"}})
         write(f"compare_autocompress/macs=0.5/amc_seed{seed}.json", {
             "name": f"macs=0.5/amc_seed{seed}", "seed": seed, "macs": 0.5, "params": 0.4, "pruned_test": 0.5,
             "test": test, "trained_before": 0, "seconds": 60.0})
@@ -228,6 +232,9 @@ def test_the_results_pages_render_each_experiments_records(tmp_path, monkeypatch
     assert "`rerank=4`" in pages["search_experiment.md"] and "+5.00 points" in pages["search_experiment.md"]
     assert "| lenet5_fashion_mnist (dense 88.00%) | macs=0.25 | 91.00 ± 1.00 (n=2) |" in pages["README.md"]
     assert "## lenet5_fashion_mnist (dense 88.00%)" in pages["search_experiment.md"]
+    assert "## mine (dense 95.00%)" in pages["search_experiment.md"]
+    assert "| default | 2 | 91.00 ± 1.00 | 20.00 ± 0.00 | 30.0 ± 0.0 | 10.0 ± 0.0 | 0 ± 0 | 0.5 ± 0.0 | 0.1 ± 0.0 | 1.0 ± 0.0 |" \
+        in pages["search_experiment.md"]
     assert "| macs=0.5 | amc | 2 |" in pages["compare_autocompress.md"]
     assert "91.00 ± 1.00" in pages["compare_methods.md"] and "87.50 ± 0.50" in pages["quantize.md"]
     assert "| a | 1.05 |" in pages["bench_search.md"] and "2026-12-07" in pages["index.md"]
