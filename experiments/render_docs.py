@@ -240,13 +240,13 @@ def _network_title(network, rows) -> str:
 
 def _changed(default, rows) -> list:
     """(option, value) of a `default` record's config that differ from the other methods' records (the budget and
-    the seed aside: every row has its own)."""
+    the seed aside: every row has its own; an option the other records lack is newer than they are)."""
     reference = next((r["config"] for r in rows if r["method"] != "default"), {})
     config = dict(default.get("config", {}))
     if "criterion" in config and config["criterion"] is None:  # None: the kind's default, named as the run used it
         config["criterion"] = default_criterion(config["method"], config.get("kind"))
     return [(k, v) for k, v in config.items()
-            if k not in ("method", "seed", "target_macs", "target_params") and reference.get(k) != v]
+            if k not in ("method", "seed", "target_macs", "target_params") and k in reference and reference[k] != v]
 
 
 def search_headline(rows) -> str:
