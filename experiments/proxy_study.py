@@ -5,8 +5,9 @@ rounded to 1), the uniform rule as `agmc compress --method uniform` exports it (
 multiples of 8, raised to the budget), deliberately skewed ones (thin early or late layers, one thin
 stage), random walled policies raised to the budget, and the best policies of AGMC, AMC, annealing and
 random searches. Each policy is slimmed (BatchNorm re-estimated on the first 100 validation images, as
-`agmc compress` exports it) and given the standard fine-tune of `agmc compress` (one epoch of the training split, batch 128, SGD lr 0.02 momentum 0.9, cosine to 0,
-weight decay 5e-4 on kernels, the baseline's data seed): its test top-1 is the truth. Proxies:
+`agmc compress` exports it) and given the standard fine-tune of `agmc compress` (one epoch of the training
+split, batch 128, SGD lr 0.02 momentum 0.9, cosine to 0, weight decay 5e-4 on kernels, the baseline's data
+seed): its test top-1 is the truth. Proxies:
 
 - `bn_top1_N`: top-1 of the exported (BatchNorm re-estimated, not fine-tuned) network on the first N
   validation images, N in {500, 1000, 5000}; `bn_xent_5000`: minus its cross-entropy there;
