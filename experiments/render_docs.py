@@ -37,7 +37,9 @@ SEARCH_METHODS = ("default", "uniform", "uniform_lstsq", "amc", "random", "annea
 ROW_NOTES = {  # rows that are not a method of `agmc compress --method`
     "uniform_lstsq": "the uniform rule with the default's least-squares refit",
     "default_best": "the default before its re-rank kept the rule within one standard error (exported the best "
-                    "score whatever the margin); see [why the defaults](../defaults.md)"}
+                    "score whatever the margin); see [why the defaults](../defaults.md)",
+    "default_round1": "the default with every channel count rounded to 1 (`round_to=1`) instead of multiples of 8",
+    "uniform_round1": "the uniform rule with channel counts rounded to 1 (`round_to=1`)"}
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI

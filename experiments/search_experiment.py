@@ -18,6 +18,9 @@ standard deviations) from those files.
         --budgets macs=0.5,macs=0.25,params=0.1 --seeds 0,1,2
     python experiments/search_experiment.py --workdir agmc_jax/baselines/lenet5_fashion_mnist \
         --budgets macs=0.25,params=0.1 --methods default,uniform,uniform_lstsq --seeds 0,1,2
+    python experiments/search_experiment.py --budgets macs=0.25 --methods default_round1,uniform_round1 \
+        --variant 'default_round1={"round_to": 1}' \
+        --variant 'uniform_round1={"method": "uniform", "criterion": "l2", "rerank": 0, "round_to": 1}'
 """
 import argparse
 import json
@@ -47,11 +50,20 @@ def network(args) -> str:
     return Path(args.workdir).resolve().name
 
 
+def parse_variant(text) -> tuple:
+    """'default_round1={"round_to": 1}' -> ('default_round1', {'round_to': 1}): a row of `agmc compress`'s
+    defaults with these CompressConfig fields changed."""
+    name, _, fields = text.partition("=")
+    if not name or name in METHODS or not fields:
+        raise SystemExit(f"--variant {text!r}: give NAME=JSON with a name other than {', '.join(METHODS)}")
+    return name, json.loads(fields)
+
+
 def run(args, budget, method, seed, defaults) -> dict:
     """One compression; returns its record."""
     options = {**parse_budget(budget), "seed": seed, "episodes": args.episodes,
                "reward_images": args.reward_images}
-    options.update(defaults if method == "default" else METHODS[method])
+    options.update(defaults if method == "default" else {**METHODS, **dict(args.variant)}[method])
     config = agmc_jax.CompressConfig(**options)
     began = time.perf_counter()
     done = agmc_jax.compress(config, Path(args.work) / network(args) / budget / method / f"seed{seed}",
@@ -85,6 +97,8 @@ def main():
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--reward-images", type=int, default=1000)
     parser.add_argument("--default", default="{}", help="JSON of CompressConfig fields for the default row")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=JSON",
+                        help="one more row (name it in --methods): compress's defaults with these fields changed")
     args = parser.parse_args()
     out = Path(args.out)
     defaults = json.loads(args.default)
