@@ -39,7 +39,8 @@ ROW_NOTES = {  # rows that are not a method of `agmc compress --method`
     "default_best": "the default before its re-rank kept the rule within one standard error (exported the best "
                     "score whatever the margin); see [why the defaults](../defaults.md)",
     "default_round1": "the default with every channel count rounded to 1 (`round_to=1`) instead of multiples of 8",
-    "uniform_round1": "the uniform rule with channel counts rounded to 1 (`round_to=1`)"}
+    "uniform_round1": "the uniform rule with channel counts rounded to 1 (`round_to=1`)",
+    "default_l2": "the default with channels chosen by L2 norm and no least-squares refit (`criterion=l2`)"}
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
