@@ -69,7 +69,7 @@ QUICK_COMPRESS = ("first fine-tuning checkpoint, mid-write", "after the fine-tun
 SMALL_WRITES = ("policy.json", "rewards.png", "keep.png", "report.json", "report.md", "search/policy.json",
                 "search/rewards.png", "search/keep.png")
 RANDOM_KILLS = 6
-TIMING = ("seconds", "latency_ms_batch128")  # wall times: the only outputs two runs cannot share
+TIMING = ("seconds", "rerank_seconds", "latency_ms_batch128")  # wall times: the only outputs two runs cannot share
 
 
 def _write_idx(path, array):
@@ -208,7 +208,8 @@ def _outputs(out):
             values[name] = [_without_timing(json.loads(line)) for line in path.read_text().splitlines()] \
                 if path.suffix == ".jsonl" else _without_timing(json.loads(path.read_text()))
         elif path.suffix == ".md":
-            values[name] = [line for line in path.read_text().splitlines() if "latency" not in line]
+            values[name] = [line for line in path.read_text().splitlines()
+                            if "latency" not in line and not line.startswith("Wall time")]
         else:
             values[name] = path.read_bytes()
     for trained in out.rglob("finetune/checkpoints"):
