@@ -17,7 +17,9 @@ actions: DDPG runs no updates, what the search loop itself costs; PPO still trai
       take XLA's CPU backend more than 50 CPU-minutes; run (c) on an accelerator).
 Chunks and dense evaluations alternate; medians over `--repeats`.
 
-    python experiments/bench_search.py [--chunk 10] [--repeats 5] [--methods agmc,amc,ppo,ppo:bits] [--regimes a,b,c]  # a,b,d on a CPU
+    python experiments/bench_search.py [--chunk 10] [--repeats 5] [--methods agmc,amc,ppo,ppo:bits] [--regimes a,b,c]
+
+On a CPU, run `--regimes a,b,d`.
 
 A method may name another compression kind after a colon (`ppo:bits`: bit widths at a quarter of the
 float32 size); each kind is searched under its default budget.

@@ -55,8 +55,11 @@ def parse_variant(text) -> tuple:
     defaults with these CompressConfig fields changed."""
     name, _, fields = text.partition("=")
     if not name or name in METHODS or not fields:
-        raise SystemExit(f"--variant {text!r}: give NAME=JSON with a name other than {', '.join(METHODS)}")
-    return name, json.loads(fields)
+        raise argparse.ArgumentTypeError(f"give NAME=JSON with a name other than {', '.join(METHODS)}, got {text!r}")
+    try:
+        return name, json.loads(fields)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{name}'s fields are not JSON ({error.msg}): {fields!r}") from None
 
 
 def run(args, budget, method, seed, defaults) -> dict:

@@ -130,8 +130,8 @@ class SearchResult:
             "layers": kind.layer_usage(self.counts),
             **({"rerank": [{"name": c.name, "reward": None if np.isnan(c.reward) else c.reward,
                             "finetuned_top1": c.score, **self.env.ratios(c.counts),
-                            "keep": (c.counts / self.env.sizes).round(4).tolist()} for c in self.candidates],
-                "rerank_seconds": self.rerank_seconds} if self.candidates else {}),
+                            "keep": (c.counts / self.env.sizes).round(4).tolist()} for c in self.candidates]}
+               if self.candidates else {}),
         }
 
 
