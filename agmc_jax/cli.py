@@ -234,7 +234,7 @@ def _search_arguments(parser, methods_help="", defaults=None):
     parser.add_argument("--round-to", type=_COUNT, default=None, help=ROUND_TO_HELP)
     parser.add_argument("--criterion", default=defaults.get("criterion", "l2"),
                         help="which channels a count keeps: l1 | l2 | lstsq (l2, then least-squares refit) | "
-                             "infodrop (information dropout learned on the calibration images) (default: "
+                             "infodrop (information dropout learned on the reward images) (default: "
                              f"{defaults.get('criterion', 'l2') or 'lstsq for channels, else l2'})")
     parser.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction, default=True,
                         help="re-estimate each pruned network's BatchNorm statistics on 100 reward images "

@@ -41,7 +41,7 @@ class EnvConfig(NamedTuple):
     round_to: int | None = None  # channel counts in multiples of this; None: `channel_multiples` (8 where it pays)
     reward: str = "acc"  # acc | acc_flops | acc_norm (see REWARDS)
     criterion: str = "l2"  # l1 | l2 | lstsq (L2 choice, then AMC's least-squares refit of the next layers)
-    calibration_images: int = 100  # reward images (labels unused) for BatchNorm statistics and the lstsq refit
+    calibration_images: int = 100  # reward images (labels unused) for BatchNorm statistics
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics of each pruned network before scoring it
     eval_batch: int = 500
     target_size: float | None = None  # fraction of the float32 size in bits: the bits kind's budget
@@ -417,7 +417,7 @@ class Environment(Budget):
         replicated = NamedSharding(self.mesh, P())
         split = NamedSharding(self.mesh, P("data")) if calibration % devices == 0 else replicated
         rest, rest_labels = _layout(images, labels, scored, config.eval_batch, devices)
-        placed = {"kind": kind.prepare(variables, images[:calibration]), "budget": self.arguments(),
+        placed = {"kind": kind.prepare(variables, images), "budget": self.arguments(),
                   "calibration": images[:calibration], "calibration_labels": labels[:calibration],
                   "images": rest, "labels": rest_labels}
         shardings = {"kind": replicated, "budget": replicated, "calibration": split, "calibration_labels": split,

@@ -21,6 +21,7 @@ from agmc_jax.graph import trace
 from agmc_jax.hosts import place
 from agmc_jax.prune import (Slimmed, apply_masks, masks_from_vectors, recalibrate, reconstruct, slim,
                             top_channels)
+from agmc_jax.prune.lstsq import REFIT_IMAGES
 from agmc_jax.quant import Quantized, freeze_bits, save_packed
 from agmc_jax.train import (build_module, config_from_dict, data_mesh, evaluate_source, load_trained,
                             make_eval_step)
@@ -213,18 +214,20 @@ def check_new_output(workdir, out, resume=None, command=None, writes=()):
 
 def prune_uniform(workdir, keep, criterion, out, data_dir=None, recalibrate_bn=True, round_to=None):
     """Apply one keep ratio to every channel group, each count rounded to the nearest multiple of `round_to`
-    (None: `channel_multiples`), refit for lstsq, BatchNorm statistics re-estimated on 256 validation images
-    unless `recalibrate_bn` is False; slim, save to `out`; returns the counts and accuracy."""
+    (None: `channel_multiples`), refit for lstsq on `REFIT_IMAGES` validation images, BatchNorm statistics
+    re-estimated on 256 of them unless `recalibrate_bn` is False; slim, save to `out`; returns the counts and
+    accuracy."""
     check_new_output(workdir, out)
     module, variables, config = load_network(workdir)
     net = trace(module, variables, tuple(config["input_shape"]))
     counts = rounded_counts(net.group_sizes, keep, round_to)
     masks = masks_from_vectors(net, top_channels(net, variables, counts, criterion))
-    images = calibration_images(config, data_dir=data_dir) if criterion == "lstsq" or recalibrate_bn else None
+    images = calibration_images(config, REFIT_IMAGES if criterion == "lstsq" else 256, data_dir) \
+        if criterion == "lstsq" or recalibrate_bn else None
     if criterion == "lstsq":
         variables = reconstruct(net, variables, masks, images)
     if recalibrate_bn:
-        variables = recalibrate(module, apply_masks(net, variables, masks), images, **net.call_kwargs)
+        variables = recalibrate(module, apply_masks(net, variables, masks), images[:256], **net.call_kwargs)
     slim_module, slim_variables = slim(net, variables, masks)
     macs, params = net.cost(counts)
     info = {"source": str(workdir), "keep": keep, "round_to": round_to, "counts": counts.tolist(),

@@ -22,6 +22,7 @@ from agmc_jax.models import create_model, init_model
 from agmc_jax.models.layers import ConvBN
 from agmc_jax.prune import (Slimmed, apply_masks, channel_importance, channel_masks, reconstruct, slim,
                             vectors_from_masks, weight_masks)
+from agmc_jax.prune.lstsq import refit_kernel, refit_layers, refit_systems
 from realistic import realistic
 
 
@@ -236,6 +237,45 @@ def test_reconstruct_refits_the_layer_that_reads_pruned_channels():
     magnitude_error = np.mean((consumer_output(apply_masks(net, variables, masks)) - reference) ** 2)
     refitted_error = np.mean((consumer_output(apply_masks(net, refitted, masks)) - reference) ** 2)
     assert refitted_error < 0.9 * magnitude_error
+
+def test_refit_systems_summed_over_batches_equal_one_pass():
+    """The Gram systems are sums over images: batches of 3 give what one pass over all 8 gives (every position of
+    every image sampled, so the sets of rows are equal)."""
+    module = TwoConvs()
+    variables = realistic(jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))))
+    net = trace(module, variables, (4, 4, 3))
+    images = np.random.default_rng(1).standard_normal((8, 4, 4, 3)).astype(np.float32)
+    layers = refit_layers(net)
+    whole = refit_systems(net, variables, images, layers, positions=16, batch=8)
+    batched = refit_systems(net, variables, images, layers, positions=16, batch=3)
+    assert len(whole) == len(layers) >= 1
+    for (gram, rhs), (gram_b, rhs_b) in zip(whole, batched):
+        np.testing.assert_allclose(gram_b, gram, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(rhs_b, rhs, rtol=1e-5, atol=1e-4)
+
+
+def test_refit_kernel_is_the_ridge_towards_the_original_weights():
+    """Against NumPy: (G_kk + r I) W' = (G W)_k + r W_k on the kept rows, zero rows elsewhere. With fewer samples
+    than inputs, an input the samples never excite keeps its original weights (a ridge towards zero would zero
+    them: what overfitted LeNet-5's 400-input layer on 100 images)."""
+    rng = np.random.default_rng(0)
+    samples = rng.standard_normal((3, 6))
+    samples[:, 4] = 0.0  # input 4 is never excited by these samples
+    kernel = rng.standard_normal((6, 2)).astype(np.float32)
+    gram = samples.T @ samples
+    keep = np.array([1, 1, 0, 1, 1, 1], bool)
+    system = (jnp.asarray(gram, jnp.float32), jnp.asarray(gram @ kernel, jnp.float32))
+    refitted = np.asarray(refit_kernel(jnp.asarray(kernel), system, jnp.asarray(keep), ridge=1e-3))
+    kept = np.flatnonzero(keep)
+    r = 1e-3 * np.trace(gram[np.ix_(kept, kept)]) / 6
+    expected = np.zeros_like(kernel, np.float64)
+    expected[kept] = np.linalg.solve(gram[np.ix_(kept, kept)] + r * np.eye(kept.size),
+                                     (gram @ kernel)[kept] + r * kernel[kept])
+    np.testing.assert_allclose(refitted, expected, rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(refitted[4], kernel[4], rtol=1e-5)
+    assert np.all(refitted[2] == 0)
+    np.testing.assert_array_equal(refit_kernel(jnp.asarray(kernel), system, jnp.ones(6, bool)), kernel)
+
 
 def test_importance_of_a_residual_group_sums_over_its_producers():
     s = setup("resnet20", SMALL)

@@ -12,6 +12,7 @@ from agmc_jax.agents import DDPGConfig, OptionError, agent_config
 from agmc_jax.env import BudgetError, EnvConfig, Environment
 from agmc_jax.errors import AgmcError, CheckpointError
 from agmc_jax.models import create_model, init_model
+from agmc_jax.prune.lstsq import refit_systems
 from agmc_jax.runs import differences
 from agmc_jax.search import METHODS, RESUME, SearchConfig, UnknownMethodError, environment, get_method, search
 from agmc_jax.search import checkpoint as search_checkpoint
@@ -139,6 +140,19 @@ def test_the_reward_scores_the_exported_network(criterion):
     differs = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), variables, plain.slim()[1]))
     assert plain.history[-1]["keep"] == result.history[-1]["keep"]
     assert any(differs) == (criterion == "lstsq")
+
+
+def test_the_refit_is_fitted_on_every_reward_image():
+    """lstsq's systems sum over all the reward images (64 here), not the 16 BatchNorm calibration images: a dense
+    layer of n inputs needs more than n images."""
+    env = environment(get_method("random"), MODULE, VARIABLES, DATA,
+                      config("random", 1, criterion="lstsq", calibration_images=16))
+    layers = env.kind._refit_layers
+    expected = refit_systems(env.net, VARIABLES, DATA[0], layers)
+    assert len(layers) == len(env.data["kind"]["refits"]) >= 3
+    for refit, (gram, rhs) in zip(env.data["kind"]["refits"], expected):
+        np.testing.assert_allclose(refit["system"][0], gram, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(refit["system"][1], rhs, rtol=1e-5, atol=1e-3)
 
 
 def test_same_seed_same_search_and_another_seed_another():

@@ -1,11 +1,11 @@
 """Channel pruning: one step per channel group, counts are channels kept, the export is physically smaller.
 
 A count keeps the group's highest-ranked channels by the criterion (weight norm `l1`, `l2`; `infodrop`
-learns its ranks on the calibration images when the search is prepared); with `lstsq` the layers
-that lose input channels are then refitted by least squares, AMC's reconstruction, inside the
-compiled masking: the Gram matrices of the original network's inputs at sampled positions of the
-calibration images do not depend on the policy, so they are computed once and each policy only
-solves its kept rows.
+learns its ranks on the search's reward images, labels unused, when the search is prepared); with
+`lstsq` the layers that lose input channels are then refitted by least squares, AMC's
+reconstruction, inside the compiled masking: the Gram matrices of the original network's inputs at
+sampled positions of every reward image (a dense layer needs more images than inputs) do not depend
+on the policy, so they are computed once and each policy only solves its kept rows.
 """
 import jax
 import jax.numpy as jnp
@@ -59,14 +59,14 @@ class Channels:
                  "kept": int(counts[l.out_group]) if l.out_group >= 0 else l.out_channels} for l in self.net.layers]
 
     # ----- masking ----------------------------------------------------------------------------
-    def prepare(self, variables, calibration):
+    def prepare(self, variables, images):
         """The arrays `mask` reads: the variables, each masked axis's table and, for lstsq, the refit systems; and
-        the channel ranks `masks` reads (criteria such as infodrop learn them on the calibration images)."""
-        ranks = channel_ranks(self.net, variables, self.criterion, calibration)
+        the channel ranks `masks` reads (criteria such as infodrop learn them on `images`, the reward images)."""
+        ranks = channel_ranks(self.net, variables, self.criterion, images)
         tables = tuple(tuple(_axis_table(self.net.axis_maps[leaf][axis], ranks) for axis in axes)
                        for leaf, axes in enumerate(self._masked_axes))
         refits = tuple({"system": system, "table": _axis_table(m, ranks)} for m, system in
-                       zip(self._refit_maps, refit_systems(self.net, variables, calibration, self._refit_layers)))
+                       zip(self._refit_maps, refit_systems(self.net, variables, images, self._refit_layers)))
         return {"variables": variables, "tables": tables, "refits": refits, "ranks": tuple(ranks)}
 
     def mask(self, data, counts):

@@ -3,7 +3,12 @@
 When a layer loses input channels, refit its weights on the kept inputs so that its outputs
 match the unpruned network's at random positions of calibration feature maps: min ||A_k W - A W||
 where A holds input patches of the original network. A^T A and A^T A W do not depend on the
-policy, so a search computes them once and each policy only solves its kept rows (traceable).
+policy, so a search computes them once, summed over batches of images, and each policy only solves
+its kept rows (traceable). A dense layer gets one row of A per image: with fewer images than inputs
+its fit is underdetermined (LeNet-5, whose dense layers read 400 and 120 inputs, refitted on 100
+images ended 2.4 points below magnitude pruning after the same fine-tune, and 0.4 above on 1,000),
+hence `REFIT_IMAGES`, and a ridge that pulls towards the original weights rather than towards zero,
+so that what the images do not determine keeps its trained value.
 """
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,8 @@ from agmc_jax.prune.masks import _axis_keep, apply_masks, masks_from_vectors, to
 
 NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 RIDGE = 1e-3  # as a fraction of the kept Gram matrix's mean diagonal
+REFIT_IMAGES = 1000  # images a refit is fitted on when the caller does not choose: more than a dense layer's inputs
+REFIT_BATCH = 250  # images per forward pass while the systems are summed
 
 
 def _program_at_batch(net, batch):
@@ -53,43 +60,60 @@ def refit_layers(net) -> tuple:
     return tuple(chosen)
 
 
-def refit_systems(net, variables, images, layers, positions=10, seed=0) -> tuple:
+def refit_systems(net, variables, images, layers, positions=10, seed=0, batch=REFIT_BATCH) -> tuple:
     """Per layer of `layers`: (A^T A, A^T A W) for A its inputs in the original network on `images` (at
-    `positions` random positions per image for convolutions). They do not depend on the policy."""
+    `positions` random positions per image for convolutions), summed over batches of `batch` images. They do
+    not depend on the policy."""
     if not layers:
         return ()
     leaves = list(net.check_variables(variables))
-    program = _program_at_batch(net, images.shape[0])
     rng = np.random.default_rng(seed)
-    ops = [program.ops[layer.op_index] for layer in layers]
-    _, captured = evaluate(program, leaves + [jnp.asarray(images)], [op.inputs[0] for op in ops])
-    systems = []
-    for layer, op in zip(layers, ops):
-        x = np.asarray(captured[op.inputs[0]])
-        kernel = np.asarray(leaves[layer.leaf], np.float32)
-        if layer.kind == "dense":
-            patches, weights = x.reshape(-1, x.shape[-1]), kernel
-        else:
-            kh, kw, cin, cout = kernel.shape
-            grid = np.asarray(_conv_patches(op._replace(params={**op.params, "rhs_shape": (kh, kw)}), x))
-            flat = grid.reshape(-1, grid.shape[-1])
-            patches = flat[rng.choice(flat.shape[0], size=min(flat.shape[0], positions * x.shape[0]), replace=False)]
-            weights = kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
-        gram = jnp.asarray(patches).T @ jnp.asarray(patches)
-        systems.append((gram, gram @ jnp.asarray(weights)))
-    return tuple(systems)
+    weights = [_kernel_rows(np.asarray(leaves[layer.leaf], np.float32)) for layer in layers]
+    grams = [0.0] * len(layers)
+    for start in range(0, images.shape[0], batch):
+        chunk = jnp.asarray(images[start:start + batch])
+        program = _program_at_batch(net, chunk.shape[0])
+        ops = [program.ops[layer.op_index] for layer in layers]
+        _, captured = evaluate(program, leaves + [chunk], [op.inputs[0] for op in ops])
+        for index, (layer, op) in enumerate(zip(layers, ops)):
+            kernel_size = leaves[layer.leaf].shape[:2]
+            patches = _sampled_rows(layer, op, np.asarray(captured[op.inputs[0]]), kernel_size, positions, rng)
+            grams[index] = grams[index] + patches.T @ patches
+    return tuple((jnp.asarray(gram), jnp.asarray(gram @ w)) for gram, w in zip(grams, weights))
+
+
+def _kernel_rows(kernel):
+    """A dense kernel as it is; a kxk convolution's as (C*kh*kw, out), channel-major as its patches."""
+    if kernel.ndim == 2:
+        return kernel
+    kh, kw, cin, cout = kernel.shape
+    return kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
+
+
+def _sampled_rows(layer, op, x, kernel_size, positions, rng):
+    """The rows of A one batch of the layer's inputs `x` adds: every image for a dense layer, `positions`
+    random patches per image for a convolution (float64, so that summing many batches loses nothing)."""
+    if layer.kind == "dense":
+        return x.reshape(-1, x.shape[-1]).astype(np.float64)
+    grid = np.asarray(_conv_patches(op._replace(params={**op.params, "rhs_shape": tuple(kernel_size)}), x))
+    flat = grid.reshape(-1, grid.shape[-1])
+    chosen = rng.choice(flat.shape[0], size=min(flat.shape[0], positions * x.shape[0]), replace=False)
+    return flat[chosen].astype(np.float64)
 
 
 def refit_kernel(kernel, system, keep_in, ridge=RIDGE):
-    """`kernel` refitted on its kept inputs `keep_in`: min ||A_k W' - A W||, ridge-regularised; unchanged when
-    every input is kept (pure, traceable: `keep_in` may be a tracer)."""
+    """`kernel` refitted on its kept inputs `keep_in`: min ||A_k W' - A W||^2 + r ||W' - W_k||^2, the ridge r
+    (`ridge` times the kept Gram matrix's mean diagonal) pulling towards the kept original weights W_k;
+    unchanged when every input is kept (pure, traceable: `keep_in` may be a tracer)."""
     gram, rhs = system
     rows = gram.shape[0]
     keep = jnp.repeat(jnp.asarray(keep_in), rows // keep_in.shape[0], total_repeat_length=rows).astype(gram.dtype)
     kept = gram * keep[:, None] * keep[None, :]
     scale = ridge * (jnp.sum(jnp.diag(kept)) / rows + 1e-12)
     eye = jnp.eye(rows, dtype=gram.dtype)
-    solved = jnp.linalg.solve(kept + scale * eye + (1.0 - keep)[:, None] * eye, keep[:, None] * rhs) * keep[:, None]
+    original = _kernel_rows(kernel).astype(gram.dtype)
+    solved = jnp.linalg.solve(kept + scale * eye + (1.0 - keep)[:, None] * eye,
+                              keep[:, None] * (rhs + scale * original)) * keep[:, None]
     if kernel.ndim == 4:
         kh, kw, cin, cout = kernel.shape
         solved = solved.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
