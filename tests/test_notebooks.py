@@ -101,7 +101,7 @@ def test_quickstart(small_data, tmp_path):
     assert shown["data"]["text/markdown"] == (tmp_path / "runs" / "quickstart" / "report.md").read_text()
 
 
-@pytest.mark.slow  # 62 s; test_compress_a_users_module_and_arrays runs that path by default, tests/test_export the export
+@pytest.mark.slow  # 62 s; test_compress and test_export run its paths by default
 def test_own_model(small_data, tmp_path):
     """A Linen CNN of the notebook's own trained, traced (two residual groups), searched, slimmed (same logits as
     masked: the notebook asserts it), fine-tuned and exported; a process without its code runs the export."""
