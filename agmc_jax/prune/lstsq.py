@@ -21,6 +21,7 @@ NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 RIDGE = 1e-3  # as a fraction of the kept Gram matrix's mean diagonal
 REFIT_IMAGES = 1000  # images a refit is fitted on when the caller does not choose: more than a dense layer's inputs
 REFIT_BATCH = 250  # images per forward pass while the systems are summed
+PATCH_FLOATS = 2 ** 24  # at most this many patch values extracted at once (64 MB), whatever the image size
 
 
 def _program_at_batch(net, batch):
@@ -69,10 +70,10 @@ def refit_systems(net, variables, images, layers, positions=10, seed=0, batch=RE
     leaves = list(net.check_variables(variables))
     rng = np.random.default_rng(seed)
     weights = [_kernel_rows(np.asarray(leaves[layer.leaf], np.float32)) for layer in layers]
-    grams = [0.0] * len(layers)
+    grams, programs = [0.0] * len(layers), {}
     for start in range(0, images.shape[0], batch):
         chunk = jnp.asarray(images[start:start + batch])
-        program = _program_at_batch(net, chunk.shape[0])
+        program = programs.setdefault(chunk.shape[0], _program_at_batch(net, chunk.shape[0]))
         ops = [program.ops[layer.op_index] for layer in layers]
         _, captured = evaluate(program, leaves + [chunk], [op.inputs[0] for op in ops])
         for index, (layer, op) in enumerate(zip(layers, ops)):
@@ -92,13 +93,19 @@ def _kernel_rows(kernel):
 
 def _sampled_rows(layer, op, x, kernel_size, positions, rng):
     """The rows of A one batch of the layer's inputs `x` adds: every image for a dense layer, `positions`
-    random patches per image for a convolution (float64, so that summing many batches loses nothing)."""
+    random patches of each image for a convolution, extracted a few images at a time so that large images fit
+    (float64, so that summing many batches loses nothing)."""
     if layer.kind == "dense":
         return x.reshape(-1, x.shape[-1]).astype(np.float64)
-    grid = np.asarray(_conv_patches(op._replace(params={**op.params, "rhs_shape": tuple(kernel_size)}), x))
-    flat = grid.reshape(-1, grid.shape[-1])
-    chosen = rng.choice(flat.shape[0], size=min(flat.shape[0], positions * x.shape[0]), replace=False)
-    return flat[chosen].astype(np.float64)
+    op = op._replace(params={**op.params, "rhs_shape": tuple(kernel_size)})
+    step = max(1, PATCH_FLOATS // int(np.prod(x.shape[1:3]) * x.shape[3] * np.prod(kernel_size)))
+    rows = []
+    for start in range(0, x.shape[0], step):
+        grid = np.asarray(_conv_patches(op, x[start:start + step]))
+        flat = grid.reshape(grid.shape[0], -1, grid.shape[-1])
+        chosen = np.stack([rng.choice(flat.shape[1], min(flat.shape[1], positions), replace=False) for _ in flat])
+        rows.append(np.take_along_axis(flat, chosen[:, :, None], axis=1).reshape(-1, flat.shape[-1]))
+    return np.concatenate(rows).astype(np.float64)
 
 
 def refit_kernel(kernel, system, keep_in, ridge=RIDGE):
