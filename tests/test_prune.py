@@ -6,6 +6,7 @@ default LeCun-normal kernels, random biases and random BatchNorm statistics (bui
 from the `init_model` tree, which avoids compiling every zoo network's `init`).
 """
 import functools
+import warnings
 
 import flax.linen as nn
 import jax
@@ -252,6 +253,20 @@ def test_refit_systems_summed_over_batches_equal_one_pass():
     for (gram, rhs), (gram_b, rhs_b) in zip(whole, batched):
         np.testing.assert_allclose(gram_b, gram, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(rhs_b, rhs, rtol=1e-5, atol=1e-4)
+
+
+def test_an_underdetermined_refit_is_named_in_a_warning():
+    """A dense layer of 3 inputs refitted on 2 images: one warning names it; on 8 images, none."""
+    module = TwoConvs()
+    variables = realistic(jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))))
+    net = trace(module, variables, (4, 4, 3))
+    images = np.random.default_rng(1).standard_normal((8, 4, 4, 3)).astype(np.float32)
+    with pytest.warns(UserWarning, match="refit of Dense_0 fits 3 inputs on 2 samples") as caught:
+        refit_systems(net, variables, images[:2], refit_layers(net))
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        refit_systems(net, variables, images, refit_layers(net))
 
 
 def test_refit_kernel_is_the_ridge_towards_the_original_weights():

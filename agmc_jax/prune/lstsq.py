@@ -10,6 +10,8 @@ images ended 2.4 points below magnitude pruning after the same fine-tune, and 0.
 hence `REFIT_IMAGES`, and a ridge that pulls towards the original weights rather than towards zero,
 so that what the images do not determine keeps its trained value.
 """
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +72,7 @@ def refit_systems(net, variables, images, layers, positions=10, seed=0, batch=RE
     leaves = list(net.check_variables(variables))
     rng = np.random.default_rng(seed)
     weights = [_kernel_rows(np.asarray(leaves[layer.leaf], np.float32)) for layer in layers]
-    grams, programs = [0.0] * len(layers), {}
+    grams, counts, programs = [0.0] * len(layers), [0] * len(layers), {}
     for start in range(0, images.shape[0], batch):
         chunk = jnp.asarray(images[start:start + batch])
         program = programs.setdefault(chunk.shape[0], _program_at_batch(net, chunk.shape[0]))
@@ -80,6 +82,13 @@ def refit_systems(net, variables, images, layers, positions=10, seed=0, batch=RE
             kernel_size = leaves[layer.leaf].shape[:2]
             patches = _sampled_rows(layer, op, np.asarray(captured[op.inputs[0]]), kernel_size, positions, rng)
             grams[index] = grams[index] + patches.T @ patches
+            counts[index] += patches.shape[0]
+    for layer, count, w in zip(layers, counts, weights):
+        if count < w.shape[0]:
+            name = "/".join(str(key) for key in net.paths[layer.leaf][1:-1])
+            warnings.warn(f"the least-squares refit of {name} fits {w.shape[0]} inputs on {count} samples "
+                          f"({images.shape[0]} images): underdetermined, it keeps the trained weights where the "
+                          "images say nothing; give more images (--reward-images) for a full refit", stacklevel=2)
     return tuple((jnp.asarray(gram), jnp.asarray(gram @ w)) for gram, w in zip(grams, weights))
 
 
