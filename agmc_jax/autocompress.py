@@ -86,9 +86,9 @@ def split_options(options: dict | None) -> tuple:
     if unknown:
         raise OptionError(f"autocompress has no option {unknown[0]!r}; its options are: "
                           f"{', '.join(AutoCompressConfig._fields + AnnealingConfig._fields)}")
-    pseudo = AGENTS["annealing"]._replace(name="autocompress", config=AutoCompressConfig, defaults=lambda e: {})
+    pseudo = AGENTS["annealing"]._replace(name="autocompress", config=AutoCompressConfig, defaults=lambda e: {},
+                                          check=check_config)
     config = agent_config(pseudo, own)
-    check_config(config)
     agent_config(AGENTS["annealing"], options, config.episodes)  # checks the annealing options now
     return config, options
 

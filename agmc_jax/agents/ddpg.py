@@ -63,7 +63,7 @@ class DDPGState(NamedTuple):
 METRICS = ("critic_loss", "actor_loss", "q")
 
 
-def _check_config(config: DDPGConfig) -> None:
+def check_config(config: DDPGConfig) -> None:
     """Raise on hyperparameters that cannot run."""
     problems = [
         (config.batch_size < 1, "batch_size must be positive"),
@@ -84,7 +84,7 @@ def _check_config(config: DDPGConfig) -> None:
 def ddpg(actor: nn.Module, critic: nn.Module, config: DDPGConfig = DDPGConfig(), updates: int = 1) -> Agent:
     """A DDPG agent; `actor.apply(p, obs)` -> action in [0, 1], `critic.apply(p, obs, action)` -> Q; a search
     runs `update` `updates` times after each observed episode."""
-    _check_config(config)
+    check_config(config)
     actor_opt = optax.adamw(config.actor_lr, weight_decay=config.weight_decay)
     critic_opt = optax.adamw(config.critic_lr, weight_decay=config.weight_decay)
 

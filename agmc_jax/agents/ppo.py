@@ -118,7 +118,7 @@ def annealed_sigma(config: PPOConfig, episode):
     return jnp.float32(config.sigma) * (config.sigma_final / config.sigma) ** progress
 
 
-def _check_config(config: PPOConfig) -> None:
+def check_config(config: PPOConfig) -> None:
     """Raise on hyperparameters that cannot run."""
     problems = [
         (config.actors < 1, "actors must be positive"),
@@ -144,7 +144,7 @@ def ppo(actor: nn.Module, critic: nn.Module, config: PPOConfig = PPOConfig(), st
     """A PPO agent for episodes of `steps` steps; `actor.apply(p, obs)` -> mean action in [0, 1],
     `critic.apply(p, obs, action)` -> Q. A search plays `actors` episodes per round and updates once after
     each observed episode: the update trains when the round is complete and is a no-op otherwise."""
-    _check_config(config)
+    check_config(config)
     transitions = config.actors * steps
     if config.batch_size > transitions:
         raise AgmcError(f"PPOConfig: batch_size {config.batch_size} is larger than a round's {transitions} "

@@ -20,10 +20,15 @@ class RandomState(NamedTuple):
     episode: jax.Array
 
 
-def random_agent(config: RandomConfig = RandomConfig()) -> Agent:
-    """An agent whose every action is uniform on [0, 1], exploring or not."""
+def check_config(config: RandomConfig) -> None:
+    """Raise on a config that cannot run."""
     if config.candidates < 1:
         raise AgmcError(f"RandomConfig: candidates must be positive, got {config.candidates}")
+
+
+def random_agent(config: RandomConfig = RandomConfig()) -> Agent:
+    """An agent whose every action is uniform on [0, 1], exploring or not."""
+    check_config(config)
 
     def init(key, example_obs):
         """A zero episode counter."""

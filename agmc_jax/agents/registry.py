@@ -8,11 +8,15 @@ import typing
 from typing import Callable, NamedTuple
 
 from agmc_jax.agents.annealing import AnnealingConfig, annealing
+from agmc_jax.agents.annealing import check_config as check_annealing
 from agmc_jax.agents.base import Agent
 from agmc_jax.agents.ddpg import DDPGConfig, ddpg
+from agmc_jax.agents.ddpg import check_config as check_ddpg
 from agmc_jax.agents.heads import Actor, Critic
 from agmc_jax.agents.ppo import PPOConfig, ppo
+from agmc_jax.agents.ppo import check_config as check_ppo
 from agmc_jax.agents.random_agent import RandomConfig, random_agent
+from agmc_jax.agents.random_agent import check_config as check_random
 from agmc_jax.errors import AgmcError
 from agmc_jax.kinds.options import parse_value, type_words
 
@@ -22,12 +26,14 @@ class OptionError(AgmcError, ValueError):
 
 
 class AgentType(NamedTuple):
-    """build(config, state, steps) -> Agent; defaults(episodes) -> option values that depend on the search length."""
+    """build(config, state, steps) -> Agent; defaults(episodes) -> option values that depend on the search length;
+    check(config) raises an `AgmcError` on values that cannot run, before anything is loaded or traced."""
 
     name: str
     config: type
     build: Callable[..., Agent]
     defaults: Callable[[int], dict] = lambda episodes: {}
+    check: Callable[[NamedTuple], None] = lambda config: None
 
 
 def _build_ddpg(config, state, steps):
@@ -45,11 +51,13 @@ def _build_ppo(config, state, steps):
 
 
 AGENTS = {
-    "ddpg": AgentType("ddpg", DDPGConfig, _build_ddpg, _ddpg_defaults),
-    "random": AgentType("random", RandomConfig, lambda config, state, steps: random_agent(config)),
-    "ppo": AgentType("ppo", PPOConfig, _build_ppo, lambda episodes: {"anneal_episodes": episodes}),
+    "ddpg": AgentType("ddpg", DDPGConfig, _build_ddpg, _ddpg_defaults, check_ddpg),
+    "random": AgentType("random", RandomConfig, lambda config, state, steps: random_agent(config),
+                        check=check_random),
+    "ppo": AgentType("ppo", PPOConfig, _build_ppo, lambda episodes: {"anneal_episodes": episodes},
+                     check_ppo),
     "annealing": AgentType("annealing", AnnealingConfig, lambda config, state, steps: annealing(config),
-                           lambda episodes: {"cooling_episodes": episodes}),
+                           lambda episodes: {"cooling_episodes": episodes}, check_annealing),
 }
 
 
@@ -80,7 +88,9 @@ def agent_config(agent: AgentType, options: dict | None = None, episodes: int = 
         if isinstance(value, float) and not math.isfinite(value):
             raise OptionError(f"{agent.name} option {name} must be a finite number, got {value}")
         values[name] = value
-    return config._replace(**values)
+    config = config._replace(**values)
+    agent.check(config)
+    return config
 
 
 def parse_options(pairs, flag: str = "--agent-option") -> dict:
