@@ -36,9 +36,6 @@ PROXY_REPORT = ("python experiments/proxy_study.py --out experiments/results/pro
 SEARCH_METHODS = ("default", "uniform", "uniform_lstsq", "amc", "random", "annealing")
 ROW_NOTES = {  # rows that are not a method of `agmc compress --method`
     "uniform_lstsq": "the uniform rule with the default's least-squares refit",
-    "default_best": "the default before its re-rank kept the rule within one standard error (exported the best "
-                    "score whatever the margin); see [why the defaults](../defaults.md)",
-    "default_round1": "the default with every channel count rounded to 1 (`round_to=1`) instead of multiples of 8",
     "uniform_round1": "the uniform rule with channel counts rounded to 1 (`round_to=1`)",
     "default_l2": "the default with channels chosen by L2 norm and no least-squares refit (`criterion=l2`)"}
 
