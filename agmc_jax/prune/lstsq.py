@@ -80,8 +80,9 @@ def refit_systems(net, variables, images, layers, positions=10, seed=0, batch=RE
         _, captured = evaluate(program, leaves + [chunk], [op.inputs[0] for op in ops])
         for index, (layer, op) in enumerate(zip(layers, ops)):
             kernel_size = leaves[layer.leaf].shape[:2]
-            patches = _sampled_rows(layer, op, np.asarray(captured[op.inputs[0]]), kernel_size, positions, rng)
-            grams[index] = grams[index] + patches.T @ patches
+            patches = jnp.asarray(_sampled_rows(layer, op, np.asarray(captured[op.inputs[0]]), kernel_size,
+                                                positions, rng))
+            grams[index] = grams[index] + np.asarray(patches.T @ patches, np.float64)  # batch on device, sum on host
             counts[index] += patches.shape[0]
     for layer, count, w in zip(layers, counts, weights):
         if count < w.shape[0]:
@@ -102,10 +103,9 @@ def _kernel_rows(kernel):
 
 def _sampled_rows(layer, op, x, kernel_size, positions, rng):
     """The rows of A one batch of the layer's inputs `x` adds: every image for a dense layer, `positions`
-    random patches of each image for a convolution, extracted a few images at a time so that large images fit
-    (float64, so that summing many batches loses nothing)."""
+    random patches of each image for a convolution, extracted a few images at a time so that large images fit."""
     if layer.kind == "dense":
-        return x.reshape(-1, x.shape[-1]).astype(np.float64)
+        return x.reshape(-1, x.shape[-1])
     op = op._replace(params={**op.params, "rhs_shape": tuple(kernel_size)})
     step = max(1, PATCH_FLOATS // int(np.prod(x.shape[1:3]) * x.shape[3] * np.prod(kernel_size)))
     rows = []
@@ -114,7 +114,7 @@ def _sampled_rows(layer, op, x, kernel_size, positions, rng):
         flat = grid.reshape(grid.shape[0], -1, grid.shape[-1])
         chosen = np.stack([rng.choice(flat.shape[1], min(flat.shape[1], positions), replace=False) for _ in flat])
         rows.append(np.take_along_axis(flat, chosen[:, :, None], axis=1).reshape(-1, flat.shape[-1]))
-    return np.concatenate(rows).astype(np.float64)
+    return np.concatenate(rows)
 
 
 def refit_kernel(kernel, system, keep_in, ridge=RIDGE):
