@@ -1,8 +1,9 @@
 """Compression kinds: what a search step compresses, its exact cost model, the masks of a policy, the export.
 
 A kind is built from a traced network and the environment's config; `prepare(variables, images)` turns the
-variables (and the search's reward images, labels unused) into the arrays its pure `mask(data, counts)` reads, so compiled evaluations take them as arguments. A kind may own
-options (`Options`, `check_options`: see `agmc_jax.kinds.options`), given as the config's `kind_options`.
+variables (and the search's reward images, labels unused) into the arrays its pure `mask(data, counts)` reads,
+so compiled evaluations take them as arguments. A kind may own options (`Options`, `check_options`: see
+`agmc_jax.kinds.options`), given as the config's `kind_options`.
 """
 from agmc_jax.kinds.bits import Bits, BitWidths
 from agmc_jax.kinds.channels import Channels

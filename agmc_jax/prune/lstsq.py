@@ -6,7 +6,7 @@ where A holds input patches of the original network. A^T A and A^T A W do not de
 policy, so a search computes them once, summed over batches of images, and each policy only solves
 its kept rows (traceable). A dense layer gets one row of A per image: with fewer images than inputs
 its fit is underdetermined (LeNet-5, whose dense layers read 400 and 120 inputs, refitted on 100
-images ended 2.4 points below magnitude pruning after the same fine-tune, and 0.4 above on 1,000),
+images ended 2.4 points below magnitude pruning after the same fine-tune, and 0.3 above on 1,000),
 hence `REFIT_IMAGES`, and a ridge that pulls towards the original weights rather than towards zero,
 so that what the images do not determine keeps its trained value.
 """
