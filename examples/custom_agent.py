@@ -62,7 +62,15 @@ def step_state(env, hidden: int = 32) -> State:
     return State(observe, None, observe(0, None, None))
 
 
-HILL = AgentType("hill", HillClimbConfig, lambda config, state, steps: hill_climb(config, steps))
+def check_config(config: HillClimbConfig) -> None:
+    """Refuse options that cannot run when the config is built, before any network is traced."""
+    if not config.sigma > 0 or config.candidates < 1:
+        raise agmc_jax.AgmcError(f"hill: sigma must be positive and candidates at least 1, got {config.sigma} and "
+                                 f"{config.candidates}")
+
+
+HILL = AgentType("hill", HillClimbConfig, lambda config, state, steps: hill_climb(config, steps),
+                 check=check_config)
 agmc_jax.register_agent(HILL)
 agmc_jax.register_state("step", step_state)
 agmc_jax.register_method(agmc_jax.Method("hill", "hill climbing on the best policy's actions, channels (example)",

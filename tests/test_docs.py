@@ -166,6 +166,8 @@ def test_the_agent_example_keeps_the_best_episode(example):
     rewards = [episode["reward"] for episode in result.history]
     assert len(rewards) == 4 and result.reward == pytest.approx(max(rewards))
     assert float(result.agent_state.best_reward) == pytest.approx(max(rewards))
+    with pytest.raises(agmc_jax.AgmcError, match="sigma must be positive"):  # its check, before anything is traced
+        agmc_jax.search(None, None, (IMAGES, LABELS), method="hill", agent_options={"sigma": 0.0}, progress=False)
 
 
 def test_the_reward_example_scores_by_its_formula(example):
