@@ -75,7 +75,9 @@ def refit_systems(net, variables, images, layers, positions=10, seed=0, batch=RE
     grams, counts, programs = [0.0] * len(layers), [0] * len(layers), {}
     for start in range(0, images.shape[0], batch):
         chunk = jnp.asarray(images[start:start + batch])
-        program = programs.setdefault(chunk.shape[0], _program_at_batch(net, chunk.shape[0]))
+        if chunk.shape[0] not in programs:  # traced once per batch size (setdefault would trace every batch)
+            programs[chunk.shape[0]] = _program_at_batch(net, chunk.shape[0])
+        program = programs[chunk.shape[0]]
         ops = [program.ops[layer.op_index] for layer in layers]
         _, captured = evaluate(program, leaves + [chunk], [op.inputs[0] for op in ops])
         for index, (layer, op) in enumerate(zip(layers, ops)):
