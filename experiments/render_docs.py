@@ -209,6 +209,7 @@ def _budget_table(mine, budget) -> list:
     for name in [n for n in ROW_NOTES if n in stats]:
         lines += ["", f"`{name}`: {ROW_NOTES[name]}."]
     lines.append("")
+    lines += _rerank_leads([r for r in mine if r["method"] == "default" and r.get("rerank")])
     if {"default", "uniform"} <= set(stats):
         (mean, std, n), (rule, rule_std, m) = stats["default"], stats["uniform"]
         margin = 2 * max(std, rule_std)
@@ -216,6 +217,23 @@ def _budget_table(mine, budget) -> list:
         lines += [f"default − uniform rule: {mean - rule:+.2f} points; above two standard deviations "
                   f"({margin:.2f}): {verdict}.", ""]
     return lines
+
+
+def _rerank_leads(runs) -> list:
+    """What K re-ranked candidates buy: the best 128-step top-1 among the search's k best distinct policies minus
+    the rule's, in points, for each k the default's records re-ranked."""
+    if not runs:
+        return []
+    leads = {}
+    for run in runs:
+        rule = next(c["finetuned_top1"] for c in run["rerank"] if c["name"].endswith("uniform rule"))
+        ranked = sorted((int(re.search(r"#(\d+)", c["name"]).group(1)), c["finetuned_top1"])
+                        for c in run["rerank"] if c["name"].startswith("search #"))
+        for k in range(1, len(ranked) + 1):
+            leads.setdefault(k, []).append(max(score for _, score in ranked[:k]) - rule)
+    return ["`default`'s re-rank, best of the search's k best policies (128-step top-1 minus the rule's, "
+            "points): " + ", ".join(
+                f"k={k} {spread(values, 100)} (n={len(values)})" for k, values in sorted(leads.items())) + ".", ""]
 
 
 def _minutes(seconds):
@@ -271,6 +289,36 @@ def search_headline(rows) -> str:
             f"[why](docs/defaults.md)). {len(rows)} runs, "
             f"{' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else 'undated'}, "
             f"{'; '.join(machines) or 'machine not recorded'}: [details and commands]({link})."])
+
+
+def search_settings_page(rows) -> str:
+    lines = _header("Episodes and exploration of the default search (issue #22)", "search_settings.py",
+                    "The default search of `agmc compress` with one setting changed; its best policy and the "
+                    "uniform rule's re-ranked by the default 128 masked SGD steps (top-1 on the 1,000 reward "
+                    "images). `lead`: the best policy's 128-step top-1 minus the rule's, in points; `exported`: "
+                    "in how many seeds the re-rank would export the searched policy (it keeps the rule unless the "
+                    "lead passes one standard error of the difference). Mean ± standard deviation over seeds "
+                    "(population). No final fine-tune.")
+    if not rows:
+        return "\n".join(lines + ["No run has finished yet.", ""])
+    lines += provenance(rows, documented_command("search_settings.py"))
+    for net, budget in sorted({(r["network"], r["budget"]) for r in rows}):
+        mine = [r for r in rows if r["network"] == net and r["budget"] == budget]
+        milestones = sorted({int(m) for r in mine for m in r["best_reward_by_episode"]})
+        lines += [f"## {net}, {budget}", "", "| setting | fields | n | " + " | ".join(
+            f"best reward by episode {m}" for m in milestones) + " | search #1's 128-step top-1 % | rule's % | "
+            "lead (points) | exported | search min |", "|---" * (len(milestones) + 8) + "|"]
+        for setting in dict.fromkeys(r["setting"] for r in sorted(mine, key=lambda r: (r["episodes"], r["setting"]))):
+            runs = [r for r in mine if r["setting"] == setting]
+            lines.append(
+                f"| {setting} | `{json.dumps(runs[0]['fields'])}` | {len(runs)} | " + " | ".join(
+                    spread([r["best_reward_by_episode"].get(str(m)) for r in runs], 1, 3) for m in milestones)
+                + f" | {spread([r['search_top1'] for r in runs], 100)} | {spread([r['rule_top1'] for r in runs], 100)}"
+                f" | {spread([r['lead'] for r in runs], 100)} | "
+                f"{sum(not r['exported'].endswith('uniform rule') for r in runs)} of {len(runs)} | "
+                f"{spread([r['seconds_search'] / 60 for r in runs], 1, 1)} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def bf16_page(rows) -> str:
@@ -401,6 +449,7 @@ def bench_page(name: str, title: str, intro: str):
 PAGES = {  # experiment folder -> (page title for the index, renderer)
     "search_experiment": ("default `agmc compress` against the uniform rule, AMC, random, annealing",
                           search_experiment_page),
+    "search_settings": ("episodes and exploration of the default search", search_settings_page),
     "bf16": ("bfloat16 against float32 training", bf16_page),
     "bf16_reward": ("the search's reward in bfloat16 against float32",
                     bench_page("bf16_reward", "The search's reward in bfloat16", "The same policies scored by the "

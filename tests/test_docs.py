@@ -214,7 +214,15 @@ def test_the_results_pages_render_each_experiments_records(tmp_path, monkeypatch
             write(f"search_experiment/lenet5_fashion_mnist/macs=0.25/{method}/seed{seed}.json", {
                 "network": "lenet5_fashion_mnist", "budget": "macs=0.25", "method": method, "seed": seed, "test": test - (method == "uniform") * 0.05,
                 "pruned_test": 0.2, "macs_ratio": 0.25, "params_ratio": 0.3, "search_training_steps": 0,
-                "seconds_total": 60.0, "config": {"method": method, "seed": seed, "rerank": 4 * (method == "default")}})
+                "seconds_total": 60.0, "config": {"method": method, "seed": seed, "rerank": 4 * (method == "default")},
+                "rerank": [{"name": "uniform rule", "finetuned_top1": 0.80},  # the search's #2 leads it, #1 not
+                           {"name": "search #2 (episode 3)", "finetuned_top1": 0.81 + seed / 100},
+                           {"name": "search #1 (episode 7)", "finetuned_top1": 0.79}] * (method == "default")})
+        write(f"search_settings/lenet5_fashion_mnist/macs=0.25/episodes50/seed{seed}.json", {
+            "network": "lenet5_fashion_mnist", "budget": "macs=0.25", "setting": "episodes50", "seed": seed,
+            "fields": {"episodes": 50}, "episodes": 50, "best_reward_by_episode": {"10": 0.5, "50": 0.6 + seed / 10},
+            "search_top1": test, "rule_top1": 0.89, "lead": test - 0.89, "exported": ["uniform rule", "search #1"][seed],
+            "seconds_search": 120.0})
         write(f"search_experiment/mine/params=0.1/default/seed{seed}.json", {  # a network of a user's: its records'
             "network": "mine", "budget": "params=0.1", "method": "default", "seed": seed, "test": test,  # dense top-1
             "dense_test": 0.95, "pruned_test": 0.2, "macs_ratio": 0.3, "params_ratio": 0.1, "search_training_steps": 0,
@@ -237,6 +245,9 @@ def test_the_results_pages_render_each_experiments_records(tmp_path, monkeypatch
     assert "## mine (dense 95.00%)" in pages["search_experiment.md"]
     assert "| default | 2 | 91.00 ± 1.00 | 20.00 ± 0.00 | 30.0 ± 0.0 | 10.0 ± 0.0 | 0 ± 0 | 0.5 ± 0.0 | 0.1 ± 0.0 | 1.0 ± 0.0 |" \
         in pages["search_experiment.md"]
+    assert "k=1 -1.00 ± 0.00 (n=2), k=2 1.50 ± 0.50 (n=2)." in pages["search_experiment.md"]
+    assert ('| episodes50 | `{"episodes": 50}` | 2 | 0.500 ± 0.000 | 0.650 ± 0.050 | 91.00 ± 1.00 | 89.00 ± 0.00 | '
+            '2.00 ± 1.00 | 1 of 2 | 2.0 ± 0.0 |') in pages["search_settings.md"]
     assert "| macs=0.5 | amc | 2 |" in pages["compare_autocompress.md"]
     assert "91.00 ± 1.00" in pages["compare_methods.md"] and "87.50 ± 0.50" in pages["quantize.md"]
     assert "| a | 1.05 |" in pages["bench_search.md"] and "2026-12-07" in pages["index.md"]
