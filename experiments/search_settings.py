@@ -1,17 +1,19 @@
 """Do more episodes or another exploration find better policies? (issue #22, Deliver 5: episodes and exploration)
 
 For each budget, setting and seed, the default search of `agmc compress` (AGMC, the least-squares refit, filled
-to the budget) runs on the shipped network with the setting's `CompressConfig` fields changed, then re-ranks its
-best policy and the uniform rule's by the default 128 masked SGD steps (`rerank=1`: what the re-rank would see
-first). Recorded: the best screening reward found (and after how many episodes), the best policy's and the rule's
-128-step top-1 on the reward images (the re-rank's score, the study's best-ranking cheap proxy), the lead of one
-over the other and what the re-rank would export, and the search's wall time. No final fine-tune: the question
-is whether a setting finds candidates the re-rank scores above the rule.
+to the budget) runs on the shipped network with the setting's `CompressConfig` fields changed; its best policy
+and the uniform rule's are scored as the re-rank scores them, by the default 128 masked SGD steps (the rule's
+once per budget: it depends on neither the seed nor the setting). Recorded: the best screening reward found (and
+after how many episodes), both 128-step top-1 rates on the reward images (the re-rank's score, the study's
+best-ranking cheap proxy), the lead of one over the other and what the re-rank would export, and the search's
+wall time. No final fine-tune: the question is whether a setting finds candidates the re-rank scores above the
+rule.
 
 Resumable: each run writes `OUT/BUDGET/SETTING/seedS.json` when done and is skipped when that file exists; the
 search checkpoints under `--work`. `python experiments/render_docs.py` renders the table.
 
-    python experiments/search_settings.py --budgets macs=0.25 --seeds 0,1,2
+    python experiments/search_settings.py --budgets macs=0.25 --seeds 0,1,2 \
+        --settings episodes50,episodes100,episodes200,sigma0.25
 """
 import argparse
 import dataclasses
