@@ -160,10 +160,14 @@ def documented_command(script: str) -> str:
     return f"python experiments/{script}"
 
 
-def _header(title: str, script: str, intro: str) -> list:
-    return [f"# {title}", "",
-            f"Rendered by `{REFRESH}` from `experiments/results/{Path(script).stem}/` (written by "
-            f"`experiments/{script}`); do not edit by hand. {intro}", ""]
+def _header(title: str, script: str, intro: str, rows=None) -> list:
+    """A results page's title and introduction; given `rows`, then their provenance, or that none has finished."""
+    lines = [f"# {title}", "",
+             f"Rendered by `{REFRESH}` from `experiments/results/{Path(script).stem}/` (written by "
+             f"`experiments/{script}`); do not edit by hand. {intro}", ""]
+    if rows is None:
+        return lines
+    return lines + (provenance(rows, documented_command(script)) if rows else ["No run has finished yet.", ""])
 
 
 # ------------------------------------------------------------------------------------------- the experiments
@@ -172,10 +176,9 @@ def search_experiment_page(rows) -> str:
     lines = _header("Does the search earn its keep? (issue #22)", "search_experiment.py",
                     "Each method's network after the same standard fine-tune of `agmc compress`, test top-1 on the "
                     "10,000 test images; `default` is `agmc compress` with the settings named below. Mean ± "
-                    "standard deviation over seeds (population), n seeds per row.")
+                    "standard deviation over seeds (population), n seeds per row.", rows)
     if not rows:
-        return "\n".join(lines + ["No run has finished yet.", ""])
-    lines += provenance(rows, documented_command("search_experiment.py"))
+        return "\n".join(lines)
     default = [r for r in rows if r["method"] == "default"]
     if default:
         changed = sorted({f"{k}={v}" for r in default for k, v in _changed(r, rows)})
@@ -298,10 +301,9 @@ def search_settings_page(rows) -> str:
                     "images). `lead`: the best policy's 128-step top-1 minus the rule's, in points; `exported`: "
                     "in how many seeds the re-rank would export the searched policy (it keeps the rule unless the "
                     "lead passes one standard error of the difference). Mean ± standard deviation over seeds "
-                    "(population). No final fine-tune.")
+                    "(population). No final fine-tune.", rows)
     if not rows:
-        return "\n".join(lines + ["No run has finished yet.", ""])
-    lines += provenance(rows, documented_command("search_settings.py"))
+        return "\n".join(lines)
     for net, budget in sorted({(r["network"], r["budget"]) for r in rows}):
         mine = [r for r in rows if r["network"] == net and r["budget"] == budget]
         milestones = sorted({int(m) for r in mine for m in r["best_reward_by_episode"]})
