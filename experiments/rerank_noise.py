@@ -1,11 +1,10 @@
 """How much does the re-rank's score of one policy move with the order of its training batches? (issue #22)
 
 The re-rank scores each candidate by one 128-step masked fine-tune on the first training batches of the shuffled
-split (the network's data seed) and compares top-1 rates on the reward images, keeping the uniform rule unless a
-candidate leads by one standard error of two rates on those images. The same fine-tune on other batch orders
-(data seeds; the re-rank uses the network's own, 0 for the shipped networks) gives the training noise that
-margin leaves out. Policies: the uniform rule at the budget and the
-searched policies of `--policies` (search-settings records, by their `keep`).
+split and compares top-1 rates on the reward images, keeping the uniform rule unless a candidate leads by one
+standard error of two rates on those images. The same fine-tune on other batch orders (data seeds; the re-rank
+uses the network's own, 0 for the shipped networks) gives the training noise that margin leaves out. Policies:
+the uniform rule at the budget and the searched policies of `--policies` (search-settings records, by `keep`).
 
 Resumable: one record per budget under `results/rerank_noise/`, rewritten after each score.
 
