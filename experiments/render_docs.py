@@ -38,8 +38,8 @@ ROW_NOTES = {  # rows that are not a method of `agmc compress --method`
     "uniform_lstsq": "the uniform rule with the default's least-squares refit",
     "uniform_round1": "the uniform rule with channel counts rounded to 1 (`round_to=1`)",
     "default_l2": "the default with channels chosen by L2 norm and no least-squares refit (`criterion=l2`)",
-    "default_rerun": "the default run again on a second machine of the same kind: the same search, bit for bit, "
-                     "but other 128-step re-rank scores (see its records' `rerank`)"}
+    "default_rerun": "the default run again on a second machine of the same kind: the same best policy of the "
+                     "search, other 128-step re-rank scores (see its records' `rerank`)"}
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
