@@ -18,25 +18,15 @@ from pathlib import Path
 import numpy as np
 
 import agmc_jax
-from agmc_jax import data
-from agmc_jax.networks import load_network
-from agmc_jax.pipeline import search_config, search_options, training_images
-from agmc_jax.search import environment, get_method
 from agmc_jax.search.rerank import candidates
 from results_io import RESULTS, write_result
+from search_settings import rerank_environment
 
 
 def judge(workdir, budget, order):
     """The re-rank's environment at `budget` with its training batches in data order `order`."""
     resource, value = budget.split("=")
-    config = agmc_jax.CompressConfig(**{f"target_{resource}": float(value), "rerank": 1})
-    searching = search_config(**{k: v for k, v in search_options(config).items() if k != "data_dir"})
-    module, variables, train_config = load_network(workdir)
-    reward_data = data.load_arrays(train_config["dataset"], "validation", train_config["data_dir"],
-                                   limit=config.reward_images)
-    return environment(get_method(searching.method), module, variables, reward_data, searching._replace(
-        env=searching.env._replace(reward="finetuned", reward_steps=searching.rerank_steps)),
-        train_data=training_images(searching, {**train_config, "seed": order}))
+    return rerank_environment(workdir, agmc_jax.CompressConfig(**{f"target_{resource}": float(value)}), order)
 
 
 def rows(scores) -> list:

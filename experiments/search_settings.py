@@ -46,18 +46,24 @@ def parse_budget(text) -> dict:
     return {f"target_{resource}": float(value)}
 
 
-def judge(args, config):
-    """The re-rank's environment for `config`'s budget (its 128 masked SGD steps per policy) and the rule's score
-    there: the rule's policy and the training batches do not depend on the search's seed or settings, so one
-    score serves every run of the budget."""
-    options = search_options(dataclasses.replace(config, rerank=1))
-    searching = search_config(**{k: v for k, v in options.items() if k != "data_dir"})
-    module, variables, train_config = load_network(args.workdir)
+def rerank_environment(workdir, config, order=None):
+    """The re-rank's environment for `config`'s budget (its 128 masked SGD steps per policy), its training batches
+    in data order `order` (default: the network's own data seed, as the re-rank reads them)."""
+    searching = search_config(**{k: v for k, v in search_options(dataclasses.replace(config, rerank=1)).items()
+                                 if k != "data_dir"})
+    module, variables, train_config = load_network(workdir)
     reward_data = data.load_arrays(train_config["dataset"], "validation", train_config["data_dir"],
                                    limit=config.reward_images)
-    env = environment(get_method(searching.method), module, variables, reward_data, searching._replace(
+    seed = train_config["seed"] if order is None else order
+    return environment(get_method(searching.method), module, variables, reward_data, searching._replace(
         env=searching.env._replace(reward="finetuned", reward_steps=searching.rerank_steps)),
-        train_data=training_images(searching, train_config))
+        train_data=training_images(searching, {**train_config, "seed": seed}))
+
+
+def judge(args, config):
+    """The re-rank's environment for `config`'s budget and the rule's score there: the rule's policy and the
+    training batches do not depend on the search's seed or settings, so one score serves every run of the budget."""
+    env = rerank_environment(args.workdir, config)
     return env, rerank(env, candidates(env, np.zeros((0, env.steps), np.int32), [], 0))[0]
 
 
